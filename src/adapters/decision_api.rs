@@ -1,0 +1,116 @@
+//! Tollgate's own `tollgate.v1.DecisionService`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::engine::{CedarAnswer, CedarQuery, Engine, QueryError};
+use crate::proto::{self, decision_service_server::DecisionService};
+
+/// The decision API gRPC service.
+pub struct DecisionApi {
+    engine: Arc<Engine>,
+}
+
+impl DecisionApi {
+    /// Serves decisions from `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    fn decide(&self, requests: Vec<proto::CheckRequest>, batch: bool) -> Result<Vec<proto::CheckResponse>, Status> {
+        let invalid = |i: usize, e: QueryError| {
+            let field = if batch { format!("requests[{i}].{}", e.field) } else { e.field };
+            Status::invalid_argument(format!("{field}: {}", e.message))
+        };
+        let queries = requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| to_query(r).map_err(|e| invalid(i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let answers = self.engine.decide_queries(&queries).map_err(|(i, e)| invalid(i, e))?;
+        Ok(answers.into_iter().map(to_response).collect())
+    }
+}
+
+#[tonic::async_trait]
+impl DecisionService for DecisionApi {
+    async fn check(&self, request: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
+        let mut responses = self.decide(vec![request.into_inner()], false)?;
+        let response = responses.pop().ok_or_else(|| Status::internal("no answer"))?;
+        Ok(Response::new(response))
+    }
+
+    async fn batch_check(
+        &self,
+        request: Request<proto::BatchCheckRequest>,
+    ) -> Result<Response<proto::BatchCheckResponse>, Status> {
+        let proto::BatchCheckRequest { requests } = request.into_inner();
+        if requests.len() > 1000 {
+            return Err(Status::invalid_argument("requests: at most 1000 per batch"));
+        }
+        let responses = self.decide(requests, true)?;
+        Ok(Response::new(proto::BatchCheckResponse { responses }))
+    }
+}
+
+fn to_query(request: proto::CheckRequest) -> Result<CedarQuery, QueryError> {
+    let proto::CheckRequest {
+        principal,
+        action,
+        resource,
+        context_json,
+        entities_json,
+    } = request;
+    let uid = |field: &str, uid: Option<proto::EntityUid>| {
+        let uid = uid.ok_or_else(|| QueryError {
+            field: field.into(),
+            message: "missing".into(),
+        })?;
+        if uid.r#type.is_empty() {
+            return Err(QueryError {
+                field: format!("{field}.type"),
+                message: "empty".into(),
+            });
+        }
+        Ok((uid.r#type, uid.id))
+    };
+    let json = |field: &str, text: String| -> Result<Option<serde_json::Value>, QueryError> {
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&text).map(Some).map_err(|e| QueryError {
+            field: field.into(),
+            message: format!("not valid JSON: {e}"),
+        })
+    };
+    Ok(CedarQuery {
+        principal: uid("principal", principal)?,
+        action: uid("action", action)?,
+        resource: uid("resource", resource)?,
+        context: json("context_json", context_json)?,
+        entities: json("entities_json", entities_json)?,
+    })
+}
+
+fn to_response(answer: CedarAnswer) -> proto::CheckResponse {
+    let decision = if answer.verdict.allow {
+        proto::Decision::Allow
+    } else {
+        proto::Decision::Deny
+    };
+    proto::CheckResponse {
+        decision: decision as i32,
+        determining_policies: answer.verdict.policies,
+        errors: answer
+            .verdict
+            .errors
+            .into_iter()
+            .map(|e| proto::EvaluationError {
+                policy_id: e.policy_id,
+                message: e.message,
+            })
+            .collect(),
+        policy_version: answer.policy_version,
+    }
+}

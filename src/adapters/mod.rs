@@ -1,0 +1,6 @@
+//! Transport adapters: each turns its protocol's message into Tollgate's
+//! domain types in one place, calls the [`crate::engine::Engine`], and hands
+//! the result to [`crate::respond`].
+
+pub mod decision_api;
+pub mod ext_authz;

@@ -1,0 +1,72 @@
+//! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/policy`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::policy::PolicyStore;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub policies: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    /// Cleared when draining, so load balancers stop sending traffic.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/policy", get(policy))
+        .with_state(state)
+}
+
+fn policy_status(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.policies.snapshot();
+    let status = state.policies.status();
+    let loaded_at = snapshot
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    json!({
+        "version": snapshot.version,
+        "policies": snapshot.policy_count(),
+        "loaded_at": loaded_at,
+        "dir": state.policies.dir().display().to_string(),
+        "reloads": status.reloads,
+        "failed_reloads": status.failed_reloads,
+        "last_reload_error": status.last_error,
+        "last_reload_error_at": status.last_error_at,
+    })
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let ready = state.ready.load(Ordering::Relaxed);
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut body = policy_status(&state);
+    body["ready"] = json!(ready);
+    (code, Json(body))
+}
+
+async fn policy(State(state): State<AdminState>) -> impl IntoResponse {
+    Json(policy_status(&state))
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.encode(),
+    )
+}

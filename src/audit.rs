@@ -1,0 +1,31 @@
+//! The decision log: one structured line per decision, through `tracing`
+//! (target `tollgate::decision`; JSON when `log.format = "json"`).
+//!
+//! It carries who, what, the verdict and which policies decided — never a
+//! credential, a header value or a body.
+
+use std::time::Duration;
+
+use crate::decision::Decision;
+
+/// Logs one decision.
+pub fn record(decision: &Decision, elapsed: Duration) {
+    let principal = decision.principal.as_ref().map(|p| p.uid());
+    let tenant = decision.principal.as_ref().and_then(|p| p.tenant.clone());
+    let errors: Vec<&str> = decision.errors.iter().map(|e| e.policy_id.as_str()).collect();
+    tracing::info!(
+        target: "tollgate::decision",
+        request_id = %decision.request_id,
+        principal = principal.as_deref().unwrap_or("-"),
+        tenant = tenant.as_deref().unwrap_or("-"),
+        action = decision.action.as_deref().unwrap_or("-"),
+        resource = decision.resource.as_deref().unwrap_or("-"),
+        decision = decision.outcome.verdict(),
+        reason = decision.outcome.reason().code(),
+        policies = %decision.policies.join(","),
+        errored_policies = %errors.join(","),
+        policy_version = %decision.policy_version,
+        latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        "decision"
+    );
+}

@@ -1,0 +1,382 @@
+//! Tollgate's configuration: a TOML file, validated when loaded.
+//!
+//! Every section has defaults, so an absent file runs Tollgate on embedded
+//! defaults: the example `policies/`, the example keys file, in-memory state
+//! and an OpenAI-style route table. Relative paths are resolved against the
+//! directory of the config file (or the working directory without one).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::routes::{RouteSpec, RouteTable, RouteTableError};
+
+/// A configuration that could not be loaded; the message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `message` starts with `:line:col: ` when the position is known.
+    #[error("{path}{message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// The whole configuration, as loaded from TOML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub policy: PolicyConfig,
+    pub identity: IdentityConfig,
+    pub context: ContextConfig,
+    pub response: ResponseConfig,
+    pub log: LogConfig,
+    /// Method + path pattern → Cedar action and resource. Empty means the
+    /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
+    pub routes: Vec<RouteSpec>,
+    /// Directory relative paths are resolved against; set by the loader.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// Where this config came from, for messages; set by the loader.
+    #[serde(skip)]
+    pub source: String,
+}
+
+/// Listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC listener: ext_authz, tollgate.v1, health, reflection.
+    pub grpc_listen: SocketAddr,
+    /// Admin HTTP listener: /healthz, /readyz, /metrics, /policy.
+    pub admin_listen: SocketAddr,
+}
+
+/// What to do when evaluating a policy raises an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnEvaluationError {
+    /// Any evaluation error denies the request (the safe default: Cedar skips
+    /// a `forbid` whose condition errors, which could otherwise allow).
+    Deny,
+    /// Keep Cedar's own answer and only report the errors.
+    Ignore,
+}
+
+/// Where policies live and how they are reloaded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Directory with `*.cedar`, one `*.cedarschema`, optional `entities.json`
+    /// and `tests/*.json`.
+    pub dir: PathBuf,
+    /// Watch the directory and hot-reload on change.
+    pub watch: bool,
+    /// Quiet period after the last change before reloading.
+    pub reload_debounce_ms: u64,
+    /// Re-read the directory this often even without change events (a safety
+    /// net for file systems that do not report changes). 0 disables.
+    pub reload_poll_secs: u64,
+    pub on_evaluation_error: OnEvaluationError,
+}
+
+/// Identity sources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// TOML file of API key records (hashes only). None disables API keys.
+    pub api_keys_file: Option<PathBuf>,
+    /// Accept the peer identity Envoy reports for TLS connections.
+    pub mtls: bool,
+    /// Longest credential accepted; longer ones are rejected unread.
+    pub max_credential_bytes: usize,
+}
+
+/// What of the HTTP request goes into the Cedar context.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// Request headers copied into `context.http.headers` (lowercase names).
+    /// The schema must declare each as an optional String attribute.
+    pub headers: Vec<String>,
+    /// Query parameters copied into `context.http.query`.
+    pub query_params: Vec<String>,
+    /// Largest body Tollgate parses for `model`, `max_tokens`, ….
+    pub max_body_bytes: usize,
+}
+
+/// Headers Tollgate sets on allowed requests for the upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponseConfig {
+    pub principal_header: String,
+    pub tenant_header: String,
+    pub tier_header: String,
+    /// Every client-sent header starting with this prefix is removed before
+    /// the request reaches the upstream, so none can be forged.
+    pub strip_prefix: String,
+    /// Realm for `WWW-Authenticate` on 401.
+    pub realm: String,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `tollgate=debug`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            policy: PolicyConfig::default(),
+            identity: IdentityConfig::default(),
+            context: ContextConfig::default(),
+            response: ResponseConfig::default(),
+            log: LogConfig::default(),
+            routes: Vec::new(),
+            base_dir: PathBuf::from("."),
+            source: "embedded defaults".to_string(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("policies"),
+            watch: true,
+            reload_debounce_ms: 200,
+            reload_poll_secs: 30,
+            on_evaluation_error: OnEvaluationError::Deny,
+        }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            api_keys_file: Some(PathBuf::from("examples/keys.toml")),
+            mtls: true,
+            max_credential_bytes: 4096,
+        }
+    }
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            headers: vec!["content-type".into(), "x-team".into()],
+            query_params: vec!["api-version".into()],
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for ResponseConfig {
+    fn default() -> Self {
+        Self {
+            principal_header: "x-tollgate-principal".into(),
+            tenant_header: "x-tollgate-tenant".into(),
+            tier_header: "x-tollgate-tier".into(),
+            strip_prefix: "x-tollgate-".into(),
+            realm: "tollgate".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates a config file; `None` gives the embedded defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            let config = Self::default();
+            config.validate()?;
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in messages.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: toml_message(text, &e),
+        })?;
+        config.source = origin.to_string();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: self.source.clone(),
+            message,
+        };
+        self.route_table().map_err(|e| invalid(e.to_string()))?;
+        for (key, name) in [
+            ("response.principal_header", &self.response.principal_header),
+            ("response.tenant_header", &self.response.tenant_header),
+            ("response.tier_header", &self.response.tier_header),
+        ] {
+            if name.is_empty() || !is_header_name(name) {
+                return Err(invalid(format!(
+                    "{key} = {name:?} is not a lowercase HTTP header name"
+                )));
+            }
+            if !self.response.strip_prefix.is_empty() && !name.starts_with(&self.response.strip_prefix) {
+                return Err(invalid(format!(
+                    "{key} = {name:?} must start with response.strip_prefix = {:?}, or clients could forge it",
+                    self.response.strip_prefix
+                )));
+            }
+        }
+        for name in &self.context.headers {
+            if !is_header_name(name) {
+                return Err(invalid(format!(
+                    "context.headers: {name:?} is not a lowercase HTTP header name"
+                )));
+            }
+        }
+        if self.identity.max_credential_bytes == 0 {
+            return Err(invalid("identity.max_credential_bytes must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The compiled route table (the configured routes, or the defaults).
+    pub fn route_table(&self) -> Result<RouteTable, RouteTableError> {
+        if self.routes.is_empty() {
+            RouteTable::compile(&RouteSpec::openai_defaults())
+        } else {
+            RouteTable::compile(&self.routes)
+        }
+    }
+
+    /// Resolves a configured path against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Renders a TOML error as `:line:col: message`.
+fn toml_message(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim().to_string();
+    match err.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            format!(":{line}:{col}: {message}")
+        }
+        None => format!(": {message}"),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..floor_char_boundary(text, offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
+    while offset > 0 && !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(None).expect("defaults load");
+        assert_eq!(config.server.grpc_listen.to_string(), "127.0.0.1:50051");
+        assert!(config.route_table().expect("routes").len() >= 4);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::from_toml("[server]\ngrpc_listn = \"127.0.0.1:1\"\n", "t.toml")
+            .expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.starts_with("t.toml:2:1: unknown field `grpc_listn`"), "{msg}");
+    }
+
+    #[test]
+    fn bad_address_is_reported() {
+        let err = Config::from_toml("[server]\ngrpc_listen = \"nowhere\"\n", "t.toml")
+            .expect_err("bad addr");
+        assert!(err.to_string().contains("t.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn identity_header_outside_strip_prefix_is_refused() {
+        let err = Config::from_toml("[response]\nprincipal_header = \"x-user\"\n", "t.toml")
+            .expect_err("forgeable header");
+        assert!(err.to_string().contains("strip_prefix"), "{err}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+}

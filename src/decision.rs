@@ -1,0 +1,129 @@
+//! The typed result of deciding a request, raised deep in the engine and
+//! mapped to each protocol once, in [`crate::respond`].
+
+use crate::identity::Principal;
+
+/// A stable, machine-readable reason. The string forms are part of the API:
+/// clients see them in deny bodies and operators in logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Allowed by policy.
+    Allowed,
+    /// No credential, and policy does not allow anonymous callers.
+    MissingCredential,
+    /// A credential was present but is not valid.
+    InvalidCredential,
+    /// A credential header carried several values (merged duplicates).
+    AmbiguousCredential,
+    /// Policy denied the request.
+    PolicyDenied,
+    /// Evaluating a policy raised an error, so the request is denied.
+    PolicyError,
+    /// No route matches the method and path.
+    UnknownRoute,
+    /// The path has an ambiguous form (`..`, `%2F`, `//`, `\`, …).
+    AmbiguousPath,
+    /// The body is not the JSON the route needs.
+    MalformedBody,
+    /// The resource the route names cannot be determined from the request
+    /// (for example no `model` in the body).
+    MissingResource,
+    /// The request as the gateway sent it cannot be read.
+    MalformedRequest,
+    /// Tollgate cannot decide now (no policy loaded, internal fault).
+    Unavailable,
+}
+
+impl Reason {
+    /// The stable reason code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::MissingCredential => "missing_credential",
+            Self::InvalidCredential => "invalid_credential",
+            Self::AmbiguousCredential => "ambiguous_credential",
+            Self::PolicyDenied => "policy_denied",
+            Self::PolicyError => "policy_error",
+            Self::UnknownRoute => "unknown_route",
+            Self::AmbiguousPath => "ambiguous_path",
+            Self::MalformedBody => "malformed_body",
+            Self::MissingResource => "missing_resource",
+            Self::MalformedRequest => "malformed_request",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// What was decided, by kind: each maps to one HTTP status and gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    /// No or bad credential: 401.
+    Unauthenticated(Reason),
+    /// Authenticated (or anonymous) but not allowed: 403.
+    Forbidden(Reason),
+    /// The request itself is malformed or ambiguous: 400.
+    Invalid(Reason),
+    /// Tollgate cannot decide: 503, and never an allow.
+    Unavailable(Reason),
+}
+
+impl Outcome {
+    /// Whether the request may proceed.
+    pub fn is_allow(self) -> bool {
+        matches!(self, Self::Allow)
+    }
+
+    /// The reason code behind the outcome.
+    pub fn reason(self) -> Reason {
+        match self {
+            Self::Allow => Reason::Allowed,
+            Self::Unauthenticated(r) | Self::Forbidden(r) | Self::Invalid(r) | Self::Unavailable(r) => r,
+        }
+    }
+
+    /// `allow` or `deny`, for logs and metrics.
+    pub fn verdict(self) -> &'static str {
+        if self.is_allow() { "allow" } else { "deny" }
+    }
+}
+
+/// A Cedar evaluation error, attributed to the policy that raised it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrorInfo {
+    pub policy_id: String,
+    pub message: String,
+}
+
+/// Everything decided about one request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub request_id: String,
+    pub outcome: Outcome,
+    /// Who the caller is, when authentication got that far.
+    pub principal: Option<Principal>,
+    /// Cedar action and resource UIDs, when the route resolved.
+    pub action: Option<String>,
+    pub resource: Option<String>,
+    /// Ids of the policies that determined the decision.
+    pub policies: Vec<String>,
+    pub errors: Vec<PolicyErrorInfo>,
+    /// Version of the policy snapshot that decided.
+    pub policy_version: String,
+}
+
+impl Decision {
+    /// A decision reached before any policy was consulted.
+    pub fn early(request_id: String, outcome: Outcome, policy_version: String) -> Self {
+        Self {
+            request_id,
+            outcome,
+            principal: None,
+            action: None,
+            resource: None,
+            policies: Vec::new(),
+            errors: Vec::new(),
+            policy_version,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Prometheus metrics for operators, served on the admin listener's
+//! `/metrics`. Names and labels use the README's words.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    api: &'static str,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+/// Which API a decision was asked through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    ExtAuthz,
+    DecisionApi,
+}
+
+impl Api {
+    fn label(self) -> &'static str {
+        match self {
+            Self::ExtAuthz => "ext_authz",
+            Self::DecisionApi => "decision_api",
+        }
+    }
+}
+
+/// Every metric Tollgate exports.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    decision_seconds: Family<ApiLabel, Histogram>,
+    reloads: Family<ReloadLabels, Counter>,
+    policy_version: Family<VersionLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabel {
+    api: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Decisions by API, outcome (allow/deny) and reason code",
+            decisions.clone(),
+        );
+        let decision_seconds = Family::<ApiLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+                0.01, 0.025, 0.1,
+            ])
+        });
+        registry.register(
+            "decision_duration_seconds",
+            "Time to decide one request inside Tollgate (excluding transport)",
+            decision_seconds.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "reloads",
+            "Reload attempts by source (policies/keys) and result (swapped/unchanged/rejected)",
+            reloads.clone(),
+        );
+        let policy_version = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "policy_version_info",
+            "1 for the policy set version being served",
+            policy_version.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            decision_seconds,
+            reloads,
+            policy_version,
+        }
+    }
+
+    /// Counts one decision and its latency.
+    pub fn decision(&self, api: Api, outcome: &'static str, reason: &'static str, seconds: f64) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                api: api.label(),
+                outcome,
+                reason,
+            })
+            .inc();
+        self.decision_seconds
+            .get_or_create(&ApiLabel { api: api.label() })
+            .observe(seconds);
+    }
+
+    /// Counts a reload attempt of `source` (`policies`, `keys`).
+    pub fn reload(&self, source: &'static str, result: &'static str) {
+        self.reloads
+            .get_or_create(&ReloadLabels { source, result })
+            .inc();
+    }
+
+    /// Marks `version` as the one being served.
+    pub fn policy_version(&self, version: &str) {
+        self.policy_version.clear();
+        self.policy_version
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

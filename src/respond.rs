@@ -1,0 +1,236 @@
+//! Decisions → protocol responses, in one place.
+//!
+//! [`status_of`] is the one table pairing each outcome with its HTTP status
+//! and gRPC code; [`check_response`] builds Envoy's ext_authz answer.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
+};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status;
+
+use crate::config::ResponseConfig;
+use crate::decision::{Decision, Outcome, Reason};
+
+/// HTTP status and gRPC code of an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusPair {
+    pub http: u16,
+    pub grpc: tonic::Code,
+}
+
+/// The one outcome → status table.
+pub fn status_of(outcome: Outcome) -> StatusPair {
+    let (http, grpc) = match outcome {
+        Outcome::Allow => (200, tonic::Code::Ok),
+        Outcome::Unauthenticated(_) => (401, tonic::Code::Unauthenticated),
+        Outcome::Forbidden(_) => (403, tonic::Code::PermissionDenied),
+        Outcome::Invalid(_) => (400, tonic::Code::InvalidArgument),
+        Outcome::Unavailable(_) => (503, tonic::Code::Unavailable),
+    };
+    StatusPair { http, grpc }
+}
+
+/// The JSON body of a denied request: a stable reason code and the request
+/// id, never policy text or internal detail.
+pub fn deny_body(decision: &Decision) -> String {
+    serde_json::json!({
+        "error": {
+            "code": decision.outcome.reason().code(),
+            "request_id": decision.request_id,
+        }
+    })
+    .to_string()
+}
+
+/// `WWW-Authenticate` for a 401 (RFC 6750).
+fn www_authenticate(reason: Reason, realm: &str) -> String {
+    match reason {
+        Reason::MissingCredential => format!("Bearer realm=\"{realm}\""),
+        _ => format!("Bearer realm=\"{realm}\", error=\"invalid_token\""),
+    }
+}
+
+fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.to_string(),
+            raw_value: Vec::new(),
+        }),
+        append_action: action as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+/// The decision as Envoy dynamic metadata (namespace
+/// `envoy.filters.http.ext_authz`), for the access log.
+fn metadata(decision: &Decision) -> Struct {
+    let mut fields = HashMap::new();
+    let mut put = |k: &str, v: &str| {
+        fields.insert(k.to_string(), string_value(v));
+    };
+    put("decision", decision.outcome.verdict());
+    put("reason", decision.outcome.reason().code());
+    put("request_id", &decision.request_id);
+    put("policy_version", &decision.policy_version);
+    put("policies", &decision.policies.join(","));
+    if let Some(p) = &decision.principal {
+        put("principal", &p.uid());
+        if let Some(t) = &p.tenant {
+            put("tenant", t);
+        }
+    }
+    if let Some(a) = &decision.action {
+        put("action", a);
+    }
+    Struct { fields }
+}
+
+/// Builds the ext_authz answer. Every path sets `status` explicitly: Envoy
+/// reads a CheckResponse without one as OK, so an empty response would be an
+/// allow.
+///
+/// On allow, Tollgate's identity headers overwrite any client copies, and
+/// every other client header under the reserved prefix is removed, so the
+/// upstream never sees a forged one.
+pub fn check_response(
+    decision: &Decision,
+    client_headers: &HashMap<String, String>,
+    config: &ResponseConfig,
+) -> CheckResponse {
+    let pair = status_of(decision.outcome);
+    let status = Some(Status {
+        code: pair.grpc as i32,
+        message: String::new(),
+        details: Vec::new(),
+    });
+    let http_response = if decision.outcome.is_allow() {
+        let principal = decision.principal.as_ref();
+        let set = [
+            (&config.principal_header, principal.map(|p| p.uid())),
+            (&config.tenant_header, principal.and_then(|p| p.tenant.clone())),
+            (&config.tier_header, principal.and_then(|p| p.tier.clone())),
+        ];
+        let mut headers = Vec::new();
+        let mut headers_to_remove = Vec::new();
+        for (name, value) in set {
+            match value {
+                Some(v) => headers.push(header(name, &v, HeaderAppendAction::OverwriteIfExistsOrAdd)),
+                None => headers_to_remove.push(name.clone()),
+            }
+        }
+        if !config.strip_prefix.is_empty() {
+            for name in client_headers.keys() {
+                let ours = set_names(config).any(|n| n == name);
+                if !ours && name.starts_with(&config.strip_prefix) {
+                    headers_to_remove.push(name.clone());
+                }
+            }
+        }
+        HttpResponse::OkResponse(OkHttpResponse {
+            headers,
+            headers_to_remove,
+            ..Default::default()
+        })
+    } else {
+        let mut headers = vec![header("content-type", "application/json", HeaderAppendAction::OverwriteIfExistsOrAdd)];
+        if let Outcome::Unauthenticated(reason) = decision.outcome {
+            headers.push(header(
+                "www-authenticate",
+                &www_authenticate(reason, &config.realm),
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            ));
+        }
+        HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus {
+                code: i32::from(pair.http),
+            }),
+            headers,
+            body: deny_body(decision),
+        })
+    };
+    CheckResponse {
+        status,
+        http_response: Some(http_response),
+        dynamic_metadata: Some(metadata(decision)),
+    }
+}
+
+fn set_names(config: &ResponseConfig) -> impl Iterator<Item = &String> {
+    [&config.principal_header, &config.tenant_header, &config.tier_header].into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(outcome: Outcome) -> Decision {
+        Decision::early("req-1".into(), outcome, "v1".into())
+    }
+
+    #[test]
+    fn no_outcome_gives_an_empty_or_statusless_response() {
+        let outcomes = [
+            Outcome::Allow,
+            Outcome::Unauthenticated(Reason::MissingCredential),
+            Outcome::Unauthenticated(Reason::InvalidCredential),
+            Outcome::Forbidden(Reason::PolicyDenied),
+            Outcome::Invalid(Reason::AmbiguousPath),
+            Outcome::Unavailable(Reason::Unavailable),
+        ];
+        for outcome in outcomes {
+            let r = check_response(&decision(outcome), &HashMap::new(), &ResponseConfig::default());
+            let status = r.status.expect("status is always set");
+            assert_eq!(status.code == 0, outcome.is_allow(), "{outcome:?}");
+            assert!(r.http_response.is_some(), "{outcome:?}");
+            if let Some(HttpResponse::DeniedResponse(d)) = &r.http_response {
+                let code = d.status.as_ref().map(|s| s.code).unwrap_or_default();
+                assert_eq!(code, i32::from(status_of(outcome).http));
+                assert!(d.body.contains(outcome.reason().code()));
+                assert!(d.body.contains("req-1"));
+            }
+        }
+    }
+
+    #[test]
+    fn allow_strips_forged_prefixed_headers_and_overwrites_ours() {
+        let mut client = HashMap::new();
+        client.insert("x-tollgate-principal".to_string(), "ApiKey::\"admin\"".to_string());
+        client.insert("x-tollgate-debug".to_string(), "1".to_string());
+        let r = check_response(&decision(Outcome::Allow), &client, &ResponseConfig::default());
+        let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+            panic!("allow must be an OkResponse");
+        };
+        assert!(ok.headers_to_remove.contains(&"x-tollgate-debug".to_string()));
+        // No principal on this decision: our own header is removed, not set.
+        assert!(ok.headers_to_remove.contains(&"x-tollgate-principal".to_string()));
+        assert!(ok.headers.is_empty());
+    }
+
+    #[test]
+    fn unauthenticated_carries_www_authenticate() {
+        let r = check_response(
+            &decision(Outcome::Unauthenticated(Reason::InvalidCredential)),
+            &HashMap::new(),
+            &ResponseConfig::default(),
+        );
+        let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+            panic!("deny");
+        };
+        assert!(d.headers.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "www-authenticate"
+            && h.value.contains("invalid_token"))));
+    }
+}

@@ -1,0 +1,251 @@
+//! Building Tollgate from its config and serving it: the gRPC listener
+//! (ext_authz, tollgate.v1, health, reflection), the admin listener, and the
+//! hot-reload watcher.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::adapters::decision_api::DecisionApi;
+use crate::adapters::ext_authz::ExtAuthz;
+use crate::config::Config;
+use crate::engine::{self, Engine};
+use crate::identity::api_key::{ApiKeyAuthenticator, KeysFileError, KeysReloader};
+use crate::identity::mtls::MtlsAuthenticator;
+use crate::identity::{Authenticator, IdentityChain};
+use crate::metrics::Metrics;
+use crate::policy::{LoadError, PolicyStore, Reload, reload};
+use crate::proto;
+use crate::proto::decision_service_server::DecisionServiceServer;
+
+/// Why Tollgate cannot start; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("policies are invalid:\n{0}")]
+    Policies(#[from] LoadError),
+    #[error("api keys file is invalid: {0}")]
+    Keys(#[from] KeysFileError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot watch {what} for changes: {source}")]
+    Watch { what: String, source: notify::Error },
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Tollgate's assembled parts, before anything listens.
+pub struct App {
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<Metrics>,
+    keys: Option<KeysReloader>,
+    config: Config,
+}
+
+impl App {
+    /// Loads policies and identity sources and assembles the engine.
+    pub fn build(config: Config) -> Result<Self, StartError> {
+        let routes = config.route_table().map_err(|e| crate::config::ConfigError::Invalid {
+            path: config.source.clone(),
+            message: e.to_string(),
+        })?;
+        let expect = engine::expectations(&config, &routes);
+        let policies = Arc::new(PolicyStore::load(&config.resolve(&config.policy.dir), expect)?);
+        let mut sources: Vec<Box<dyn Authenticator>> = Vec::new();
+        let mut keys = None;
+        if let Some(file) = &config.identity.api_keys_file {
+            let auth = ApiKeyAuthenticator::load(&config.resolve(file), config.identity.max_credential_bytes)?;
+            keys = Some(auth.reloader());
+            sources.push(Box::new(auth));
+        }
+        if config.identity.mtls {
+            sources.push(Box::new(MtlsAuthenticator));
+        }
+        let metrics = Arc::new(Metrics::new());
+        metrics.policy_version(&policies.snapshot().version);
+        let engine = Arc::new(Engine::new(&config, routes, policies, IdentityChain::new(sources), metrics.clone()));
+        Ok(Self {
+            engine,
+            metrics,
+            keys,
+            config,
+        })
+    }
+
+    /// Reloads policies and keys, logging and counting the result.
+    fn reload_all(engine: &Engine, keys: Option<&KeysReloader>, metrics: &Metrics) {
+        match engine.policies().reload() {
+            Reload::Unchanged => metrics.reload("policies", "unchanged"),
+            Reload::Swapped { version } => {
+                tracing::info!(%version, "policies reloaded");
+                metrics.reload("policies", "swapped");
+                metrics.policy_version(&version);
+            }
+            Reload::Rejected(e) => {
+                tracing::error!(error = %e, "policy reload rejected; still serving the last good set");
+                metrics.reload("policies", "rejected");
+            }
+        }
+        if let Some(keys) = keys {
+            match keys.reload() {
+                Ok(false) => metrics.reload("keys", "unchanged"),
+                Ok(true) => {
+                    tracing::info!(file = %keys.path().display(), "api keys reloaded");
+                    metrics.reload("keys", "swapped");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "api keys reload rejected; still serving the last good set");
+                    metrics.reload("keys", "rejected");
+                }
+            }
+        }
+    }
+
+    /// Binds both listeners and starts serving.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let grpc_listener = bind("grpc", self.config.server.grpc_listen).await?;
+        let admin_listener = bind("admin", self.config.server.admin_listen).await?;
+        let grpc_addr = local_addr(&grpc_listener, "grpc")?;
+        let admin_addr = local_addr(&admin_listener, "admin")?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(true));
+
+        let watcher = if self.config.policy.watch {
+            let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
+            if let Some(parent) = self.keys.as_ref().and_then(|k| k.path().parent()) {
+                dirs.push(if parent.as_os_str().is_empty() { ".".into() } else { parent.to_path_buf() });
+            }
+            dirs.dedup();
+            let (engine, keys, metrics) = (self.engine.clone(), self.keys.clone(), self.metrics.clone());
+            let handle = reload::watch(
+                dirs.clone(),
+                Duration::from_millis(self.config.policy.reload_debounce_ms),
+                Duration::from_secs(self.config.policy.reload_poll_secs),
+                move || Self::reload_all(&engine, keys.as_ref(), &metrics),
+            )
+            .map_err(|source| StartError::Watch {
+                what: format!("{dirs:?}"),
+                source,
+            })?;
+            Some(handle)
+        } else {
+            None
+        };
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AuthorizationServer<ExtAuthz>>().await;
+        health.set_serving::<DecisionServiceServer<DecisionApi>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(proto::ENVOY_FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        // grpcurl speaks v1alpha, newer clients v1: serve both.
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let ext_authz = ExtAuthz::new(self.engine.clone(), self.config.response.clone());
+        let decision_api = DecisionApi::new(self.engine.clone());
+        let mut grpc_stop = stop_rx.clone();
+        let grpc = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AuthorizationServer::new(ext_authz))
+                .add_service(DecisionServiceServer::new(decision_api))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                    let _ = grpc_stop.wait_for(|stop| *stop).await;
+                }),
+        );
+        let admin_state = crate::admin::AdminState {
+            policies: self.engine.policies().clone(),
+            metrics: self.metrics.clone(),
+            ready: ready.clone(),
+        };
+        let mut admin_stop = stop_rx;
+        let admin = tokio::spawn(async move {
+            axum::serve(admin_listener, crate::admin::router(admin_state))
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        tracing::info!(%grpc_addr, %admin_addr, policy_version = %self.engine.policies().snapshot().version, "tollgate serving");
+        Ok(Running {
+            grpc_addr,
+            admin_addr,
+            stop: stop_tx,
+            ready,
+            health,
+            grpc,
+            admin,
+            _watcher: watcher,
+        })
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        what,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })
+}
+
+/// A serving Tollgate.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    ready: Arc<AtomicBool>,
+    health: tonic_health::server::HealthReporter,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin: JoinHandle<std::io::Result<()>>,
+    _watcher: Option<reload::WatchHandle>,
+}
+
+impl Running {
+    /// Stops taking new work, lets in-flight requests finish, and returns.
+    pub async fn shutdown(self) {
+        self.ready.store(false, Ordering::Relaxed);
+        self.health.set_service_status("", ServingStatus::NotServing).await;
+        let _ = self.stop.send(true);
+        if let Ok(Err(e)) = self.grpc.await {
+            tracing::warn!(error = %e, "grpc server ended with an error");
+        }
+        if let Ok(Err(e)) = self.admin.await {
+            tracing::warn!(error = %e, "admin server ended with an error");
+        }
+    }
+}
+
+/// Loads `config`, then serves until `shutdown` resolves.
+pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+    let running = App::build(config)?.start().await?;
+    shutdown.await;
+    tracing::info!("draining");
+    running.shutdown().await;
+    Ok(())
+}
