@@ -154,6 +154,12 @@ impl App {
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(proto::ENVOY_FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // List exactly the services this listener serves.
+                .with_service_name("envoy.service.auth.v3.Authorization")
+                .with_service_name("tollgate.v1.DecisionService")
+                .with_service_name("grpc.health.v1.Health")
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         };
         // grpcurl speaks v1alpha, newer clients v1: serve both.
         let reflection_v1 = reflection().build_v1()?;

@@ -1,0 +1,270 @@
+//! Shared helpers for the integration tests: start Tollgate in-process on
+//! loopback port 0, start a real Envoy and a tiny upstream, send raw HTTP,
+//! and wait for conditions with a bound.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate::config::Config;
+use tollgate::server::{App, Running};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A config on the example files, listening on free loopback ports, not
+/// watching files.
+pub fn test_config() -> Config {
+    let mut config = Config::load(None).expect("default config");
+    config.base_dir = repo();
+    config.server.grpc_listen = "127.0.0.1:0".parse().expect("addr");
+    config.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    config.policy.watch = false;
+    config
+}
+
+/// A running in-process Tollgate.
+pub struct Tollgate {
+    pub running: Option<Running>,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Tollgate {
+    pub async fn start(config: Config) -> Self {
+        let running = App::build(config).expect("tollgate builds").start().await.expect("tollgate starts");
+        Self {
+            grpc: running.grpc_addr,
+            admin: running.admin_addr,
+            running: Some(running),
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// A gRPC channel to the listener.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.grpc_url())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// Copies the example policies into a fresh directory a test may edit.
+pub fn copy_policies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_dir(&repo().join("policies"), dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let path = entry.path();
+        let dest = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).expect("copy");
+        }
+    }
+}
+
+/// Waits until `check` returns true, polling, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An HTTP response as a client sees it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one HTTP/1.1 request with the path exactly as given (no client-side
+/// normalization of `..` or `%2F`) and reads the whole response.
+pub async fn raw_http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: llm.example.com\r\nconnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("response within 10 s")
+        .expect("read");
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    HttpResponse { status, headers, body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A tiny upstream that answers 200 with the request headers it received as
+/// JSON: `{"headers": [[name, value], ...], "path": "..."}`.
+pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::extract::Request;
+    let app = axum::Router::new().fallback(|req: Request| async move {
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("<binary>").to_string()))
+            .collect();
+        axum::Json(serde_json::json!({ "headers": headers, "path": req.uri().to_string() }))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else `.venv/bin/envoy` (scripts/test
+/// installs it).
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/envoy"));
+    assert!(path.exists(), "no Envoy at {}; run scripts/test, which installs it", path.display());
+    path
+}
+
+/// A real Envoy process, killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub listener: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Envoy {
+    /// Starts Envoy on `examples/envoy/envoy.yaml`, with only its port numbers
+    /// replaced, and waits until it is ready.
+    pub async fn start(tollgate_grpc: u16, upstream: u16) -> Self {
+        let template = std::fs::read_to_string(repo().join("examples/envoy/envoy.yaml")).expect("envoy.yaml");
+        let (listen, admin) = (free_port(), free_port());
+        let config = template
+            .replace("port_value: 10000", &format!("port_value: {listen}"))
+            .replace("port_value: 9901", &format!("port_value: {admin}"))
+            .replace("port_value: 50051", &format!("port_value: {tollgate_grpc}"))
+            .replace("port_value: 8080", &format!("port_value: {upstream}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).expect("write envoy.yaml");
+        let log = std::fs::File::create(dir.path().join("envoy.log")).expect("log");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&path)
+            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn envoy");
+        let envoy = Self {
+            child,
+            listener: SocketAddr::from(([127, 0, 0, 1], listen)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            _dir: dir,
+        };
+        let admin_addr = envoy.admin;
+        let ready = eventually(Duration::from_secs(30), || async move {
+            match TcpStream::connect(admin_addr).await {
+                Ok(_) => raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200,
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(ready, "envoy did not become ready; see {}", envoy._dir.path().join("envoy.log").display());
+        envoy
+    }
+}
