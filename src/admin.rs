@@ -54,7 +54,11 @@ fn policy_status(state: &AdminState) -> serde_json::Value {
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let ready = state.ready.load(Ordering::Relaxed);
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let mut body = policy_status(&state);
     body["ready"] = json!(ready);
     (code, Json(body))
@@ -66,7 +70,10 @@ async fn policy(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }

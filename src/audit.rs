@@ -12,7 +12,11 @@ use crate::decision::Decision;
 pub fn record(decision: &Decision, elapsed: Duration) {
     let principal = decision.principal.as_ref().map(|p| p.uid());
     let tenant = decision.principal.as_ref().and_then(|p| p.tenant.clone());
-    let errors: Vec<&str> = decision.errors.iter().map(|e| e.policy_id.as_str()).collect();
+    let errors: Vec<&str> = decision
+        .errors
+        .iter()
+        .map(|e| e.policy_id.as_str())
+        .collect();
     tracing::info!(
         target: "tollgate::decision",
         request_id = %decision.request_id,

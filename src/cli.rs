@@ -71,7 +71,9 @@ pub fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -95,7 +97,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             context,
             entities,
             policies,
-        } => check(config, policies, [principal, action, resource], context, entities),
+        } => check(
+            config,
+            policies,
+            [principal, action, resource],
+            context,
+            entities,
+        ),
         Command::Test { dir } => Ok(test(config, dir)),
         Command::Keys {
             command: KeysCommand::Hash { key },
@@ -117,7 +125,11 @@ fn validate(config: Config, dir: Option<PathBuf>) -> ExitCode {
     match load_store(&config, dir) {
         Ok(store) => {
             let s = store.snapshot();
-            println!("policies ok: {} policies, version {}", s.policy_count(), s.version);
+            println!(
+                "policies ok: {} policies, version {}",
+                s.policy_count(),
+                s.version
+            );
         }
         Err(e) => {
             eprintln!("{e}");
@@ -133,7 +145,11 @@ fn validate(config: Config, dir: Option<PathBuf>) -> ExitCode {
             }
         }
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn check(
@@ -146,8 +162,8 @@ fn check(
     let store = load_store(&config, dir).map_err(anyhow::Error::msg)?;
     let mut context_json = context::base();
     if let Some(text) = ctx {
-        let overlay: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--context is not JSON: {e}"))?;
+        let overlay: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("--context is not JSON: {e}"))?;
         context::merge(&mut context_json, &overlay);
     }
     let entities = entities
@@ -162,18 +178,31 @@ fn check(
         entities,
     };
     let snapshot = store.snapshot();
-    let verdict = engine::decide_query(&Authorizer::new(), &snapshot, &query, config.policy.on_evaluation_error)?;
+    let verdict = engine::decide_query(
+        &Authorizer::new(),
+        &snapshot,
+        &query,
+        config.policy.on_evaluation_error,
+    )?;
     println!("decision: {}", if verdict.allow { "allow" } else { "deny" });
     println!("determining policies: {}", list(&verdict.policies));
     for e in &verdict.errors {
         println!("error in {}: {}", e.policy_id, e.message);
     }
     println!("policy version: {}", snapshot.version);
-    Ok(if verdict.allow { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if verdict.allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 fn list(items: &[String]) -> String {
-    if items.is_empty() { "(none)".into() } else { items.join(", ") }
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items.join(", ")
+    }
 }
 
 fn test(config: Config, dir: Option<PathBuf>) -> ExitCode {
@@ -188,7 +217,11 @@ fn test(config: Config, dir: Option<PathBuf>) -> ExitCode {
     match testing::run(&dir, &store.snapshot(), config.policy.on_evaluation_error) {
         Ok(report) => {
             print!("{}", report.render());
-            if report.failed() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.failed() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("{e}");

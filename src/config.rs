@@ -267,7 +267,9 @@ impl Config {
                     "{key} = {name:?} is not a lowercase HTTP header name"
                 )));
             }
-            if !self.response.strip_prefix.is_empty() && !name.starts_with(&self.response.strip_prefix) {
+            if !self.response.strip_prefix.is_empty()
+                && !name.starts_with(&self.response.strip_prefix)
+            {
                 return Err(invalid(format!(
                     "{key} = {name:?} must start with response.strip_prefix = {:?}, or clients could forge it",
                     self.response.strip_prefix
@@ -282,7 +284,9 @@ impl Config {
             }
         }
         if self.identity.max_credential_bytes == 0 {
-            return Err(invalid("identity.max_credential_bytes must be at least 1".into()));
+            return Err(invalid(
+                "identity.max_credential_bytes must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -357,7 +361,10 @@ mod tests {
         let err = Config::from_toml("[server]\ngrpc_listn = \"127.0.0.1:1\"\n", "t.toml")
             .expect_err("unknown key");
         let msg = err.to_string();
-        assert!(msg.starts_with("t.toml:2:1: unknown field `grpc_listn`"), "{msg}");
+        assert!(
+            msg.starts_with("t.toml:2:1: unknown field `grpc_listn`"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -78,7 +78,10 @@ impl Outcome {
     pub fn reason(self) -> Reason {
         match self {
             Self::Allow => Reason::Allowed,
-            Self::Unauthenticated(r) | Self::Forbidden(r) | Self::Invalid(r) | Self::Unavailable(r) => r,
+            Self::Unauthenticated(r)
+            | Self::Forbidden(r)
+            | Self::Invalid(r)
+            | Self::Unavailable(r) => r,
         }
     }
 

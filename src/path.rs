@@ -143,7 +143,10 @@ mod tests {
             ("/", Ok("/")),
             ("/v1/models/llama%2D3", Ok("/v1/models/llama-3")),
             ("/v1/models/caf%C3%A9", Ok("/v1/models/café")),
-            ("/v1/chat/completions?stream=true", Ok("/v1/chat/completions")),
+            (
+                "/v1/chat/completions?stream=true",
+                Ok("/v1/chat/completions"),
+            ),
             ("", Err(NotAbsolute)),
             ("v1/chat", Err(NotAbsolute)),
             ("/v1//chat", Err(EmptySegment)),
@@ -184,7 +187,10 @@ mod tests {
     #[test]
     fn query_is_parsed_and_decoded_once() {
         let c = canonicalize("/x?api-version=2024%2D02&a=1&a=2&q=a+b&bad=%ff").expect("ok");
-        assert_eq!(c.query.get("api-version").map(String::as_str), Some("2024-02"));
+        assert_eq!(
+            c.query.get("api-version").map(String::as_str),
+            Some("2024-02")
+        );
         assert_eq!(c.query.get("a").map(String::as_str), Some("1"));
         assert_eq!(c.query.get("q").map(String::as_str), Some("a b"));
         assert!(!c.query.contains_key("bad"));

@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::{
     CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response::HttpResponse,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 
@@ -121,14 +121,19 @@ pub fn check_response(
         let principal = decision.principal.as_ref();
         let set = [
             (&config.principal_header, principal.map(|p| p.uid())),
-            (&config.tenant_header, principal.and_then(|p| p.tenant.clone())),
+            (
+                &config.tenant_header,
+                principal.and_then(|p| p.tenant.clone()),
+            ),
             (&config.tier_header, principal.and_then(|p| p.tier.clone())),
         ];
         let mut headers = Vec::new();
         let mut headers_to_remove = Vec::new();
         for (name, value) in set {
             match value {
-                Some(v) => headers.push(header(name, &v, HeaderAppendAction::OverwriteIfExistsOrAdd)),
+                Some(v) => {
+                    headers.push(header(name, &v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+                }
                 None => headers_to_remove.push(name.clone()),
             }
         }
@@ -146,7 +151,11 @@ pub fn check_response(
             ..Default::default()
         })
     } else {
-        let mut headers = vec![header("content-type", "application/json", HeaderAppendAction::OverwriteIfExistsOrAdd)];
+        let mut headers = vec![header(
+            "content-type",
+            "application/json",
+            HeaderAppendAction::OverwriteIfExistsOrAdd,
+        )];
         if let Outcome::Unauthenticated(reason) = decision.outcome {
             headers.push(header(
                 "www-authenticate",
@@ -170,7 +179,12 @@ pub fn check_response(
 }
 
 fn set_names(config: &ResponseConfig) -> impl Iterator<Item = &String> {
-    [&config.principal_header, &config.tenant_header, &config.tier_header].into_iter()
+    [
+        &config.principal_header,
+        &config.tenant_header,
+        &config.tier_header,
+    ]
+    .into_iter()
 }
 
 #[cfg(test)]
@@ -192,7 +206,11 @@ mod tests {
             Outcome::Unavailable(Reason::Unavailable),
         ];
         for outcome in outcomes {
-            let r = check_response(&decision(outcome), &HashMap::new(), &ResponseConfig::default());
+            let r = check_response(
+                &decision(outcome),
+                &HashMap::new(),
+                &ResponseConfig::default(),
+            );
             let status = r.status.expect("status is always set");
             assert_eq!(status.code == 0, outcome.is_allow(), "{outcome:?}");
             assert!(r.http_response.is_some(), "{outcome:?}");
@@ -208,15 +226,28 @@ mod tests {
     #[test]
     fn allow_strips_forged_prefixed_headers_and_overwrites_ours() {
         let mut client = HashMap::new();
-        client.insert("x-tollgate-principal".to_string(), "ApiKey::\"admin\"".to_string());
+        client.insert(
+            "x-tollgate-principal".to_string(),
+            "ApiKey::\"admin\"".to_string(),
+        );
         client.insert("x-tollgate-debug".to_string(), "1".to_string());
-        let r = check_response(&decision(Outcome::Allow), &client, &ResponseConfig::default());
+        let r = check_response(
+            &decision(Outcome::Allow),
+            &client,
+            &ResponseConfig::default(),
+        );
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("allow must be an OkResponse");
         };
-        assert!(ok.headers_to_remove.contains(&"x-tollgate-debug".to_string()));
+        assert!(
+            ok.headers_to_remove
+                .contains(&"x-tollgate-debug".to_string())
+        );
         // No principal on this decision: our own header is removed, not set.
-        assert!(ok.headers_to_remove.contains(&"x-tollgate-principal".to_string()));
+        assert!(
+            ok.headers_to_remove
+                .contains(&"x-tollgate-principal".to_string())
+        );
         assert!(ok.headers.is_empty());
     }
 
@@ -230,7 +261,10 @@ mod tests {
         let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
             panic!("deny");
         };
-        assert!(d.headers.iter().any(|h| h.header.as_ref().is_some_and(|h| h.key == "www-authenticate"
-            && h.value.contains("invalid_token"))));
+        assert!(d.headers.iter().any(|h| {
+            h.header
+                .as_ref()
+                .is_some_and(|h| h.key == "www-authenticate" && h.value.contains("invalid_token"))
+        }));
     }
 }

@@ -40,12 +40,37 @@ impl RouteSpec {
     /// The built-in table for an OpenAI-style LLM gateway.
     pub fn openai_defaults() -> Vec<Self> {
         vec![
-            Self::new("POST", "/v1/chat/completions", "chat", r#"Model::"{body.model}""#),
-            Self::new("POST", "/v1/completions", "complete", r#"Model::"{body.model}""#),
-            Self::new("POST", "/v1/embeddings", "embed", r#"Model::"{body.model}""#),
-            Self::new("POST", "/v1/fine_tuning/jobs", "finetune", r#"Model::"{body.model}""#),
+            Self::new(
+                "POST",
+                "/v1/chat/completions",
+                "chat",
+                r#"Model::"{body.model}""#,
+            ),
+            Self::new(
+                "POST",
+                "/v1/completions",
+                "complete",
+                r#"Model::"{body.model}""#,
+            ),
+            Self::new(
+                "POST",
+                "/v1/embeddings",
+                "embed",
+                r#"Model::"{body.model}""#,
+            ),
+            Self::new(
+                "POST",
+                "/v1/fine_tuning/jobs",
+                "finetune",
+                r#"Model::"{body.model}""#,
+            ),
             Self::new("GET", "/v1/models", "list_models", r#"Endpoint::"models""#),
-            Self::new("GET", "/v1/models/{model}", "get_model", r#"Model::"{path.model}""#),
+            Self::new(
+                "GET",
+                "/v1/models/{model}",
+                "get_model",
+                r#"Model::"{path.model}""#,
+            ),
         ]
     }
 }
@@ -92,12 +117,16 @@ impl ResourceTemplate {
             .split_once("::")
             .ok_or_else(|| format!("resource {text:?} is not of the form Type::\"id\""))?;
         let valid_type = !type_name.is_empty()
-            && type_name
-                .split("::")
-                .all(|p| p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                    && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            && type_name.split("::").all(|p| {
+                p.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
         if !valid_type {
-            return Err(format!("resource {text:?}: {type_name:?} is not a Cedar type name"));
+            return Err(format!(
+                "resource {text:?}: {type_name:?} is not a Cedar type name"
+            ));
         }
         let id = rest
             .strip_prefix('"')
@@ -227,7 +256,9 @@ impl RouteTable {
             };
             let method = match spec.method.as_str() {
                 "*" => None,
-                m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => Some(m.to_string()),
+                m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => {
+                    Some(m.to_string())
+                }
                 m => return Err(err(format!("method {m:?} must be upper case or '*'"))),
             };
             let segments = compile_pattern(&spec.path).map_err(err)?;
@@ -326,11 +357,16 @@ mod tests {
     #[test]
     fn matching_table() {
         let t = table();
-        let cases: &[(&str, &str, Option<(&str, &[(&str, &str)])>)] = &[
+        type Want<'a> = Option<(&'a str, &'a [(&'a str, &'a str)])>;
+        let cases: &[(&str, &str, Want)] = &[
             ("POST", "/v1/chat/completions", Some(("chat", &[]))),
             ("GET", "/v1/chat/completions", None),
             ("GET", "/v1/models", Some(("list_models", &[]))),
-            ("GET", "/v1/models/llama-3-8b", Some(("get_model", &[("model", "llama-3-8b")]))),
+            (
+                "GET",
+                "/v1/models/llama-3-8b",
+                Some(("get_model", &[("model", "llama-3-8b")])),
+            ),
             ("GET", "/v1/models/a/b", None),
             ("POST", "/v1/unknown", None),
             ("POST", "/V1/chat/completions", None),
@@ -342,8 +378,10 @@ mod tests {
                 (None, None) => {}
                 (Some(m), Some((action, params))) => {
                     assert_eq!(m.route.action, *action, "{method} {path}");
-                    let params: Vec<(String, String)> =
-                        params.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+                    let params: Vec<(String, String)> = params
+                        .iter()
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .collect();
                     assert_eq!(m.params, params, "{method} {path}");
                 }
                 (got, want) => panic!("{method} {path}: got {got:?}, want {want:?}"),
@@ -361,7 +399,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(t.render(&vars), Ok("acme/ft-1".to_string()));
-        assert_eq!(t.render(&TemplateVars::default()), Err("route.tenant".to_string()));
+        assert_eq!(
+            t.render(&TemplateVars::default()),
+            Err("route.tenant".to_string())
+        );
     }
 
     #[test]
@@ -375,7 +416,7 @@ mod tests {
             RouteSpec::new("POST", "/x/../y", "a", r#"Model::"m""#),
         ];
         for spec in bad {
-            let err = RouteTable::compile(&[spec.clone()]).expect_err("must fail");
+            let err = RouteTable::compile(std::slice::from_ref(&spec)).expect_err("must fail");
             assert_eq!(err.index, 0, "{spec:?}");
         }
     }

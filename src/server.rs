@@ -58,16 +58,24 @@ pub struct App {
 impl App {
     /// Loads policies and identity sources and assembles the engine.
     pub fn build(config: Config) -> Result<Self, StartError> {
-        let routes = config.route_table().map_err(|e| crate::config::ConfigError::Invalid {
-            path: config.source.clone(),
-            message: e.to_string(),
-        })?;
+        let routes = config
+            .route_table()
+            .map_err(|e| crate::config::ConfigError::Invalid {
+                path: config.source.clone(),
+                message: e.to_string(),
+            })?;
         let expect = engine::expectations(&config, &routes);
-        let policies = Arc::new(PolicyStore::load(&config.resolve(&config.policy.dir), expect)?);
+        let policies = Arc::new(PolicyStore::load(
+            &config.resolve(&config.policy.dir),
+            expect,
+        )?);
         let mut sources: Vec<Box<dyn Authenticator>> = Vec::new();
         let mut keys = None;
         if let Some(file) = &config.identity.api_keys_file {
-            let auth = ApiKeyAuthenticator::load(&config.resolve(file), config.identity.max_credential_bytes)?;
+            let auth = ApiKeyAuthenticator::load(
+                &config.resolve(file),
+                config.identity.max_credential_bytes,
+            )?;
             keys = Some(auth.reloader());
             sources.push(Box::new(auth));
         }
@@ -76,7 +84,13 @@ impl App {
         }
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
-        let engine = Arc::new(Engine::new(&config, routes, policies, IdentityChain::new(sources), metrics.clone()));
+        let engine = Arc::new(Engine::new(
+            &config,
+            routes,
+            policies,
+            IdentityChain::new(sources),
+            metrics.clone(),
+        ));
         Ok(Self {
             engine,
             metrics,
@@ -126,10 +140,15 @@ impl App {
         let watcher = if self.config.policy.watch {
             let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
             if let Some(parent) = self.keys.as_ref().and_then(|k| k.path().parent()) {
-                dirs.push(if parent.as_os_str().is_empty() { ".".into() } else { parent.to_path_buf() });
+                dirs.push(if parent.as_os_str().is_empty() {
+                    ".".into()
+                } else {
+                    parent.to_path_buf()
+                });
             }
             dirs.dedup();
-            let (engine, keys, metrics) = (self.engine.clone(), self.keys.clone(), self.metrics.clone());
+            let (engine, keys, metrics) =
+                (self.engine.clone(), self.keys.clone(), self.metrics.clone());
             let handle = reload::watch(
                 dirs.clone(),
                 Duration::from_millis(self.config.policy.reload_debounce_ms),
@@ -147,7 +166,9 @@ impl App {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AuthorizationServer<ExtAuthz>>().await;
-        health.set_serving::<DecisionServiceServer<DecisionApi>>().await;
+        health
+            .set_serving::<DecisionServiceServer<DecisionApi>>()
+            .await;
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -236,7 +257,9 @@ impl Running {
     /// Stops taking new work, lets in-flight requests finish, and returns.
     pub async fn shutdown(self) {
         self.ready.store(false, Ordering::Relaxed);
-        self.health.set_service_status("", ServingStatus::NotServing).await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         let _ = self.stop.send(true);
         if let Ok(Err(e)) = self.grpc.await {
             tracing::warn!(error = %e, "grpc server ended with an error");
@@ -248,7 +271,10 @@ impl Running {
 }
 
 /// Loads `config`, then serves until `shutdown` resolves.
-pub async fn serve(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), StartError> {
+pub async fn serve(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
     let running = App::build(config)?.start().await?;
     shutdown.await;
     tracing::info!("draining");

@@ -13,22 +13,45 @@ fn tollgate(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
 fn validate_accepts_the_examples() {
     let out = tollgate(&["validate"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("policies ok: 11 policies"), "{}", text(&out));
+    assert!(
+        text(&out).contains("policies ok: 11 policies"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn validate_reports_file_line_col_and_fails() {
     let cases = [
-        ("action.cedar", "\n@id(\"bad\")\npermit (principal is ApiKey, action, resource) when { principal.tierr == \"x\" };\n", "action.cedar:", "tierr"),
-        ("tenant.cedar", "\npermit (principal, action, resource) when { 1 + };\n", "tenant.cedar:", "unexpected token"),
-        ("endpoint.cedar", "\n@id(\"suspended-tenant\")\npermit (principal, action, resource);\n", "tenant.cedar:", "duplicate policy id \"suspended-tenant\" (also in"),
+        (
+            "action.cedar",
+            "\n@id(\"bad\")\npermit (principal is ApiKey, action, resource) when { principal.tierr == \"x\" };\n",
+            "action.cedar:",
+            "tierr",
+        ),
+        (
+            "tenant.cedar",
+            "\npermit (principal, action, resource) when { 1 + };\n",
+            "tenant.cedar:",
+            "unexpected token",
+        ),
+        (
+            "endpoint.cedar",
+            "\n@id(\"suspended-tenant\")\npermit (principal, action, resource);\n",
+            "tenant.cedar:",
+            "duplicate policy id \"suspended-tenant\" (also in",
+        ),
     ];
     for (file, append, want_file, want_msg) in cases {
         let dir = support::copy_policies();
@@ -39,12 +62,21 @@ fn validate_reports_file_line_col_and_fails() {
         let out = tollgate(&["validate", dir.path().to_str().expect("utf8")]);
         let t = text(&out);
         assert_eq!(out.status.code(), Some(1), "{t}");
-        let line = t.lines().find(|l| l.contains(want_file)).unwrap_or_else(|| panic!("no {want_file} in {t}"));
+        let line = t
+            .lines()
+            .find(|l| l.contains(want_file))
+            .unwrap_or_else(|| panic!("no {want_file} in {t}"));
         // file:line:col: message
         let after = line.split(want_file).nth(1).expect("position");
         let mut parts = after.splitn(3, ':');
-        assert!(parts.next().is_some_and(|l| l.parse::<usize>().is_ok()), "{line}");
-        assert!(parts.next().is_some_and(|c| c.parse::<usize>().is_ok()), "{line}");
+        assert!(
+            parts.next().is_some_and(|l| l.parse::<usize>().is_ok()),
+            "{line}"
+        );
+        assert!(
+            parts.next().is_some_and(|c| c.parse::<usize>().is_ok()),
+            "{line}"
+        );
         assert!(line.contains(want_msg), "{line}");
     }
 }
@@ -65,7 +97,10 @@ fn policy_tests_pass_on_the_examples_and_fail_on_a_wrong_expectation() {
     let out = tollgate(&["test", dir.path().to_str().expect("utf8")]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
-    assert!(t.contains("FAIL") && t.contains("expected deny, got allow"), "{t}");
+    assert!(
+        t.contains("FAIL") && t.contains("expected deny, got allow"),
+        "{t}"
+    );
     assert!(t.contains(" passed, 1 failed"), "{t}");
 }
 
@@ -73,16 +108,35 @@ fn policy_tests_pass_on_the_examples_and_fail_on_a_wrong_expectation() {
 fn check_explains_a_decision() {
     let entities = r#"[{"uid":{"type":"ApiKey","id":"k"},"attrs":{"tenant":{"__entity":{"type":"Tenant","id":"acme"}},"tier":"free","scopes":["llm:generate"]},"parents":[{"type":"Tenant","id":"acme"}]}]"#;
     let out = tollgate(&[
-        "check", "--principal", "ApiKey::\"k\"", "--action", "Action::\"chat\"", "--resource", "Model::\"llama-3-70b\"",
-        "--entities", entities, "--context", r#"{"authn":"api_key"}"#,
+        "check",
+        "--principal",
+        "ApiKey::\"k\"",
+        "--action",
+        "Action::\"chat\"",
+        "--resource",
+        "Model::\"llama-3-70b\"",
+        "--entities",
+        entities,
+        "--context",
+        r#"{"authn":"api_key"}"#,
     ]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{t}");
-    assert!(t.contains("decision: deny") && t.contains("free-tier-small-models-only"), "{t}");
+    assert!(
+        t.contains("decision: deny") && t.contains("free-tier-small-models-only"),
+        "{t}"
+    );
 
     let out = tollgate(&[
-        "check", "--principal", "ApiKey::\"k\"", "--action", "Action::\"chat\"", "--resource", "Model::\"llama-3-8b\"",
-        "--entities", entities,
+        "check",
+        "--principal",
+        "ApiKey::\"k\"",
+        "--action",
+        "Action::\"chat\"",
+        "--resource",
+        "Model::\"llama-3-8b\"",
+        "--entities",
+        entities,
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("decision: allow"));
@@ -92,9 +146,18 @@ fn check_explains_a_decision() {
 fn broken_config_stops_start_up_with_what_to_fix() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = [
-        ("[server]\ngrpc_listn = \"127.0.0.1:0\"\n", "unknown field `grpc_listn`"),
-        ("[[routes]]\nmethod = \"POST\"\npath = \"/x\"\naction = \"chat\"\nresource = 'Model::\"{body.nope}\"'\n", "unknown placeholder"),
-        ("[policy]\ndir = \"/nonexistent\"\n", "cannot read policy directory"),
+        (
+            "[server]\ngrpc_listn = \"127.0.0.1:0\"\n",
+            "unknown field `grpc_listn`",
+        ),
+        (
+            "[[routes]]\nmethod = \"POST\"\npath = \"/x\"\naction = \"chat\"\nresource = 'Model::\"{body.nope}\"'\n",
+            "unknown placeholder",
+        ),
+        (
+            "[policy]\ndir = \"/nonexistent\"\n",
+            "cannot read policy directory",
+        ),
     ];
     for (i, (config, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));

@@ -42,14 +42,27 @@ async fn requests_through_envoy() {
     )
     .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
-    assert_eq!(upstream_headers(&ok, "x-tollgate-principal"), vec!["ApiKey::\"demo-paid\""]);
+    assert_eq!(
+        upstream_headers(&ok, "x-tollgate-principal"),
+        vec!["ApiKey::\"demo-paid\""]
+    );
     assert_eq!(upstream_headers(&ok, "x-tollgate-tenant"), vec!["acme"]);
     assert!(upstream_headers(&ok, "x-tollgate-debug").is_empty());
 
     // Wrong key: 401 with WWW-Authenticate and a reason code.
-    let bad = raw_http(gw, "POST", CHAT, &[json[0], ("x-api-key", "tg_wrong")], r#"{"model":"llama-3-8b"}"#).await;
+    let bad = raw_http(
+        gw,
+        "POST",
+        CHAT,
+        &[json[0], ("x-api-key", "tg_wrong")],
+        r#"{"model":"llama-3-8b"}"#,
+    )
+    .await;
     assert_eq!(bad.status, 401);
-    assert!(bad.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+    assert!(
+        bad.header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Bearer"))
+    );
     assert_eq!(bad.json()["error"]["code"], "invalid_credential");
 
     // Policy deny: a free key on a large model.
@@ -63,7 +76,10 @@ async fn requests_through_envoy() {
     .await;
     assert_eq!(denied.status, 403);
     assert_eq!(denied.json()["error"]["code"], "policy_denied");
-    assert!(!denied.body.contains("forbid"), "no policy text in the deny body");
+    assert!(
+        !denied.body.contains("forbid"),
+        "no policy text in the deny body"
+    );
 
     // Path tricks never reach the upstream.
     for path in [
@@ -73,12 +89,34 @@ async fn requests_through_envoy() {
         "/v1//chat/completions",
         "/v1/models/llama-3-8b%2F..%2F..%2Fadmin",
     ] {
-        let r = raw_http(gw, "POST", path, &[json[0], ("x-api-key", "tg_demo_paid_acme")], r#"{"model":"llama-3-8b"}"#).await;
-        assert!(matches!(r.status, 400 | 403 | 404), "{path} answered {}", r.status);
+        let r = raw_http(
+            gw,
+            "POST",
+            path,
+            &[json[0], ("x-api-key", "tg_demo_paid_acme")],
+            r#"{"model":"llama-3-8b"}"#,
+        )
+        .await;
+        assert!(
+            matches!(r.status, 400 | 403 | 404),
+            "{path} answered {}",
+            r.status
+        );
     }
 
     // With Tollgate stopped, Envoy fails closed.
     tg.stop().await;
-    let closed = raw_http(gw, "POST", CHAT, &[json[0], ("x-api-key", "tg_demo_paid_acme")], r#"{"model":"llama-3-8b"}"#).await;
-    assert!(closed.status == 403 || closed.status >= 500, "Tollgate down but Envoy answered {}", closed.status);
+    let closed = raw_http(
+        gw,
+        "POST",
+        CHAT,
+        &[json[0], ("x-api-key", "tg_demo_paid_acme")],
+        r#"{"model":"llama-3-8b"}"#,
+    )
+    .await;
+    assert!(
+        closed.status == 403 || closed.status >= 500,
+        "Tollgate down but Envoy answered {}",
+        closed.status
+    );
 }

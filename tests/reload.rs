@@ -28,7 +28,11 @@ fn free_key_on_large_model() -> proto::CheckRequest {
 }
 
 async fn ask(client: &mut DecisionServiceClient<tonic::transport::Channel>) -> (i32, String) {
-    let r = client.check(free_key_on_large_model()).await.expect("check").into_inner();
+    let r = client
+        .check(free_key_on_large_model())
+        .await
+        .expect("check")
+        .into_inner();
     (r.decision, r.policy_version)
 }
 
@@ -70,11 +74,17 @@ async fn edits_apply_and_broken_edits_keep_the_last_good_set() {
     assert_ne!(v1, v2, "a new policy set must carry a new version");
 
     // A broken edit: decisions and version stay, and the failure is visible.
-    std::fs::write(dir.path().join("tenant.cedar"), "permit (principal, action, resource) when { 1 + };").expect("write");
+    std::fs::write(
+        dir.path().join("tenant.cedar"),
+        "permit (principal, action, resource) when { 1 + };",
+    )
+    .expect("write");
     let admin = tg.admin;
     let reported = eventually(Duration::from_secs(2), || async move {
         let r = raw_http(admin, "GET", "/policy", &[], "").await;
-        r.json()["last_reload_error"].as_str().is_some_and(|e| e.contains("tenant.cedar:1:"))
+        r.json()["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("tenant.cedar:1:"))
     })
     .await;
     assert!(reported, "the broken edit was not reported on /policy");
@@ -99,7 +109,13 @@ async fn configmap_symlink_swap_is_picked_up() {
     let first = mount.join("..2026_11_23_a");
     std::fs::create_dir(&first).expect("mkdir");
     let src = support::repo().join("policies");
-    let names = ["schema.cedarschema", "endpoint.cedar", "tenant.cedar", "action.cedar", "entities.json"];
+    let names = [
+        "schema.cedarschema",
+        "endpoint.cedar",
+        "tenant.cedar",
+        "action.cedar",
+        "entities.json",
+    ];
     for name in names {
         std::fs::copy(src.join(name), first.join(name)).expect("copy");
     }

@@ -18,9 +18,17 @@ impl DecisionApi {
         Self { engine }
     }
 
-    fn decide(&self, requests: Vec<proto::CheckRequest>, batch: bool) -> Result<Vec<proto::CheckResponse>, Status> {
+    fn decide(
+        &self,
+        requests: Vec<proto::CheckRequest>,
+        batch: bool,
+    ) -> Result<Vec<proto::CheckResponse>, Status> {
         let invalid = |i: usize, e: QueryError| {
-            let field = if batch { format!("requests[{i}].{}", e.field) } else { e.field };
+            let field = if batch {
+                format!("requests[{i}].{}", e.field)
+            } else {
+                e.field
+            };
             Status::invalid_argument(format!("{field}: {}", e.message))
         };
         let queries = requests
@@ -28,16 +36,24 @@ impl DecisionApi {
             .enumerate()
             .map(|(i, r)| to_query(r).map_err(|e| invalid(i, e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let answers = self.engine.decide_queries(&queries).map_err(|(i, e)| invalid(i, e))?;
+        let answers = self
+            .engine
+            .decide_queries(&queries)
+            .map_err(|(i, e)| invalid(i, e))?;
         Ok(answers.into_iter().map(to_response).collect())
     }
 }
 
 #[tonic::async_trait]
 impl DecisionService for DecisionApi {
-    async fn check(&self, request: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<proto::CheckRequest>,
+    ) -> Result<Response<proto::CheckResponse>, Status> {
         let mut responses = self.decide(vec![request.into_inner()], false)?;
-        let response = responses.pop().ok_or_else(|| Status::internal("no answer"))?;
+        let response = responses
+            .pop()
+            .ok_or_else(|| Status::internal("no answer"))?;
         Ok(Response::new(response))
     }
 
@@ -79,10 +95,12 @@ fn to_query(request: proto::CheckRequest) -> Result<CedarQuery, QueryError> {
         if text.trim().is_empty() {
             return Ok(None);
         }
-        serde_json::from_str(&text).map(Some).map_err(|e| QueryError {
-            field: field.into(),
-            message: format!("not valid JSON: {e}"),
-        })
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| QueryError {
+                field: field.into(),
+                message: format!("not valid JSON: {e}"),
+            })
     };
     Ok(CedarQuery {
         principal: uid("principal", principal)?,

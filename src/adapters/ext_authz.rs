@@ -37,22 +37,39 @@ impl ExtAuthz {
 
 #[tonic::async_trait]
 impl Authorization for ExtAuthz {
-    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
         let (http, malformed) = match to_http_request(request.into_inner()) {
             Ok(http) => (http, None),
-            Err((request_id, err)) => (HttpRequest { request_id, ..Default::default() }, Some(err)),
+            Err((request_id, err)) => (
+                HttpRequest {
+                    request_id,
+                    ..Default::default()
+                },
+                Some(err),
+            ),
         };
         let decision = match malformed {
             None => self.engine.decide_http(&http),
             Some(err) => {
                 tracing::info!(request_id = %http.request_id, error = %err, "malformed CheckRequest denied");
                 let version = self.engine.policies().snapshot().version.clone();
-                let decision = Decision::early(http.request_id.clone(), Outcome::Invalid(Reason::MalformedRequest), version);
+                let decision = Decision::early(
+                    http.request_id.clone(),
+                    Outcome::Invalid(Reason::MalformedRequest),
+                    version,
+                );
                 crate::audit::record(&decision, std::time::Duration::ZERO);
                 decision
             }
         };
-        Ok(Response::new(respond::check_response(&decision, &http.headers, &self.response)))
+        Ok(Response::new(respond::check_response(
+            &decision,
+            &http.headers,
+            &self.response,
+        )))
     }
 }
 
@@ -70,7 +87,8 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
         route_metadata_context: _,
         tls_session,
     } = attributes.ok_or_else(|| (fresh_id(), MalformedRequest::MissingAttributes))?;
-    let EnvoyRequest { time: _, http } = request.ok_or_else(|| (fresh_id(), MalformedRequest::MissingAttributes))?;
+    let EnvoyRequest { time: _, http } =
+        request.ok_or_else(|| (fresh_id(), MalformedRequest::MissingAttributes))?;
     let EnvoyHttp {
         id,
         method,
@@ -102,7 +120,9 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
     };
     let mut ext = context_extensions;
     Ok(HttpRequest {
-        body_partial: headers.get(PARTIAL_BODY_HEADER).is_some_and(|v| v == "true"),
+        body_partial: headers
+            .get(PARTIAL_BODY_HEADER)
+            .is_some_and(|v| v == "true"),
         request_id,
         method,
         raw_path: path,
@@ -129,7 +149,8 @@ fn raw_headers(map: HeaderMap) -> Result<HashMap<String, String>, MalformedReque
         let value = if h.raw_value.is_empty() {
             h.value
         } else {
-            String::from_utf8(h.raw_value).map_err(|_| MalformedRequest::HeaderNotUtf8(h.key.clone()))?
+            String::from_utf8(h.raw_value)
+                .map_err(|_| MalformedRequest::HeaderNotUtf8(h.key.clone()))?
         };
         out.entry(h.key.to_ascii_lowercase())
             .and_modify(|v| {
@@ -149,11 +170,9 @@ fn peer(peer: Peer) -> (Option<IpAddr>, Option<String>) {
         principal,
         certificate: _,
     } = peer;
-    let ip = address
-        .and_then(|a| a.address)
-        .and_then(|a| match a {
-            address::Address::SocketAddress(s) => s.address.parse().ok(),
-            _ => None,
-        });
+    let ip = address.and_then(|a| a.address).and_then(|a| match a {
+        address::Address::SocketAddress(s) => s.address.parse().ok(),
+        _ => None,
+    });
     (ip, Some(principal).filter(|p| !p.is_empty()))
 }

@@ -45,7 +45,10 @@ pub fn inspect(request: &HttpRequest, max_bytes: usize) -> Result<BodyFacts, Rea
             ..Default::default()
         });
     };
-    let size = request.declared_size.unwrap_or(body.len() as u64).max(body.len() as u64);
+    let size = request
+        .declared_size
+        .unwrap_or(body.len() as u64)
+        .max(body.len() as u64);
     let mut facts = BodyFacts {
         present: true,
         complete: false,
@@ -71,7 +74,12 @@ fn is_json(content_type: Option<&str>) -> bool {
     match content_type {
         None => true,
         Some(ct) => {
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             mime == "application/json" || mime.ends_with("+json")
         }
     }
@@ -111,7 +119,11 @@ mod tests {
             r#"["model"]"#,
             r#"{"max_tokens":"many"}"#,
         ] {
-            assert_eq!(inspect(&req(body), 1 << 20), Err(Reason::MalformedBody), "{body}");
+            assert_eq!(
+                inspect(&req(body), 1 << 20),
+                Err(Reason::MalformedBody),
+                "{body}"
+            );
         }
     }
 
@@ -128,7 +140,10 @@ mod tests {
     #[test]
     fn non_json_content_is_not_parsed() {
         let mut r = req("--boundary");
-        r.headers.insert("content-type".into(), "multipart/form-data; boundary=x".into());
+        r.headers.insert(
+            "content-type".into(),
+            "multipart/form-data; boundary=x".into(),
+        );
         let f = inspect(&r, 1 << 20).expect("ok");
         assert!(f.present && !f.complete);
     }

@@ -84,6 +84,7 @@ pub struct Engine {
     on_error: OnEvaluationError,
     authorizer: Authorizer,
     metrics: Arc<Metrics>,
+    entity_cache: moka::sync::Cache<(String, Principal), Arc<Entities>>,
 }
 
 impl Engine {
@@ -103,6 +104,10 @@ impl Engine {
             on_error: config.policy.on_evaluation_error,
             authorizer: Authorizer::new(),
             metrics,
+            entity_cache: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(std::time::Duration::from_secs(300))
+                .build(),
         }
     }
 
@@ -132,7 +137,13 @@ impl Engine {
     }
 
     fn decide_with(&self, snapshot: &Snapshot, request: &HttpRequest) -> Decision {
-        let early = |outcome| Decision::early(request.request_id.clone(), outcome, snapshot.version.clone());
+        let early = |outcome| {
+            Decision::early(
+                request.request_id.clone(),
+                outcome,
+                snapshot.version.clone(),
+            )
+        };
         let Ok(path) = crate::path::canonicalize(&request.raw_path) else {
             return early(Outcome::Invalid(Reason::AmbiguousPath));
         };
@@ -196,8 +207,8 @@ impl Engine {
                 authn: principal.kind.authn(),
             },
         );
-        let cedar = build_request(snapshot, principal_uid, action_uid, resource_uid, context_json)
-            .and_then(|req| Ok((req, entities_with(snapshot, &principal)?)));
+        let cedar = build_request(principal_uid, action_uid, resource_uid, &context_json)
+            .and_then(|req| Ok((req, self.entities_with(snapshot, &principal)?)));
         let (cedar_request, entities) = match cedar {
             Ok(pair) => pair,
             Err(message) => {
@@ -208,7 +219,13 @@ impl Engine {
                 return decision.with(Outcome::Forbidden(Reason::PolicyError));
             }
         };
-        let verdict = evaluate(&self.authorizer, snapshot, &cedar_request, &entities, self.on_error);
+        let verdict = evaluate(
+            &self.authorizer,
+            snapshot,
+            &cedar_request,
+            &entities,
+            self.on_error,
+        );
         decision.policies = verdict.policies;
         decision.errors = verdict.errors;
         decision.outcome = if verdict.allow {
@@ -226,12 +243,16 @@ impl Engine {
 
     /// Decides direct Cedar queries against one snapshot. A malformed query
     /// fails the whole batch, with its index.
-    pub fn decide_queries(&self, queries: &[CedarQuery]) -> Result<Vec<CedarAnswer>, (usize, QueryError)> {
+    pub fn decide_queries(
+        &self,
+        queries: &[CedarQuery],
+    ) -> Result<Vec<CedarAnswer>, (usize, QueryError)> {
         let snapshot = self.policies.snapshot();
         let mut answers = Vec::with_capacity(queries.len());
         for (i, q) in queries.iter().enumerate() {
             let started = Instant::now();
-            let verdict = decide_query(&self.authorizer, &snapshot, q, self.on_error).map_err(|e| (i, e))?;
+            let verdict =
+                decide_query(&self.authorizer, &snapshot, q, self.on_error).map_err(|e| (i, e))?;
             tracing::info!(
                 target: "tollgate::decision",
                 api = "decision_api",
@@ -250,13 +271,45 @@ impl Engine {
             } else {
                 ("deny", Reason::PolicyError.code())
             };
-            self.metrics.decision(Api::DecisionApi, outcome, reason, started.elapsed().as_secs_f64());
+            self.metrics.decision(
+                Api::DecisionApi,
+                outcome,
+                reason,
+                started.elapsed().as_secs_f64(),
+            );
             answers.push(CedarAnswer {
                 verdict,
                 policy_version: snapshot.version.clone(),
             });
         }
         Ok(answers)
+    }
+}
+
+impl Engine {
+    /// The snapshot's entities plus the principal's, unless the entities file
+    /// already defines the principal. Cached per snapshot version and
+    /// principal: callers repeat, and rebuilding the entity hierarchy costs
+    /// more than evaluating the policies.
+    fn entities_with(&self, snapshot: &Snapshot, principal: &Principal) -> Result<Arc<Entities>, String> {
+        let key = (snapshot.version.clone(), principal.clone());
+        if let Some(hit) = self.entity_cache.get(&key) {
+            return Ok(hit);
+        }
+        let uid = principal::uid(principal)?;
+        let entities = if snapshot.entities.get(&uid).is_some() {
+            snapshot.entities.clone()
+        } else {
+            let entity = principal::entity(principal)?;
+            snapshot
+                .entities
+                .clone()
+                .add_entities([entity], Some(&snapshot.schema))
+                .map_err(|e| e.to_string())?
+        };
+        let entities = Arc::new(entities);
+        self.entity_cache.insert(key, entities.clone());
+        Ok(entities)
     }
 }
 
@@ -267,30 +320,18 @@ impl Decision {
     }
 }
 
+/// Builds the Cedar request for an HTTP request. No per-request schema
+/// validation: the loader checked that the schema accepts every context and
+/// principal shape Tollgate builds ([`expectations`]), and validating again
+/// here would cost more than the policy evaluation itself.
 fn build_request(
-    snapshot: &Snapshot,
     principal: EntityUid,
     action: EntityUid,
     resource: EntityUid,
-    context: Value,
+    context: &Value,
 ) -> Result<Request, String> {
-    let context = Context::from_json_value(context, Some((&snapshot.schema, &action))).map_err(|e| e.to_string())?;
-    Request::new(principal, action, resource, context, Some(&snapshot.schema)).map_err(|e| e.to_string())
-}
-
-/// The snapshot's entities plus the principal's, unless the entities file
-/// already defines the principal.
-fn entities_with(snapshot: &Snapshot, principal: &Principal) -> Result<Entities, String> {
-    let uid = principal::uid(principal)?;
-    if snapshot.entities.get(&uid).is_some() {
-        return Ok(snapshot.entities.clone());
-    }
-    let entity = principal::entity(principal)?;
-    snapshot
-        .entities
-        .clone()
-        .add_entities([entity], Some(&snapshot.schema))
-        .map_err(|e| e.to_string())
+    let context = context::to_cedar(context)?;
+    Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
 }
 
 /// Evaluates one direct query against `snapshot`.
@@ -309,30 +350,41 @@ pub fn decide_query(
     let principal = uid("principal", &q.principal)?;
     let action = uid("action", &q.action)?;
     let resource = uid("resource", &q.resource)?;
-    let context = q.context.clone().unwrap_or_else(|| Value::Object(Default::default()));
-    let context = Context::from_json_value(context, Some((&snapshot.schema, &action))).map_err(|e| QueryError {
-        field: "context".into(),
-        message: e.to_string(),
-    })?;
-    let request = Request::new(principal, action, resource, context, Some(&snapshot.schema)).map_err(|e| QueryError {
-        field: "request".into(),
-        message: e.to_string(),
-    })?;
-    let entities = match &q.entities {
-        None => snapshot.entities.clone(),
-        Some(extra) => {
-            let extra = Entities::from_json_value(extra.clone(), Some(&snapshot.schema)).map_err(|e| QueryError {
-                field: "entities".into(),
+    let context = q
+        .context
+        .clone()
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    let context =
+        Context::from_json_value(context, Some((&snapshot.schema, &action))).map_err(|e| {
+            QueryError {
+                field: "context".into(),
                 message: e.to_string(),
-            })?;
-            let merged = snapshot.entities.iter().chain(extra.iter()).cloned();
-            Entities::from_entities(merged, Some(&snapshot.schema)).map_err(|e| QueryError {
-                field: "entities".into(),
-                message: e.to_string(),
-            })?
-        }
-    };
-    Ok(evaluate(authorizer, snapshot, &request, &entities, on_error))
+            }
+        })?;
+    let request = Request::new(principal, action, resource, context, Some(&snapshot.schema))
+        .map_err(|e| QueryError {
+            field: "request".into(),
+            message: e.to_string(),
+        })?;
+    let entities =
+        match &q.entities {
+            None => snapshot.entities.clone(),
+            Some(extra) => {
+                let extra = Entities::from_json_value(extra.clone(), Some(&snapshot.schema))
+                    .map_err(|e| QueryError {
+                        field: "entities".into(),
+                        message: e.to_string(),
+                    })?;
+                let merged = snapshot.entities.iter().chain(extra.iter()).cloned();
+                Entities::from_entities(merged, Some(&snapshot.schema)).map_err(|e| QueryError {
+                    field: "entities".into(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+    Ok(evaluate(
+        authorizer, snapshot, &request, &entities, on_error,
+    ))
 }
 
 impl FromStr for CedarQuery {
@@ -346,11 +398,17 @@ impl FromStr for CedarQuery {
             message: e.to_string(),
         })?;
         let field = |name: &str| -> Result<(String, String), QueryError> {
-            let s = value.get(name).and_then(Value::as_str).ok_or_else(|| QueryError {
+            let s = value
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| QueryError {
+                    field: name.into(),
+                    message: "missing; write Type::\"id\"".into(),
+                })?;
+            parse_uid(s).map_err(|message| QueryError {
                 field: name.into(),
-                message: "missing; write Type::\"id\"".into(),
-            })?;
-            parse_uid(s).map_err(|message| QueryError { field: name.into(), message })
+                message,
+            })
         };
         Ok(Self {
             principal: field("principal")?,
@@ -364,6 +422,10 @@ impl FromStr for CedarQuery {
 
 /// Splits `Type::"id"` into its parts, validating with Cedar's parser.
 pub fn parse_uid(text: &str) -> Result<(String, String), String> {
-    let uid = EntityUid::from_str(text).map_err(|e| format!("{text:?} is not an entity UID like Type::\"id\": {e}"))?;
-    Ok((uid.type_name().to_string(), uid.id().unescaped().to_string()))
+    let uid = EntityUid::from_str(text)
+        .map_err(|e| format!("{text:?} is not an entity UID like Type::\"id\": {e}"))?;
+    Ok((
+        uid.type_name().to_string(),
+        uid.id().unescaped().to_string(),
+    ))
 }

@@ -20,7 +20,8 @@ pub fn uid(principal: &Principal) -> Result<EntityUid, String> {
 
 /// `Type::"id"` from parts.
 pub fn entity_uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
-    let ty = EntityTypeName::from_str(type_name).map_err(|e| format!("invalid entity type {type_name:?}: {e}"))?;
+    let ty = EntityTypeName::from_str(type_name)
+        .map_err(|e| format!("invalid entity type {type_name:?}: {e}"))?;
     Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
 }
 
@@ -34,7 +35,10 @@ pub fn entity(principal: &Principal) -> Result<Entity, String> {
         PrincipalKind::ApiKey => {
             let tenant = entity_uid("Tenant", principal.tenant.as_deref().unwrap_or_default())?;
             parents.insert(tenant.clone());
-            attrs.insert("tenant".into(), RestrictedExpression::new_entity_uid(tenant));
+            attrs.insert(
+                "tenant".into(),
+                RestrictedExpression::new_entity_uid(tenant),
+            );
             attrs.insert(
                 "tier".into(),
                 RestrictedExpression::new_string(principal.tier.clone().unwrap_or_default()),
@@ -96,7 +100,10 @@ mod tests {
 
     #[test]
     fn spiffe_trust_domain() {
-        assert_eq!(trust_domain("spiffe://acme.example/ns/a/sa/b"), "acme.example");
+        assert_eq!(
+            trust_domain("spiffe://acme.example/ns/a/sa/b"),
+            "acme.example"
+        );
         assert_eq!(trust_domain("CN=foo"), "");
     }
 
@@ -113,8 +120,16 @@ mod tests {
         .expect("entity");
         let json = e.to_json_value().expect("json");
         let parents = json["parents"].as_array().expect("parents");
-        assert!(parents.iter().any(|p| p["type"] == "Tenant" && p["id"] == "acme"));
-        assert!(parents.iter().any(|p| p["type"] == "Group" && p["id"] == "admins"));
+        assert!(
+            parents
+                .iter()
+                .any(|p| p["type"] == "Tenant" && p["id"] == "acme")
+        );
+        assert!(
+            parents
+                .iter()
+                .any(|p| p["type"] == "Group" && p["id"] == "admins")
+        );
         assert_eq!(json["attrs"]["tier"], "free");
     }
 }

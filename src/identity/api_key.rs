@@ -95,7 +95,10 @@ impl KeyIndex {
                 return Err(err_at(entry.id.span().start, "key id is empty".into()));
             }
             if ids.insert(id.clone(), ()).is_some() {
-                return Err(err_at(entry.id.span().start, format!("duplicate key id {id:?}")));
+                return Err(err_at(
+                    entry.id.span().start,
+                    format!("duplicate key id {id:?}"),
+                ));
             }
             let record = KeyRecord {
                 id,
@@ -105,7 +108,10 @@ impl KeyIndex {
                 groups: entry.groups,
             };
             if by_hash.insert(hash, record).is_some() {
-                return Err(err_at(entry.hash.span().start, "two records share this hash".into()));
+                return Err(err_at(
+                    entry.hash.span().start,
+                    "two records share this hash".into(),
+                ));
             }
         }
         Ok(Self {
@@ -262,7 +268,9 @@ mod tests {
 
     fn auth(text: &str) -> ApiKeyAuthenticator {
         ApiKeyAuthenticator {
-            index: Arc::new(ArcSwap::from_pointee(KeyIndex::parse(text, "keys.toml").expect("parse"))),
+            index: Arc::new(ArcSwap::from_pointee(
+                KeyIndex::parse(text, "keys.toml").expect("parse"),
+            )),
             max_len: 256,
             path: PathBuf::from("keys.toml"),
         }
@@ -282,9 +290,21 @@ mod tests {
             ("authorization", "Bearer tg_secret_1", Some(Ok("k1"))),
             ("authorization", "bearer tg_secret_1", Some(Ok("k1"))),
             ("authorization", "Basic dXNlcjpwYXNz", None),
-            ("x-api-key", "tg_secret_2", Some(Err(Reason::InvalidCredential))),
-            ("x-api-key", "tg_secret_1,tg_secret_1", Some(Err(Reason::AmbiguousCredential))),
-            ("authorization", "Bearer a, Bearer b", Some(Err(Reason::AmbiguousCredential))),
+            (
+                "x-api-key",
+                "tg_secret_2",
+                Some(Err(Reason::InvalidCredential)),
+            ),
+            (
+                "x-api-key",
+                "tg_secret_1,tg_secret_1",
+                Some(Err(Reason::AmbiguousCredential)),
+            ),
+            (
+                "authorization",
+                "Bearer a, Bearer b",
+                Some(Err(Reason::AmbiguousCredential)),
+            ),
             ("x-api-key", "", Some(Err(Reason::InvalidCredential))),
             ("x-other", "tg_secret_1", None),
         ];

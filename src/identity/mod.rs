@@ -40,7 +40,7 @@ impl PrincipalKind {
 }
 
 /// The authenticated caller, with what policy and quota key on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
     pub kind: PrincipalKind,
     /// Entity id: key id, SPIFFE id, …; never the credential itself.

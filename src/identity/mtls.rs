@@ -36,7 +36,10 @@ mod tests {
             peer_principal: Some("spiffe://acme.example/ns/batch/sa/indexer".into()),
             ..Default::default()
         };
-        assert_eq!(MtlsAuthenticator.authenticate(&req), Authentication::NotPresent);
+        assert_eq!(
+            MtlsAuthenticator.authenticate(&req),
+            Authentication::NotPresent
+        );
         req.tls = true;
         match MtlsAuthenticator.authenticate(&req) {
             Authentication::Authenticated(p) => {

@@ -96,6 +96,9 @@ impl PolicyStore {
 
     /// Reload counters and the last error, if the newest files are broken.
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

@@ -28,7 +28,11 @@ pub struct Diagnostic {
 
 impl std::fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
     }
 }
 
@@ -95,22 +99,41 @@ impl Snapshot {
         }
         let version = hex::encode(&hasher.finalize()[..6]);
 
-        let schemas: Vec<&SourceFile> = files.iter().filter(|f| f.name.ends_with(".cedarschema")).collect();
+        let schemas: Vec<&SourceFile> = files
+            .iter()
+            .filter(|f| f.name.ends_with(".cedarschema"))
+            .collect();
         let schema_file = match schemas.as_slice() {
             [one] => *one,
-            [] => return Err(single(&dir.display().to_string(), "no *.cedarschema file; policies are validated against a schema")),
-            [_, second, ..] => return Err(single(&second.name, "more than one *.cedarschema file; keep one schema per directory")),
+            [] => {
+                return Err(single(
+                    &dir.display().to_string(),
+                    "no *.cedarschema file; policies are validated against a schema",
+                ));
+            }
+            [_, second, ..] => {
+                return Err(single(
+                    &second.name,
+                    "more than one *.cedarschema file; keep one schema per directory",
+                ));
+            }
         };
         let schema = match Schema::from_cedarschema_str(&schema_file.text) {
             Ok((schema, _warnings)) => schema,
-            Err(e) => return Err(LoadError { diagnostics: vec![diagnose(&schema_file.name, &schema_file.text, &e)] }),
+            Err(e) => {
+                return Err(LoadError {
+                    diagnostics: vec![diagnose(&schema_file.name, &schema_file.text, &e)],
+                });
+            }
         };
 
         let (policies, sources, texts) = parse_policies(&files, &mut diags);
         let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
         for err in validation.validation_errors() {
             let id = err.policy_id().to_string();
-            let (file, text) = texts.get(&id).map_or(("?", ""), |(f, t)| (f.as_str(), t.as_str()));
+            let (file, text) = texts
+                .get(&id)
+                .map_or(("?", ""), |(f, t)| (f.as_str(), t.as_str()));
             diags.push(diagnose(file, text, err));
         }
 
@@ -151,15 +174,21 @@ fn single(file: &str, message: &str) -> LoadError {
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| single(&dir.display().to_string(), &format!("cannot read policy directory: {e}")))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        single(
+            &dir.display().to_string(),
+            &format!("cannot read policy directory: {e}"),
+        )
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
             !name.starts_with('.')
-                && (name.ends_with(".cedar") || name.ends_with(".cedarschema") || name == "entities.json")
+                && (name.ends_with(".cedar")
+                    || name.ends_with(".cedarschema")
+                    || name == "entities.json")
                 && p.is_file()
         })
         .collect();
@@ -169,7 +198,10 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
         .map(|p| {
             let name = p.display().to_string();
             std::fs::read_to_string(&p)
-                .map(|text| SourceFile { name: name.clone(), text })
+                .map(|text| SourceFile {
+                    name: name.clone(),
+                    text,
+                })
                 .map_err(|e| single(&name, &format!("cannot read: {e}")))
         })
         .collect()
@@ -177,7 +209,10 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
 
 type PolicyTexts = HashMap<String, (String, String)>;
 
-fn parse_policies(files: &[SourceFile], diags: &mut Vec<Diagnostic>) -> (PolicySet, BTreeMap<String, String>, PolicyTexts) {
+fn parse_policies(
+    files: &[SourceFile],
+    diags: &mut Vec<Diagnostic>,
+) -> (PolicySet, BTreeMap<String, String>, PolicyTexts) {
     let mut set = PolicySet::new();
     let mut sources = BTreeMap::new();
     let mut texts = HashMap::new();
@@ -197,12 +232,24 @@ fn parse_policies(files: &[SourceFile], diags: &mut Vec<Diagnostic>) -> (PolicyS
                 message: "policy templates (?principal / ?resource) are not supported; write static policies".into(),
             });
         }
-        let stem = Path::new(&file.name).file_stem().and_then(|s| s.to_str()).unwrap_or("policy").to_string();
+        let stem = Path::new(&file.name)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("policy")
+            .to_string();
         let mut policies: Vec<_> = parsed.policies().collect();
         // `from_str` names policies policy0, policy1, … in file order.
-        policies.sort_by_key(|p| p.id().to_string().trim_start_matches("policy").parse::<usize>().unwrap_or(0));
+        policies.sort_by_key(|p| {
+            p.id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(0)
+        });
         for (n, policy) in policies.into_iter().enumerate() {
-            let id = policy.annotation("id").map_or_else(|| format!("{stem}.{}", n + 1), str::to_string);
+            let id = policy
+                .annotation("id")
+                .map_or_else(|| format!("{stem}.{}", n + 1), str::to_string);
             if let Some(previous) = sources.get(&id) {
                 let offset = file.text.find(&format!("\"{id}\"")).unwrap_or(0);
                 let (line, col) = line_col(&file.text, offset);
@@ -215,7 +262,12 @@ fn parse_policies(files: &[SourceFile], diags: &mut Vec<Diagnostic>) -> (PolicyS
                 continue;
             }
             if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
-                diags.push(Diagnostic { file: file.name.clone(), line: 1, col: 1, message: e.to_string() });
+                diags.push(Diagnostic {
+                    file: file.name.clone(),
+                    line: 1,
+                    col: 1,
+                    message: e.to_string(),
+                });
                 continue;
             }
             sources.insert(id.clone(), file.name.clone());
@@ -238,30 +290,54 @@ fn diagnose(file: &str, text: &str, err: &dyn miette::Diagnostic) -> Diagnostic 
         message.push_str("; ");
         message.push_str(&help.to_string());
     }
-    Diagnostic { file: file.to_string(), line, col, message: message.replace('\n', " ") }
+    Diagnostic {
+        file: file.to_string(),
+        line,
+        col,
+        message: message.replace('\n', " "),
+    }
 }
 
-fn load_entities(file: &SourceFile, schema: &Schema, diags: &mut Vec<Diagnostic>) -> Option<Entities> {
+fn load_entities(
+    file: &SourceFile,
+    schema: &Schema,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Entities> {
     let at = |offset: usize, message: String| {
         let (line, col) = line_col(&file.text, offset);
-        Diagnostic { file: file.name.clone(), line, col, message }
+        Diagnostic {
+            file: file.name.clone(),
+            line,
+            col,
+            message,
+        }
     };
     let value: serde_json::Value = match serde_json::from_str(&file.text) {
         Ok(v) => v,
         Err(e) => {
-            diags.push(Diagnostic { file: file.name.clone(), line: e.line(), col: e.column(), message: e.to_string() });
+            diags.push(Diagnostic {
+                file: file.name.clone(),
+                line: e.line(),
+                col: e.column(),
+                message: e.to_string(),
+            });
             return None;
         }
     };
     let Some(items) = value.as_array() else {
-        diags.push(at(0, "entities file must be a JSON array of entities".into()));
+        diags.push(at(
+            0,
+            "entities file must be a JSON array of entities".into(),
+        ));
         return None;
     };
     // Check each entity alone first, so a problem is reported where it is.
     let offsets = array_element_offsets(&file.text);
     let before = diags.len();
     for (i, item) in items.iter().enumerate() {
-        if let Err(e) = Entities::from_json_value(serde_json::Value::Array(vec![item.clone()]), Some(schema)) {
+        if let Err(e) =
+            Entities::from_json_value(serde_json::Value::Array(vec![item.clone()]), Some(schema))
+        {
             let offset = offsets.get(i).copied().unwrap_or(0);
             diags.push(at(offset, format!("entity #{}: {}", i + 1, flatten(&e))));
         }
@@ -330,13 +406,25 @@ fn array_element_offsets(text: &str) -> Vec<usize> {
     offsets
 }
 
-fn check_expectations(expect: &Expectations, schema: &Schema, schema_name: &str, diags: &mut Vec<Diagnostic>) {
+fn check_expectations(
+    expect: &Expectations,
+    schema: &Schema,
+    schema_name: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
     let declared: Vec<EntityUid> = schema.actions().cloned().collect();
-    let at_schema = |message: String| Diagnostic { file: schema_name.to_string(), line: 1, col: 1, message };
+    let at_schema = |message: String| Diagnostic {
+        file: schema_name.to_string(),
+        line: 1,
+        col: 1,
+        message,
+    };
     let mut routed = Vec::new();
     for action in &expect.actions {
         let Ok(uid) = EntityUid::from_str(&format!("Action::{action:?}")) else {
-            diags.push(at_schema(format!("route action {action:?} is not a valid Cedar action id")));
+            diags.push(at_schema(format!(
+                "route action {action:?} is not a valid Cedar action id"
+            )));
             continue;
         };
         if !declared.contains(&uid) {

@@ -100,16 +100,26 @@ impl TestReport {
         for r in &self.results {
             match &r.failure {
                 None => out.push_str(&format!("PASS {} :: {}\n", r.file, r.name)),
-                Some(why) => out.push_str(&format!("FAIL {} :: {}\n     {}\n", r.file, r.name, why)),
+                Some(why) => {
+                    out.push_str(&format!("FAIL {} :: {}\n     {}\n", r.file, r.name, why))
+                }
             }
         }
-        out.push_str(&format!("\n{} passed, {} failed\n", self.passed(), self.failed()));
+        out.push_str(&format!(
+            "\n{} passed, {} failed\n",
+            self.passed(),
+            self.failed()
+        ));
         out
     }
 }
 
 /// Runs every `tests/*.json` under `dir` against `snapshot`.
-pub fn run(dir: &Path, snapshot: &Snapshot, on_error: OnEvaluationError) -> Result<TestReport, String> {
+pub fn run(
+    dir: &Path,
+    snapshot: &Snapshot,
+    on_error: OnEvaluationError,
+) -> Result<TestReport, String> {
     let tests_dir = dir.join("tests");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&tests_dir)
         .map_err(|e| format!("{}: cannot read test directory: {e}", tests_dir.display()))?
@@ -126,8 +136,8 @@ pub fn run(dir: &Path, snapshot: &Snapshot, on_error: OnEvaluationError) -> Resu
     for path in files {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{name}: {e}"))?;
-        let file: TestFile =
-            serde_json::from_str(&text).map_err(|e| format!("{name}:{}:{}: {e}", e.line(), e.column()))?;
+        let file: TestFile = serde_json::from_str(&text)
+            .map_err(|e| format!("{name}:{}:{}: {e}", e.line(), e.column()))?;
         for case in &file.cases {
             let failure = run_case(&authorizer, snapshot, &file, case, on_error).err();
             report.results.push(CaseResult {
@@ -154,7 +164,12 @@ fn run_case(
     if let Some(c) = &case.context {
         context::merge(&mut ctx, c);
     }
-    let entities: Vec<Value> = file.entities.iter().chain(&case.entities).cloned().collect();
+    let entities: Vec<Value> = file
+        .entities
+        .iter()
+        .chain(&case.entities)
+        .cloned()
+        .collect();
     let query = CedarQuery {
         principal: parse_uid(&case.principal).map_err(|e| format!("principal: {e}"))?,
         action: parse_uid(&case.action).map_err(|e| format!("action: {e}"))?,
@@ -162,9 +177,18 @@ fn run_case(
         context: Some(ctx),
         entities: (!entities.is_empty()).then_some(Value::Array(entities)),
     };
-    let verdict = decide_query(authorizer, snapshot, &query, on_error).map_err(|e| e.to_string())?;
-    let got = if verdict.allow { Expect::Allow } else { Expect::Deny };
-    let errors: Vec<String> = verdict.errors.iter().map(|e| format!("{}: {}", e.policy_id, e.message)).collect();
+    let verdict =
+        decide_query(authorizer, snapshot, &query, on_error).map_err(|e| e.to_string())?;
+    let got = if verdict.allow {
+        Expect::Allow
+    } else {
+        Expect::Deny
+    };
+    let errors: Vec<String> = verdict
+        .errors
+        .iter()
+        .map(|e| format!("{}: {}", e.policy_id, e.message))
+        .collect();
     if got != case.expect {
         return Err(format!(
             "expected {}, got {} (determining policies: {:?}; errors: {:?})",
@@ -180,7 +204,9 @@ fn run_case(
         want.sort();
         have.sort();
         if want != have {
-            return Err(format!("expected determining policies {want:?}, got {have:?}"));
+            return Err(format!(
+                "expected determining policies {want:?}, got {have:?}"
+            ));
         }
     }
     Ok(())

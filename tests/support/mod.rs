@@ -38,7 +38,11 @@ pub struct Tollgate {
 
 impl Tollgate {
     pub async fn start(config: Config) -> Self {
-        let running = App::build(config).expect("tollgate builds").start().await.expect("tollgate starts");
+        let running = App::build(config)
+            .expect("tollgate builds")
+            .start()
+            .await
+            .expect("tollgate starts");
         Self {
             grpc: running.grpc_addr,
             admin: running.admin_addr,
@@ -129,15 +133,23 @@ impl HttpResponse {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
     }
 }
 
 /// Sends one HTTP/1.1 request with the path exactly as given (no client-side
 /// normalization of `..` or `%2F`) and reads the whole response.
-pub async fn raw_http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: llm.example.com\r\nconnection: close\r\n");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nhost: llm.example.com\r\nconnection: close\r\n");
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }
@@ -164,15 +176,27 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    HttpResponse { status, headers, body }
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -194,7 +218,9 @@ pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             .collect();
         axum::Json(serde_json::json!({ "headers": headers, "path": req.uri().to_string() }))
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -208,7 +234,11 @@ pub fn envoy_bin() -> PathBuf {
     let path = std::env::var_os("ENVOY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".venv/bin/envoy"));
-    assert!(path.exists(), "no Envoy at {}; run scripts/test, which installs it", path.display());
+    assert!(
+        path.exists(),
+        "no Envoy at {}; run scripts/test, which installs it",
+        path.display()
+    );
     path
 }
 
@@ -231,7 +261,8 @@ impl Envoy {
     /// Starts Envoy on `examples/envoy/envoy.yaml`, with only its port numbers
     /// replaced, and waits until it is ready.
     pub async fn start(tollgate_grpc: u16, upstream: u16) -> Self {
-        let template = std::fs::read_to_string(repo().join("examples/envoy/envoy.yaml")).expect("envoy.yaml");
+        let template =
+            std::fs::read_to_string(repo().join("examples/envoy/envoy.yaml")).expect("envoy.yaml");
         let (listen, admin) = (free_port(), free_port());
         let config = template
             .replace("port_value: 10000", &format!("port_value: {listen}"))
@@ -245,7 +276,13 @@ impl Envoy {
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&path)
-            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -264,7 +301,11 @@ impl Envoy {
             }
         })
         .await;
-        assert!(ready, "envoy did not become ready; see {}", envoy._dir.path().join("envoy.log").display());
+        assert!(
+            ready,
+            "envoy did not become ready; see {}",
+            envoy._dir.path().join("envoy.log").display()
+        );
         envoy
     }
 }
