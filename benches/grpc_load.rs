@@ -18,7 +18,6 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::rpc::Status;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 
 fn env(name: &str, default: usize) -> usize {
@@ -97,7 +96,7 @@ fn start_server(threads: usize, tollgate: bool) -> SocketAddr {
                 tx.send(listener.local_addr().expect("addr")).expect("send addr");
                 let _ = tonic::transport::Server::builder()
                     .add_service(AuthorizationServer::new(Empty))
-                    .serve_with_incoming(TcpListenerStream::new(listener))
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
                     .await;
             }
         });

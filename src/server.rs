@@ -11,7 +11,6 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizati
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::adapters::decision_api::DecisionApi;
@@ -196,7 +195,7 @@ impl App {
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                .serve_with_incoming_shutdown(incoming(grpc_listener), async move {
                     let _ = grpc_stop.wait_for(|stop| *stop).await;
                 }),
         );
@@ -225,6 +224,15 @@ impl App {
             _watcher: watcher,
         })
     }
+}
+
+/// Accepted gRPC connections with TCP_NODELAY: a response is several small
+/// HTTP/2 frames, and Nagle's algorithm against the peer's delayed ACK would
+/// hold them back for ~40 ms.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
