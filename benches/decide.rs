@@ -14,6 +14,10 @@ use tollgate::policy::evaluate::evaluate;
 use tollgate::request::HttpRequest;
 use tollgate::server::App;
 
+// The same allocator as the `tollgate` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn config() -> Config {
     let mut config = Config::load(None).expect("defaults");
     config.base_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -33,8 +37,10 @@ fn chat_request() -> HttpRequest {
         ),
         ..Default::default()
     };
-    req.headers.insert("x-api-key".into(), "tg_demo_paid_acme".into());
-    req.headers.insert("content-type".into(), "application/json".into());
+    req.headers
+        .insert("x-api-key".into(), "tg_demo_paid_acme".into());
+    req.headers
+        .insert("content-type".into(), "application/json".into());
     req.headers.insert("user-agent".into(), "bench".into());
     req
 }
@@ -74,9 +80,10 @@ fn benches(c: &mut Criterion) {
         &mut ctx,
         &serde_json::json!({"authn": "api_key", "http": {"method": "POST"}, "body": {"present": true, "max_tokens": 256}}),
     );
-    let context = Context::from_json_value(ctx, Some((&snapshot.schema, &action))).expect("context");
-    let request =
-        Request::new(principal, action, resource, context, Some(&snapshot.schema)).expect("request");
+    let context =
+        Context::from_json_value(ctx, Some((&snapshot.schema, &action))).expect("context");
+    let request = Request::new(principal, action, resource, context, Some(&snapshot.schema))
+        .expect("request");
     let key = serde_json::json!([{
         "uid": {"type": "ApiKey", "id": "k"},
         "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "paid", "scopes": ["llm:generate"]},
@@ -90,32 +97,61 @@ fn benches(c: &mut Criterion) {
     .expect("merged");
     let authorizer = Authorizer::new();
     c.bench_function("cedar_evaluate (example set)", |b| {
-        b.iter(|| black_box(evaluate(&authorizer, &snapshot, &request, &entities, OnEvaluationError::Deny)))
+        b.iter(|| {
+            black_box(evaluate(
+                &authorizer,
+                &snapshot,
+                &request,
+                &entities,
+                OnEvaluationError::Deny,
+            ))
+        })
     });
 
     c.bench_function("cedar_context_from_json (schema-directed)", |b| {
         let action: EntityUid = r#"Action::"chat""#.parse().expect("uid");
         let mut ctx = context::base();
-        context::merge(&mut ctx, &serde_json::json!({"authn": "api_key", "body": {"max_tokens": 256}}));
-        b.iter(|| black_box(Context::from_json_value(ctx.clone(), Some((&snapshot.schema, &action))).expect("ctx")))
+        context::merge(
+            &mut ctx,
+            &serde_json::json!({"authn": "api_key", "body": {"max_tokens": 256}}),
+        );
+        b.iter(|| {
+            black_box(
+                Context::from_json_value(ctx.clone(), Some((&snapshot.schema, &action)))
+                    .expect("ctx"),
+            )
+        })
     });
 
     c.bench_function("cedar_context_from_json (no schema)", |b| {
         let mut ctx = context::base();
-        context::merge(&mut ctx, &serde_json::json!({"authn": "api_key", "body": {"max_tokens": 256}}));
+        context::merge(
+            &mut ctx,
+            &serde_json::json!({"authn": "api_key", "body": {"max_tokens": 256}}),
+        );
         b.iter(|| black_box(Context::from_json_value(ctx.clone(), None).expect("ctx")))
     });
 
     c.bench_function("cedar_request_new (schema-validated)", |b| {
         let mut ctx = context::base();
-        context::merge(&mut ctx, &serde_json::json!({"authn": "api_key", "body": {"max_tokens": 256}}));
+        context::merge(
+            &mut ctx,
+            &serde_json::json!({"authn": "api_key", "body": {"max_tokens": 256}}),
+        );
         let ctx = Context::from_json_value(ctx, None).expect("ctx");
         let p: EntityUid = r#"ApiKey::"k""#.parse().expect("uid");
         let a: EntityUid = r#"Action::"chat""#.parse().expect("uid");
         let r: EntityUid = r#"Model::"llama-3-8b""#.parse().expect("uid");
         b.iter(|| {
             black_box(
-                Request::new(p.clone(), a.clone(), r.clone(), ctx.clone(), Some(&snapshot.schema)).expect("req"),
+                Request::new(
+                    p.clone(),
+                    a.clone(),
+                    r.clone(),
+                    ctx.clone(),
+                    Some(&snapshot.schema),
+                )
+                .expect("req"),
             )
         })
     });

@@ -15,13 +15,22 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::rpc::Status;
 use tonic::transport::Channel;
 
+// The same allocator as the `tollgate` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The floor: the same service and messages, no decision work.
@@ -29,7 +38,10 @@ struct Empty;
 
 #[tonic::async_trait]
 impl Authorization for Empty {
-    async fn check(&self, _: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        _: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         Ok(tonic::Response::new(CheckResponse {
             status: Some(Status::default()),
             ..Default::default()
@@ -88,15 +100,25 @@ fn start_server(threads: usize, tollgate: bool) -> SocketAddr {
                 config.policy.watch = false;
                 config.server.grpc_listen = "127.0.0.1:0".parse().expect("addr");
                 config.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
-                let running = tollgate::server::App::build(config).expect("build").start().await.expect("start");
+                let running = tollgate::server::App::build(config)
+                    .expect("build")
+                    .start()
+                    .await
+                    .expect("start");
                 tx.send(running.grpc_addr).expect("send addr");
                 std::future::pending::<()>().await;
             } else {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                tx.send(listener.local_addr().expect("addr"))
+                    .expect("send addr");
                 let _ = tonic::transport::Server::builder()
                     .add_service(AuthorizationServer::new(Empty))
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
+                    .serve_with_incoming(
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
+                    )
                     .await;
             }
         });
@@ -111,7 +133,11 @@ struct Run {
 }
 
 async fn load(addr: SocketAddr, concurrency: usize, secs: u64) -> Run {
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     let req = Arc::new(check_request());
     let run_for = |d: Duration| {
         let mut tasks = Vec::new();
@@ -124,7 +150,11 @@ async fn load(addr: SocketAddr, concurrency: usize, secs: u64) -> Run {
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     let resp = client.check((*req).clone()).await.expect("check");
-                    assert_eq!(resp.get_ref().status.as_ref().map(|s| s.code), Some(0), "load request must be allowed");
+                    assert_eq!(
+                        resp.get_ref().status.as_ref().map(|s| s.code),
+                        Some(0),
+                        "load request must be allowed"
+                    );
                     lat.push(t.elapsed());
                 }
                 lat
@@ -174,7 +204,10 @@ fn main() {
     );
     println!("| call | req/s | p50 | p99 |");
     println!("|---|---|---|---|");
-    for (name, r) in [("empty tonic Check", &empty), ("tollgate ext_authz Check", &tg)] {
+    for (name, r) in [
+        ("empty tonic Check", &empty),
+        ("tollgate ext_authz Check", &tg),
+    ] {
         println!("| {name} | {:.0} | {:?} | {:?} |", r.rps, r.p50, r.p99);
     }
     println!(

@@ -357,6 +357,20 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_config_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tollgate.toml");
+        let config = Config::load(Some(&path)).expect("example config loads");
+        let defaults = Config::default();
+        assert_eq!(config.routes, RouteSpec::openai_defaults());
+        assert_eq!(config.server.grpc_listen, defaults.server.grpc_listen);
+        assert_eq!(config.context.headers, defaults.context.headers);
+        assert_eq!(
+            config.resolve(Path::new("keys.toml")),
+            path.with_file_name("keys.toml")
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let err = Config::from_toml("[server]\ngrpc_listn = \"127.0.0.1:1\"\n", "t.toml")
             .expect_err("unknown key");

@@ -40,6 +40,27 @@ fn http(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Check
     }
 }
 
+/// A request whose headers come as raw bytes (Envoy's `encode_raw_headers`).
+fn raw_header_request(key: &[u8]) -> CheckRequest {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    let mut req = http("POST", CHAT, &[], r#"{"model":"llama-3-8b"}"#);
+    if let Some(h) = req
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    {
+        h.header_map = Some(HeaderMap {
+            headers: vec![HeaderValue {
+                key: "x-api-key".into(),
+                value: String::new(),
+                raw_value: key.to_vec(),
+            }],
+        });
+    }
+    req
+}
+
 /// HTTP status Envoy would send (200 for OK), the reason code from a deny body.
 fn outcome(resp: &CheckResponse) -> (u16, String) {
     let status = resp
@@ -293,6 +314,18 @@ async fn ext_authz_decision_matrix() {
             CheckRequest { attributes: None },
             400,
             "malformed_request",
+        ),
+        (
+            "non-UTF-8 raw header",
+            raw_header_request(b"tg_demo_paid_acme\xff"),
+            400,
+            "malformed_request",
+        ),
+        (
+            "raw headers decode",
+            raw_header_request(b"tg_demo_paid_acme"),
+            200,
+            "allowed",
         ),
     ];
     for (name, req, want_status, want_reason) in cases {

@@ -102,8 +102,15 @@ fn restricted(value: &Value) -> Result<RestrictedExpression, String> {
     Ok(match value {
         Value::Bool(b) => RestrictedExpression::new_bool(*b),
         Value::String(s) => RestrictedExpression::new_string(s.clone()),
-        Value::Number(n) => RestrictedExpression::new_long(n.as_i64().ok_or_else(|| format!("{n} is not a Long"))?),
-        Value::Array(items) => RestrictedExpression::new_set(items.iter().map(restricted).collect::<Result<Vec<_>, _>>()?),
+        Value::Number(n) => {
+            RestrictedExpression::new_long(n.as_i64().ok_or_else(|| format!("{n} is not a Long"))?)
+        }
+        Value::Array(items) => RestrictedExpression::new_set(
+            items
+                .iter()
+                .map(restricted)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
         Value::Object(fields) => match fields.get("__extn") {
             Some(ext) if ext["fn"] == "ip" => {
                 RestrictedExpression::new_ip(ext["arg"].as_str().ok_or("ip() needs a string")?)

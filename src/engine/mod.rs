@@ -291,7 +291,11 @@ impl Engine {
     /// already defines the principal. Cached per snapshot version and
     /// principal: callers repeat, and rebuilding the entity hierarchy costs
     /// more than evaluating the policies.
-    fn entities_with(&self, snapshot: &Snapshot, principal: &Principal) -> Result<Arc<Entities>, String> {
+    fn entities_with(
+        &self,
+        snapshot: &Snapshot,
+        principal: &Principal,
+    ) -> Result<Arc<Entities>, String> {
         let key = (snapshot.version.clone(), principal.clone());
         if let Some(hit) = self.entity_cache.get(&key) {
             return Ok(hit);

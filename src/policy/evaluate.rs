@@ -26,7 +26,12 @@ pub fn evaluate(
     entities: &Entities,
     on_error: OnEvaluationError,
 ) -> Verdict {
-    let response = authorizer.is_authorized(request, &snapshot.policies, entities);
+    let sliced = match (request.principal(), request.action()) {
+        (Some(p), Some(a)) => snapshot.slices.get(p.type_name(), a),
+        _ => None,
+    };
+    let policies = sliced.unwrap_or(&snapshot.policies);
+    let response = authorizer.is_authorized(request, policies, entities);
     let diagnostics = response.diagnostics();
     let errors: Vec<PolicyErrorInfo> = diagnostics
         .errors()
@@ -43,5 +48,62 @@ pub fn evaluate(
         allow,
         policies: diagnostics.reason().map(ToString::to_string).collect(),
         errors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Expectations, Snapshot};
+    use cedar_policy::{Context, EntityUid};
+
+    /// A forbid whose condition errors is skipped by Cedar, so Cedar alone
+    /// would allow; Tollgate's default turns the error into a deny.
+    #[test]
+    fn an_erroring_forbid_denies_unless_the_operator_opts_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("s.cedarschema"),
+            "entity User = { age: Long }; entity Doc; action read appliesTo { principal: [User], resource: [Doc] };",
+        )
+        .expect("schema");
+        std::fs::write(
+            dir.path().join("p.cedar"),
+            "@id(\"all\") permit (principal, action, resource);\n\
+             @id(\"minors\") forbid (principal, action, resource) when { principal.age < 18 };",
+        )
+        .expect("policies");
+        let snapshot = Snapshot::load(dir.path(), &Expectations::default()).expect("loads");
+        let uid = |s: &str| s.parse::<EntityUid>().expect("uid");
+        let request = Request::new(
+            uid("User::\"u\""),
+            uid("Action::\"read\""),
+            uid("Doc::\"d\""),
+            Context::empty(),
+            None,
+        )
+        .expect("request");
+        // User::"u" is not in the entities: reading its `age` errors.
+        let entities = Entities::empty();
+        let authorizer = Authorizer::new();
+        let strict = evaluate(
+            &authorizer,
+            &snapshot,
+            &request,
+            &entities,
+            OnEvaluationError::Deny,
+        );
+        assert!(!strict.allow);
+        assert_eq!(strict.errors.len(), 1);
+        assert_eq!(strict.errors[0].policy_id, "minors");
+        let lenient = evaluate(
+            &authorizer,
+            &snapshot,
+            &request,
+            &entities,
+            OnEvaluationError::Ignore,
+        );
+        assert!(lenient.allow);
+        assert_eq!(lenient.policies, vec!["all".to_string()]);
     }
 }

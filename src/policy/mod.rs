@@ -4,6 +4,7 @@
 
 pub mod evaluate;
 pub mod reload;
+pub mod slice;
 pub mod store;
 pub mod testing;
 

@@ -76,6 +76,8 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     /// Policy id → file it came from.
     pub sources: BTreeMap<String, String>,
+    /// The policies per (principal type, action) whose scope can match.
+    pub slices: super::slice::Slices,
 }
 
 struct SourceFile {
@@ -145,6 +147,7 @@ impl Snapshot {
 
         match entities {
             Some(entities) if diags.is_empty() => Ok(Self {
+                slices: super::slice::Slices::build(&policies, &schema),
                 policies,
                 schema,
                 entities,
