@@ -36,6 +36,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub context: ContextConfig,
     pub response: ResponseConfig,
+    pub quota: QuotaConfig,
     pub log: LogConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
@@ -125,6 +126,87 @@ pub struct ResponseConfig {
     pub realm: String,
 }
 
+/// Where quota counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// In this process: exact, but not shared between replicas.
+    Memory,
+    /// One Redis server shared by every replica.
+    Redis,
+    /// A Redis Cluster.
+    RedisCluster,
+}
+
+/// Which rate limit response headers to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderStyle {
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`.
+    Draft03,
+    /// The IETF `RateLimit` and `RateLimit-Policy` fields.
+    Ietf,
+    None,
+}
+
+/// What to answer a rate limit request that is malformed (empty domain,
+/// oversized or control characters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInvalidRequest {
+    /// OVER_LIMIT: the safe answer, since Envoy allows on RLS errors by
+    /// default.
+    OverLimit,
+    /// gRPC INVALID_ARGUMENT.
+    Error,
+}
+
+/// Quotas: the store, the rate limit service's limits file and the rules
+/// charged inside ext_authz.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    pub store: StoreKind,
+    /// `redis://127.0.0.1:6379/0` for `store = "redis"`.
+    pub redis_url: String,
+    /// Seed nodes for `store = "redis_cluster"`.
+    pub redis_cluster_nodes: Vec<String>,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// Longest wait for the store per decision; past it the limits'
+    /// failure modes decide.
+    pub deadline_ms: u64,
+    /// Charges waiting on the store at once; more fail by failure mode.
+    pub max_inflight: usize,
+    /// Counters the memory store keeps at most.
+    pub memory_max_keys: usize,
+    /// Limits of the rate limit service (a YAML file or a directory of them,
+    /// Envoy's reference format). None: every descriptor is unlimited.
+    pub limits_file: Option<PathBuf>,
+    pub headers: HeaderStyle,
+    pub on_invalid_request: OnInvalidRequest,
+    /// Rules charged inside ext_authz after the policy allowed.
+    pub rules: Vec<crate::quota::rules::QuotaRule>,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_cluster_nodes: Vec::new(),
+            key_prefix: "tg:".into(),
+            deadline_ms: 50,
+            max_inflight: 1024,
+            memory_max_keys: 1_000_000,
+            limits_file: Some(PathBuf::from("examples/limits.yaml")),
+            headers: HeaderStyle::Draft03,
+            on_invalid_request: OnInvalidRequest::OverLimit,
+            rules: Vec::new(),
+        }
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -150,6 +232,7 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             context: ContextConfig::default(),
             response: ResponseConfig::default(),
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
@@ -282,6 +365,20 @@ impl Config {
                     "context.headers: {name:?} is not a lowercase HTTP header name"
                 )));
             }
+        }
+        for rule in &self.quota.rules {
+            rule.validate().map_err(invalid)?;
+        }
+        let mut names: Vec<&str> = self.quota.rules.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!("quota.rules: duplicate rule name {:?}", w[0])));
+        }
+        if self.quota.store == StoreKind::RedisCluster && self.quota.redis_cluster_nodes.is_empty() {
+            return Err(invalid("quota.redis_cluster_nodes is empty; list at least one node for store = \"redis_cluster\"".into()));
+        }
+        if self.quota.deadline_ms == 0 {
+            return Err(invalid("quota.deadline_ms must be at least 1".into()));
         }
         if self.identity.max_credential_bytes == 0 {
             return Err(invalid(

@@ -32,6 +32,10 @@ pub enum Reason {
     MalformedRequest,
     /// Tollgate cannot decide now (no policy loaded, internal fault).
     Unavailable,
+    /// A quota rule has no room left.
+    OverQuota,
+    /// The quota store could not answer in time.
+    QuotaUnavailable,
 }
 
 impl Reason {
@@ -50,6 +54,8 @@ impl Reason {
             Self::MissingResource => "missing_resource",
             Self::MalformedRequest => "malformed_request",
             Self::Unavailable => "unavailable",
+            Self::OverQuota => "over_quota",
+            Self::QuotaUnavailable => "quota_unavailable",
         }
     }
 }
@@ -66,6 +72,11 @@ pub enum Outcome {
     Invalid(Reason),
     /// Tollgate cannot decide: 503, and never an allow.
     Unavailable(Reason),
+    /// Allowed by policy but over a quota: 429.
+    OverQuota(Reason),
+    /// Tollgate cannot decide and the operator chose to let the gateway's
+    /// own failure setting apply: the RPC fails with UNAVAILABLE.
+    Defer(Reason),
 }
 
 impl Outcome {
@@ -81,7 +92,9 @@ impl Outcome {
             Self::Unauthenticated(r)
             | Self::Forbidden(r)
             | Self::Invalid(r)
-            | Self::Unavailable(r) => r,
+            | Self::Unavailable(r)
+            | Self::OverQuota(r)
+            | Self::Defer(r) => r,
         }
     }
 
@@ -96,6 +109,18 @@ impl Outcome {
 pub struct PolicyErrorInfo {
     pub policy_id: String,
     pub message: String,
+}
+
+/// The quota counter a decision reports (the most restrictive one), for
+/// `RateLimit` headers and `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaReport {
+    /// Rule name (or limit path) of the counter.
+    pub rule: String,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: std::time::Duration,
+    pub unit_secs: u64,
 }
 
 /// Everything decided about one request.
@@ -113,6 +138,8 @@ pub struct Decision {
     pub errors: Vec<PolicyErrorInfo>,
     /// Version of the policy snapshot that decided.
     pub policy_version: String,
+    /// The quota counter to report, when quotas were charged or refused.
+    pub quota: Option<QuotaReport>,
 }
 
 impl Decision {
@@ -127,6 +154,7 @@ impl Decision {
             policies: Vec::new(),
             errors: Vec::new(),
             policy_version,
+            quota: None,
         }
     }
 }

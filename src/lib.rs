@@ -19,6 +19,7 @@ pub mod identity;
 pub mod metrics;
 pub mod path;
 pub mod policy;
+pub mod quota;
 pub mod request;
 pub mod respond;
 pub mod routes;

@@ -49,6 +49,19 @@ pub struct Metrics {
     decision_seconds: Family<ApiLabel, Histogram>,
     reloads: Family<ReloadLabels, Counter>,
     policy_version: Family<VersionLabels, Gauge>,
+    rate_limits: Family<OutcomeLabel, Counter>,
+    shadow_over: Counter,
+    store_errors: Family<StoreLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    store: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,12 +108,33 @@ impl Metrics {
             "1 for the policy set version being served",
             policy_version.clone(),
         );
+        let rate_limits = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "rate_limit_decisions",
+            "Rate limit service answers by outcome (ok/over_limit/defer)",
+            rate_limits.clone(),
+        );
+        let shadow_over = Counter::default();
+        registry.register(
+            "rate_limit_shadow_over",
+            "Descriptors over a shadow-mode limit (counted, not denied)",
+            shadow_over.clone(),
+        );
+        let store_errors = Family::<StoreLabel, Counter>::default();
+        registry.register(
+            "quota_store_errors",
+            "Quota charges the store could not answer in time; failure modes decided",
+            store_errors.clone(),
+        );
         Self {
             registry,
             decisions,
             decision_seconds,
             reloads,
             policy_version,
+            rate_limits,
+            shadow_over,
+            store_errors,
         }
     }
 
@@ -116,6 +150,20 @@ impl Metrics {
         self.decision_seconds
             .get_or_create(&ApiLabel { api: api.label() })
             .observe(seconds);
+    }
+
+    /// Counts one rate limit service answer.
+    pub fn rate_limit(&self, outcome: &'static str, shadow_over: usize, seconds: f64) {
+        self.rate_limits.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.shadow_over.inc_by(shadow_over as u64);
+        self.decision_seconds
+            .get_or_create(&ApiLabel { api: "ratelimit" })
+            .observe(seconds);
+    }
+
+    /// Counts a quota store failure.
+    pub fn quota_store_error(&self, store: &'static str) {
+        self.store_errors.get_or_create(&StoreLabel { store }).inc();
     }
 
     /// Counts a reload attempt of `source` (`policies`, `keys`).

@@ -15,8 +15,14 @@ use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
 
-use crate::config::ResponseConfig;
-use crate::decision::{Decision, Outcome, Reason};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code as RlsCode, DescriptorStatus, RateLimit as EnvoyRateLimit,
+};
+
+use crate::config::{HeaderStyle, ResponseConfig};
+use crate::decision::{Decision, Outcome, QuotaReport, Reason};
+use crate::quota::rls::RlsAnswer;
 
 /// HTTP status and gRPC code of an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +38,8 @@ pub fn status_of(outcome: Outcome) -> StatusPair {
         Outcome::Unauthenticated(_) => (401, tonic::Code::Unauthenticated),
         Outcome::Forbidden(_) => (403, tonic::Code::PermissionDenied),
         Outcome::Invalid(_) => (400, tonic::Code::InvalidArgument),
-        Outcome::Unavailable(_) => (503, tonic::Code::Unavailable),
+        Outcome::Unavailable(_) | Outcome::Defer(_) => (503, tonic::Code::Unavailable),
+        Outcome::OverQuota(_) => (429, tonic::Code::ResourceExhausted),
     };
     StatusPair { http, grpc }
 }
@@ -40,13 +47,39 @@ pub fn status_of(outcome: Outcome) -> StatusPair {
 /// The JSON body of a denied request: a stable reason code and the request
 /// id, never policy text or internal detail.
 pub fn deny_body(decision: &Decision) -> String {
-    serde_json::json!({
-        "error": {
-            "code": decision.outcome.reason().code(),
-            "request_id": decision.request_id,
+    let mut error = serde_json::json!({
+        "code": decision.outcome.reason().code(),
+        "request_id": decision.request_id,
+    });
+    if let (Outcome::OverQuota(_), Some(q)) = (decision.outcome, &decision.quota) {
+        error["rule"] = serde_json::json!(q.rule);
+    }
+    serde_json::json!({ "error": error }).to_string()
+}
+
+/// Whole seconds, rounded up (a client retrying after it must find room).
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    d.as_millis().div_ceil(1000).try_into().unwrap_or(u64::MAX)
+}
+
+/// Rate limit headers for a counter, in the configured style.
+pub fn rate_limit_headers(style: HeaderStyle, q: &QuotaReport) -> Vec<(&'static str, String)> {
+    let reset = ceil_secs(q.reset);
+    match style {
+        HeaderStyle::None => Vec::new(),
+        HeaderStyle::Draft03 => vec![
+            ("ratelimit-limit", q.limit.to_string()),
+            ("ratelimit-remaining", q.remaining.to_string()),
+            ("ratelimit-reset", reset.to_string()),
+        ],
+        HeaderStyle::Ietf => {
+            let name = q.rule.replace(['"', '\\'], "");
+            vec![
+                ("ratelimit-policy", format!("\"{name}\";q={};w={}", q.limit, q.unit_secs.max(1))),
+                ("ratelimit", format!("\"{name}\";r={};t={reset}", q.remaining)),
+            ]
         }
-    })
-    .to_string()
+    }
 }
 
 /// `WWW-Authenticate` for a 401 (RFC 6750).
@@ -110,7 +143,16 @@ pub fn check_response(
     decision: &Decision,
     client_headers: &HashMap<String, String>,
     config: &ResponseConfig,
+    style: HeaderStyle,
 ) -> CheckResponse {
+    let quota_headers: Vec<HeaderValueOption> = decision
+        .quota
+        .as_ref()
+        .map(|q| rate_limit_headers(style, q))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| header(k, &v, HeaderAppendAction::OverwriteIfExistsOrAdd))
+        .collect();
     let pair = status_of(decision.outcome);
     let status = Some(Status {
         code: pair.grpc as i32,
@@ -148,6 +190,7 @@ pub fn check_response(
         HttpResponse::OkResponse(OkHttpResponse {
             headers,
             headers_to_remove,
+            response_headers_to_add: quota_headers,
             ..Default::default()
         })
     } else {
@@ -163,6 +206,14 @@ pub fn check_response(
                 HeaderAppendAction::OverwriteIfExistsOrAdd,
             ));
         }
+        if let (Outcome::OverQuota(_), Some(q)) = (decision.outcome, &decision.quota) {
+            headers.push(header(
+                "retry-after",
+                &ceil_secs(q.reset).max(1).to_string(),
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            ));
+            headers.extend(quota_headers);
+        }
         HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
                 code: i32::from(pair.http),
@@ -175,6 +226,62 @@ pub fn check_response(
         status,
         http_response: Some(http_response),
         dynamic_metadata: Some(metadata(decision)),
+    }
+}
+
+/// Envoy's answer to ShouldRateLimit. `overall_code` is always OK or
+/// OVER_LIMIT, never UNKNOWN: Envoy reads UNKNOWN as "not limited".
+pub fn rate_limit_response(answer: &RlsAnswer, style: HeaderStyle) -> RateLimitResponse {
+    let code = |over: bool| if over { RlsCode::OverLimit } else { RlsCode::Ok } as i32;
+    let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    let statuses = answer
+        .statuses
+        .iter()
+        .map(|s| DescriptorStatus {
+            code: code(s.over),
+            current_limit: s.limit.as_ref().map(|l| EnvoyRateLimit {
+                name: l.name.clone().unwrap_or_default(),
+                requests_per_unit: clamp(l.requests_per_unit),
+                unit: l.unit.envoy_code(),
+            }),
+            limit_remaining: if s.unlimited { u32::MAX } else { clamp(s.remaining) },
+            duration_until_reset: s.reset.map(|d| envoy_types::pb::google::protobuf::Duration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    // Headers describe the most restrictive limited descriptor.
+    let tightest = answer
+        .statuses
+        .iter()
+        .filter_map(|s| s.limit.as_ref().map(|l| (s, l)))
+        .min_by_key(|(s, _)| s.remaining);
+    let response_headers_to_add = tightest
+        .map(|(s, l)| {
+            let report = QuotaReport {
+                rule: l.name.clone().unwrap_or_else(|| "limit".into()),
+                limit: l.requests_per_unit,
+                remaining: s.remaining,
+                reset: s.reset.unwrap_or_default(),
+                unit_secs: l.unit.millis() / 1000,
+            };
+            rate_limit_headers(style, &report)
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| HeaderValue {
+            key: k.to_string(),
+            value: v,
+            raw_value: Vec::new(),
+        })
+        .collect();
+    RateLimitResponse {
+        overall_code: code(answer.over),
+        statuses,
+        response_headers_to_add,
+        ..Default::default()
     }
 }
 
@@ -204,12 +311,14 @@ mod tests {
             Outcome::Forbidden(Reason::PolicyDenied),
             Outcome::Invalid(Reason::AmbiguousPath),
             Outcome::Unavailable(Reason::Unavailable),
+            Outcome::OverQuota(Reason::OverQuota),
         ];
         for outcome in outcomes {
             let r = check_response(
                 &decision(outcome),
                 &HashMap::new(),
                 &ResponseConfig::default(),
+                HeaderStyle::Draft03,
             );
             let status = r.status.expect("status is always set");
             assert_eq!(status.code == 0, outcome.is_allow(), "{outcome:?}");
@@ -235,6 +344,7 @@ mod tests {
             &decision(Outcome::Allow),
             &client,
             &ResponseConfig::default(),
+            HeaderStyle::Draft03,
         );
         let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
             panic!("allow must be an OkResponse");
@@ -257,6 +367,7 @@ mod tests {
             &decision(Outcome::Unauthenticated(Reason::InvalidCredential)),
             &HashMap::new(),
             &ResponseConfig::default(),
+            HeaderStyle::Draft03,
         );
         let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
             panic!("deny");

@@ -3,6 +3,7 @@
 //! hot-reload watcher.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,6 +16,13 @@ use tonic_health::ServingStatus;
 
 use crate::adapters::decision_api::DecisionApi;
 use crate::adapters::ext_authz::ExtAuthz;
+use crate::adapters::rls::Rls;
+use crate::config::StoreKind;
+use crate::quota::limits::{LimitsError, LimitsStore};
+use crate::quota::memory::{MemoryStore, SystemClock};
+use crate::quota::redis::{RedisStore, Target};
+use crate::quota::{QuotaEngine, QuotaStore, StoreError};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::config::Config;
 use crate::engine::{self, Engine};
 use crate::identity::api_key::{ApiKeyAuthenticator, KeysFileError, KeysReloader};
@@ -34,6 +42,10 @@ pub enum StartError {
     Policies(#[from] LoadError),
     #[error("api keys file is invalid: {0}")]
     Keys(#[from] KeysFileError),
+    #[error("limits file is invalid: {0}")]
+    Limits(#[from] LimitsError),
+    #[error("quota store: {0}")]
+    Store(#[from] StoreError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -83,12 +95,23 @@ impl App {
         }
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
+        let quota = engine::QuotaParts {
+            engine: Arc::new(QuotaEngine::new(
+                build_store(&config)?,
+                Duration::from_millis(config.quota.deadline_ms),
+                config.quota.max_inflight,
+            )),
+            limits: Arc::new(LimitsStore::load(
+                config.quota.limits_file.as_ref().map(|p| config.resolve(p)).as_deref(),
+            )?),
+        };
         let engine = Arc::new(Engine::new(
             &config,
             routes,
             policies,
             IdentityChain::new(sources),
             metrics.clone(),
+            quota,
         ));
         Ok(Self {
             engine,
@@ -110,6 +133,17 @@ impl App {
             Reload::Rejected(e) => {
                 tracing::error!(error = %e, "policy reload rejected; still serving the last good set");
                 metrics.reload("policies", "rejected");
+            }
+        }
+        match engine.limits().reload() {
+            Ok(false) => metrics.reload("limits", "unchanged"),
+            Ok(true) => {
+                tracing::info!("rate limits reloaded");
+                metrics.reload("limits", "swapped");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "limits reload rejected; still serving the last good set");
+                metrics.reload("limits", "rejected");
             }
         }
         if let Some(keys) = keys {
@@ -138,14 +172,20 @@ impl App {
 
         let watcher = if self.config.policy.watch {
             let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
-            if let Some(parent) = self.keys.as_ref().and_then(|k| k.path().parent()) {
-                dirs.push(if parent.as_os_str().is_empty() {
-                    ".".into()
+            let keys_dir = self.keys.as_ref().and_then(|k| k.path().parent()).map(Path::to_path_buf);
+            let limits_dir = self.engine.limits().path().map(|p| {
+                if p.is_dir() {
+                    p.to_path_buf()
                 } else {
-                    parent.to_path_buf()
-                });
+                    p.parent().map(Path::to_path_buf).unwrap_or_default()
+                }
+            });
+            for dir in [keys_dir, limits_dir].into_iter().flatten() {
+                let dir = if dir.as_os_str().is_empty() { ".".into() } else { dir };
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
             }
-            dirs.dedup();
             let (engine, keys, metrics) =
                 (self.engine.clone(), self.keys.clone(), self.metrics.clone());
             let handle = reload::watch(
@@ -168,6 +208,7 @@ impl App {
         health
             .set_serving::<DecisionServiceServer<DecisionApi>>()
             .await;
+        health.set_serving::<RateLimitServiceServer<Rls>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -176,6 +217,7 @@ impl App {
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 // List exactly the services this listener serves.
                 .with_service_name("envoy.service.auth.v3.Authorization")
+                .with_service_name("envoy.service.ratelimit.v3.RateLimitService")
                 .with_service_name("tollgate.v1.DecisionService")
                 .with_service_name("grpc.health.v1.Health")
                 .with_service_name("grpc.reflection.v1.ServerReflection")
@@ -185,12 +227,14 @@ impl App {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let ext_authz = ExtAuthz::new(self.engine.clone(), self.config.response.clone());
+        let ext_authz = ExtAuthz::new(self.engine.clone(), self.config.response.clone(), self.config.quota.headers);
+        let rls = Rls::new(self.engine.clone(), self.config.quota.headers, self.config.quota.on_invalid_request);
         let decision_api = DecisionApi::new(self.engine.clone());
         let mut grpc_stop = stop_rx.clone();
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(AuthorizationServer::new(ext_authz))
+                .add_service(RateLimitServiceServer::new(rls))
                 .add_service(DecisionServiceServer::new(decision_api))
                 .add_service(health_service)
                 .add_service(reflection_v1)
@@ -233,6 +277,22 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// The configured quota store. Redis stores connect in the background, so
+/// this must run inside a Tokio runtime.
+pub fn build_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StartError> {
+    let q = &config.quota;
+    let timeout = Duration::from_millis(q.deadline_ms);
+    Ok(match q.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(q.memory_max_keys, Arc::new(SystemClock))),
+        StoreKind::Redis => Arc::new(RedisStore::connect(Target::Standalone(q.redis_url.clone()), &q.key_prefix, timeout)?),
+        StoreKind::RedisCluster => Arc::new(RedisStore::connect(
+            Target::Cluster(q.redis_cluster_nodes.clone()),
+            &q.key_prefix,
+            timeout,
+        )?),
+    })
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

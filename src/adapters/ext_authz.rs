@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::config::ResponseConfig;
+use crate::config::{HeaderStyle, ResponseConfig};
 use crate::decision::{Decision, Outcome, Reason};
 use crate::engine::Engine;
 use crate::request::{HttpRequest, MalformedRequest, RouteHints};
@@ -26,12 +26,17 @@ const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 pub struct ExtAuthz {
     engine: Arc<Engine>,
     response: ResponseConfig,
+    headers: HeaderStyle,
 }
 
 impl ExtAuthz {
     /// Serves decisions from `engine`.
-    pub fn new(engine: Arc<Engine>, response: ResponseConfig) -> Self {
-        Self { engine, response }
+    pub fn new(engine: Arc<Engine>, response: ResponseConfig, headers: HeaderStyle) -> Self {
+        Self {
+            engine,
+            response,
+            headers,
+        }
     }
 }
 
@@ -52,7 +57,7 @@ impl Authorization for ExtAuthz {
             ),
         };
         let decision = match malformed {
-            None => self.engine.decide_http(&http),
+            None => self.engine.decide_http(&http).await,
             Some(err) => {
                 tracing::info!(request_id = %http.request_id, error = %err, "malformed CheckRequest denied");
                 let version = self.engine.policies().snapshot().version.clone();
@@ -65,10 +70,16 @@ impl Authorization for ExtAuthz {
                 decision
             }
         };
+        if let Outcome::Defer(reason) = decision.outcome {
+            // The operator chose `failure_mode = "gateway"`: fail the RPC so
+            // Envoy's own `failure_mode_allow` decides.
+            return Err(Status::unavailable(reason.code()));
+        }
         Ok(Response::new(respond::check_response(
             &decision,
             &http.headers,
             &self.response,
+            self.headers,
         )))
     }
 }

@@ -4,3 +4,4 @@
 
 pub mod decision_api;
 pub mod ext_authz;
+pub mod rls;

@@ -16,11 +16,15 @@ use cedar_policy::{Authorizer, Context, Entities, EntityUid, Request};
 use serde_json::Value;
 
 use crate::config::{Config, ContextConfig, OnEvaluationError};
-use crate::decision::{Decision, Outcome, Reason};
+use crate::decision::{Decision, Outcome, QuotaReport, Reason};
 use crate::identity::{IdentityChain, Principal};
 use crate::metrics::{Api, Metrics};
 use crate::policy::evaluate::{Verdict, evaluate};
 use crate::policy::{Expectations, PolicyStore, Snapshot};
+use crate::quota::limits::LimitsStore;
+use crate::quota::rls::{RlsAnswer, RlsRequest};
+use crate::quota::rules::{Planned, QuotaRule};
+use crate::quota::{FailureMode, QuotaDecision, QuotaEngine};
 use crate::request::HttpRequest;
 use crate::routes::{ResourceTemplate, RouteTable, TemplateVars};
 
@@ -85,6 +89,15 @@ pub struct Engine {
     authorizer: Authorizer,
     metrics: Arc<Metrics>,
     entity_cache: moka::sync::Cache<(String, Principal), Arc<Entities>>,
+    quota: Arc<QuotaEngine>,
+    rules: Vec<QuotaRule>,
+    limits: Arc<LimitsStore>,
+}
+
+/// The quota side of the engine: the store engine and the limits.
+pub struct QuotaParts {
+    pub engine: Arc<QuotaEngine>,
+    pub limits: Arc<LimitsStore>,
 }
 
 impl Engine {
@@ -95,6 +108,7 @@ impl Engine {
         policies: Arc<PolicyStore>,
         identity: IdentityChain,
         metrics: Arc<Metrics>,
+        quota: QuotaParts,
     ) -> Self {
         Self {
             policies,
@@ -108,6 +122,9 @@ impl Engine {
                 .max_capacity(10_000)
                 .time_to_idle(std::time::Duration::from_secs(300))
                 .build(),
+            quota: quota.engine,
+            rules: config.quota.rules.clone(),
+            limits: quota.limits,
         }
     }
 
@@ -121,11 +138,25 @@ impl Engine {
         &self.metrics
     }
 
-    /// Decides an HTTP request; records the decision log line and metrics.
-    pub fn decide_http(&self, request: &HttpRequest) -> Decision {
+    /// The live rate limit service limits.
+    pub fn limits(&self) -> &Arc<LimitsStore> {
+        &self.limits
+    }
+
+    /// The quota engine.
+    pub fn quota(&self) -> &Arc<QuotaEngine> {
+        &self.quota
+    }
+
+    /// Decides an HTTP request — policy, then quota rules if the policy
+    /// allowed — and records the decision log line and metrics.
+    pub async fn decide_http(&self, request: &HttpRequest) -> Decision {
         let started = Instant::now();
         let snapshot = self.policies.snapshot();
-        let decision = self.decide_with(&snapshot, request);
+        let mut decision = self.decide_with(&snapshot, request);
+        if decision.outcome.is_allow() {
+            self.charge_rules(&mut decision).await;
+        }
         crate::audit::record(&decision, started.elapsed());
         self.metrics.decision(
             Api::ExtAuthz,
@@ -241,6 +272,79 @@ impl Engine {
         decision
     }
 
+    /// Charges the quota rules that apply to an allowed decision.
+    async fn charge_rules(&self, decision: &mut Decision) {
+        let (Some(principal), Some(action), Some(resource)) =
+            (&decision.principal, &decision.action, &decision.resource)
+        else {
+            return;
+        };
+        let action_id = uid_id(action);
+        let resource_id = uid_id(resource);
+        let plans: Vec<Planned> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.plan(principal, &action_id, &resource_id))
+            .collect();
+        if plans.is_empty() {
+            return;
+        }
+        match self.quota.charge(&plans).await {
+            QuotaDecision::Allowed { usage } => {
+                decision.quota = plans
+                    .iter()
+                    .zip(&usage)
+                    .filter(|(p, _)| !p.charge.shadow)
+                    .min_by_key(|(p, u)| u.remaining(p.charge.limit))
+                    .map(|(p, u)| report(p, u));
+            }
+            QuotaDecision::OverLimit { usage, blocking } => {
+                decision.quota = plans.get(blocking).zip(usage.get(blocking)).map(|(p, u)| report(p, u));
+                decision.outcome = Outcome::OverQuota(Reason::OverQuota);
+            }
+            QuotaDecision::Failed { error, mode } => {
+                tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
+                self.metrics.quota_store_error(self.quota.store().kind());
+                decision.outcome = match mode {
+                    FailureMode::Allow => Outcome::Allow,
+                    FailureMode::Deny => Outcome::Unavailable(Reason::QuotaUnavailable),
+                    FailureMode::Gateway => Outcome::Defer(Reason::QuotaUnavailable),
+                };
+            }
+        }
+    }
+
+    /// Decides an Envoy rate limit service request.
+    pub async fn should_rate_limit(&self, request: &RlsRequest) -> RlsAnswer {
+        let started = Instant::now();
+        let limits = self.limits.current();
+        let answer = crate::quota::rls::decide(&limits, &self.quota, request).await;
+        if answer.store_failed {
+            self.metrics.quota_store_error(self.quota.store().kind());
+        }
+        let outcome = if answer.defer {
+            "defer"
+        } else if answer.over {
+            "over_limit"
+        } else {
+            "ok"
+        };
+        let shadow_over = answer.statuses.iter().filter(|s| s.shadow_over).count();
+        tracing::info!(
+            target: "tollgate::decision",
+            api = "ratelimit",
+            domain = %request.domain,
+            descriptors = request.descriptors.len(),
+            decision = outcome,
+            shadow_over,
+            store_failed = answer.store_failed,
+            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "rate limit decision"
+        );
+        self.metrics.rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
+        answer
+    }
+
     /// Decides direct Cedar queries against one snapshot. A malformed query
     /// fails the whole batch, with its index.
     pub fn decide_queries(
@@ -314,6 +418,21 @@ impl Engine {
         let entities = Arc::new(entities);
         self.entity_cache.insert(key, entities.clone());
         Ok(entities)
+    }
+}
+
+/// The id of a `Type::"id"` string.
+fn uid_id(uid: &str) -> String {
+    parse_uid(uid).map(|(_, id)| id).unwrap_or_default()
+}
+
+fn report(plan: &Planned, usage: &crate::quota::Usage) -> QuotaReport {
+    QuotaReport {
+        rule: plan.label.clone(),
+        limit: plan.charge.limit,
+        remaining: usage.remaining(plan.charge.limit),
+        reset: usage.reset,
+        unit_secs: plan.charge.unit.millis() / 1000,
     }
 }
 

@@ -1,0 +1,413 @@
+//! Limits in the YAML format of Envoy's reference rate limit service, so an
+//! existing config comes over unchanged and gets the same answers.
+//!
+//! ```yaml
+//! domain: llm
+//! descriptors:
+//!   - key: tenant
+//!     rate_limit: { unit: minute, requests_per_unit: 1000 }
+//!     descriptors:
+//!       - key: model
+//!         value: llama-3-70b
+//!         rate_limit: { unit: minute, requests_per_unit: 100, name: big-model }
+//! ```
+//!
+//! Additive fields the reference lacks, inside `rate_limit`: `algorithm`
+//! (`fixed_window`, the reference's, or `sliding_window`) and `failure_mode`
+//! (`deny`, `allow`, `gateway`).
+//!
+//! Matching follows the reference service: each request entry descends one
+//! level, trying `key_value`, then a wildcard `value: prefix*`, then the bare
+//! `key` (any value, one counter per value); a limit applies only when found
+//! at the request's last entry.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use super::{Algorithm, FailureMode, Unit};
+
+/// A limits file that cannot be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}:{line}:{col}: {message}")]
+pub struct LimitsError {
+    pub file: String,
+    pub line: u64,
+    pub col: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlRoot {
+    domain: Spanned<String>,
+    #[serde(default)]
+    descriptors: Vec<YamlDescriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlDescriptor {
+    key: Spanned<String>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    rate_limit: Option<Spanned<YamlRateLimit>>,
+    #[serde(default)]
+    descriptors: Vec<YamlDescriptor>,
+    #[serde(default)]
+    shadow_mode: bool,
+    #[serde(default)]
+    detailed_metric: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlRateLimit {
+    #[serde(default)]
+    requests_per_unit: Option<Spanned<i64>>,
+    #[serde(default)]
+    unit: Option<Spanned<String>>,
+    #[serde(default)]
+    unlimited: bool,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    replaces: Vec<YamlReplace>,
+    #[serde(default)]
+    algorithm: Option<Algorithm>,
+    #[serde(default)]
+    failure_mode: Option<FailureMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct YamlReplace {
+    name: String,
+}
+
+/// One configured limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitDef {
+    /// Dotted path in the config (`llm.tenant.model_llama-3-70b`), for
+    /// metrics and logs.
+    pub full_key: String,
+    pub name: Option<String>,
+    pub unit: Unit,
+    pub requests_per_unit: u64,
+    pub unlimited: bool,
+    pub shadow: bool,
+    pub detailed_metric: bool,
+    pub algorithm: Algorithm,
+    pub failure_mode: FailureMode,
+    pub replaces: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    children: HashMap<String, Node>,
+    /// Wildcard child keys (`key_prefix*`), in file order.
+    wildcards: Vec<String>,
+    limit: Option<Arc<LimitDef>>,
+}
+
+/// Every domain's limits.
+#[derive(Debug, Default)]
+pub struct LimitSet {
+    domains: HashMap<String, Node>,
+    /// Content hash of the files.
+    pub version: String,
+}
+
+impl LimitSet {
+    /// The limit for one request descriptor, as the reference service finds it.
+    pub fn lookup(&self, domain: &str, entries: &[(String, String)]) -> Option<Arc<LimitDef>> {
+        let mut node = self.domains.get(domain)?;
+        let mut found = None;
+        for (i, (key, value)) in entries.iter().enumerate() {
+            let exact = format!("{key}_{value}");
+            let next = node
+                .children
+                .get(&exact)
+                .or_else(|| {
+                    node.wildcards
+                        .iter()
+                        .find(|w| exact.starts_with(w.trim_end_matches('*')))
+                        .and_then(|w| node.children.get(w))
+                })
+                .or_else(|| node.children.get(key));
+            let Some(next) = next else { break };
+            if i + 1 == entries.len() {
+                found = next.limit.clone();
+            }
+            if next.children.is_empty() {
+                break;
+            }
+            node = next;
+        }
+        found
+    }
+
+    /// Whether `domain` has any limits.
+    pub fn has_domain(&self, domain: &str) -> bool {
+        self.domains.contains_key(domain)
+    }
+
+    /// Loads a file, or every `*.yaml` / `*.yml` file of a directory.
+    pub fn load(path: &Path) -> Result<Self, LimitsError> {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| whole_file(path, format!("cannot read limits directory: {e}")))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or(".");
+                    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                })
+                .collect();
+            v.sort();
+            v
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut set = Self::default();
+        let mut hasher = Sha256::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(|e| whole_file(&file, format!("cannot read: {e}")))?;
+            hasher.update(file.display().to_string().as_bytes());
+            hasher.update(text.as_bytes());
+            set.add(&text, &file.display().to_string())?;
+        }
+        set.version = hex::encode(&hasher.finalize()[..6]);
+        Ok(set)
+    }
+
+    /// Parses one file's text into this set.
+    pub fn add(&mut self, text: &str, file: &str) -> Result<(), LimitsError> {
+        let root: YamlRoot = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, col) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            LimitsError {
+                file: file.to_string(),
+                line,
+                col,
+                message: first_line(&e.to_string()),
+            }
+        })?;
+        let at = |s: &serde_saphyr::Location, message: String| LimitsError {
+            file: file.to_string(),
+            line: s.line(),
+            col: s.column(),
+            message,
+        };
+        if root.domain.value.is_empty() {
+            return Err(at(&root.domain.referenced, "domain is empty".into()));
+        }
+        if self.domains.contains_key(&root.domain.value) {
+            return Err(at(&root.domain.referenced, format!("duplicate domain {:?}", root.domain.value)));
+        }
+        let mut node = Node::default();
+        load_level(&mut node, &root.domain.value, &root.descriptors, &at)?;
+        self.domains.insert(root.domain.value, node);
+        Ok(())
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or(text).trim().to_string()
+}
+
+fn whole_file(path: &Path, message: String) -> LimitsError {
+    LimitsError {
+        file: path.display().to_string(),
+        line: 1,
+        col: 1,
+        message,
+    }
+}
+
+type At<'a> = dyn Fn(&serde_saphyr::Location, String) -> LimitsError + 'a;
+
+fn load_level(node: &mut Node, parent: &str, descriptors: &[YamlDescriptor], at: &At<'_>) -> Result<(), LimitsError> {
+    for d in descriptors {
+        if d.key.value.is_empty() {
+            return Err(at(&d.key.referenced, "descriptor has an empty key".into()));
+        }
+        let map_key = match d.value.as_deref() {
+            Some(v) if !v.is_empty() => format!("{}_{v}", d.key.value),
+            _ => d.key.value.clone(),
+        };
+        let full_key = format!("{parent}.{map_key}");
+        if node.children.contains_key(&map_key) {
+            return Err(at(&d.key.referenced, format!("duplicate descriptor {full_key:?}")));
+        }
+        let limit = d.rate_limit.as_ref().map(|rl| compile_limit(rl, d, &full_key, at)).transpose()?;
+        let mut child = Node {
+            limit: limit.map(Arc::new),
+            ..Node::default()
+        };
+        load_level(&mut child, &full_key, &d.descriptors, at)?;
+        if map_key.ends_with('*') {
+            node.wildcards.push(map_key.clone());
+        }
+        node.children.insert(map_key, child);
+    }
+    Ok(())
+}
+
+fn compile_limit(rl: &Spanned<YamlRateLimit>, d: &YamlDescriptor, full_key: &str, at: &At<'_>) -> Result<LimitDef, LimitsError> {
+    let r = &rl.value;
+    let unit = match (&r.unit, r.unlimited) {
+        (Some(u), true) if Unit::parse(&u.value).is_some() => {
+            return Err(at(&u.referenced, "an unlimited limit takes no unit".into()));
+        }
+        (_, true) => Unit::Second,
+        (Some(u), false) => Unit::parse(&u.value).ok_or_else(|| {
+            at(&u.referenced, format!("unknown unit {:?}; use second, minute, hour or day", u.value))
+        })?,
+        (None, false) => return Err(at(&rl.referenced, "rate_limit needs a unit (second, minute, hour, day)".into())),
+    };
+    let requests_per_unit = match (&r.requests_per_unit, r.unlimited) {
+        (_, true) => 0,
+        (Some(n), false) if n.value > 0 => u64::try_from(n.value).unwrap_or(0),
+        (Some(n), false) => {
+            return Err(at(&n.referenced, format!("requests_per_unit must be at least 1, not {}", n.value)));
+        }
+        (None, false) => return Err(at(&rl.referenced, "rate_limit needs requests_per_unit".into())),
+    };
+    for rep in &r.replaces {
+        if rep.name.is_empty() {
+            return Err(at(&rl.referenced, "a replaces entry has an empty name".into()));
+        }
+        if Some(&rep.name) == r.name.as_ref() {
+            return Err(at(&rl.referenced, "a limit cannot replace itself".into()));
+        }
+    }
+    Ok(LimitDef {
+        full_key: full_key.to_string(),
+        name: r.name.clone().filter(|n| !n.is_empty()),
+        unit,
+        requests_per_unit,
+        unlimited: r.unlimited,
+        shadow: d.shadow_mode,
+        detailed_metric: d.detailed_metric,
+        algorithm: r.algorithm.unwrap_or_default(),
+        failure_mode: r.failure_mode.unwrap_or_default(),
+        replaces: r.replaces.iter().map(|x| x.name.clone()).collect(),
+    })
+}
+
+/// The live limits, swapped whole on reload; the last good set keeps serving
+/// when an edit is broken.
+pub struct LimitsStore {
+    path: Option<PathBuf>,
+    current: arc_swap::ArcSwap<LimitSet>,
+}
+
+impl LimitsStore {
+    /// Loads `path` (or no limits at all).
+    pub fn load(path: Option<&Path>) -> Result<Self, LimitsError> {
+        let set = match path {
+            Some(p) => LimitSet::load(p)?,
+            None => LimitSet::default(),
+        };
+        Ok(Self {
+            path: path.map(Path::to_path_buf),
+            current: arc_swap::ArcSwap::from_pointee(set),
+        })
+    }
+
+    /// The live set.
+    pub fn current(&self) -> Arc<LimitSet> {
+        self.current.load_full()
+    }
+
+    /// The configured file or directory.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Re-reads; `Ok(true)` when a new set went live.
+    pub fn reload(&self) -> Result<bool, LimitsError> {
+        let Some(path) = &self.path else { return Ok(false) };
+        let fresh = LimitSet::load(path)?;
+        if fresh.version == self.current.load().version {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(fresh));
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+domain: llm
+descriptors:
+  - key: tenant
+    rate_limit: { unit: minute, requests_per_unit: 1000 }
+    descriptors:
+      - key: model
+        value: llama-3-70b
+        rate_limit: { unit: minute, requests_per_unit: 100, name: big }
+      - key: model
+        rate_limit: { unit: minute, requests_per_unit: 500 }
+  - key: api_key
+    value: "internal-*"
+    rate_limit: { unlimited: true }
+  - key: api_key
+    rate_limit: { unit: second, requests_per_unit: 10, algorithm: sliding_window, failure_mode: allow }
+    shadow_mode: true
+"#;
+
+    fn set() -> LimitSet {
+        let mut s = LimitSet::default();
+        s.add(YAML, "limits.yaml").expect("loads");
+        s
+    }
+
+    fn e(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn lookups_follow_the_reference_rules() {
+        let s = set();
+        let rpu = |d: &str, p: &[(&str, &str)]| s.lookup(d, &e(p)).map(|l| (l.requests_per_unit, l.unlimited));
+        assert_eq!(rpu("llm", &[("tenant", "acme")]), Some((1000, false)));
+        assert_eq!(rpu("llm", &[("tenant", "acme"), ("model", "llama-3-70b")]), Some((100, false)));
+        assert_eq!(rpu("llm", &[("tenant", "acme"), ("model", "other")]), Some((500, false)));
+        assert_eq!(rpu("llm", &[("tenant", "acme"), ("model", "x"), ("extra", "y")]), None);
+        assert_eq!(rpu("llm", &[("api_key", "internal-batch")]), Some((0, true)));
+        assert_eq!(rpu("llm", &[("api_key", "k1")]), Some((10, false)));
+        assert_eq!(rpu("llm", &[("user", "u")]), None);
+        assert_eq!(rpu("other", &[("tenant", "acme")]), None);
+        let k = s.lookup("llm", &e(&[("api_key", "k1")])).expect("limit");
+        assert!(k.shadow);
+        assert_eq!((k.algorithm, k.failure_mode), (Algorithm::SlidingWindow, FailureMode::Allow));
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_their_position() {
+        let cases = [
+            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n", 4, "unknown unit"),
+            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 0 }\n", 4, "at least 1"),
+            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -5 }\n", 4, "at least 1"),
+            ("domain: d\ndescriptors:\n  - key: a\n  - key: a\n", 4, "duplicate descriptor"),
+            ("domain: d\ndescriptors:\n  - key: a\n    colour: red\n", 4, "colour"),
+            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, unit: second }\n", 4, "no unit"),
+            ("domain: \"\"\n", 1, "domain is empty"),
+        ];
+        for (text, line, want) in cases {
+            let err = LimitSet::default().add(text, "l.yaml").expect_err(want);
+            assert_eq!(err.line, line, "{err}");
+            assert!(err.to_string().starts_with("l.yaml:"), "{err}");
+            assert!(err.message.contains(want), "{want:?} not in {err}");
+        }
+    }
+}

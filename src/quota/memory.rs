@@ -1,0 +1,225 @@
+//! The in-memory store: exact under concurrency, expiring, bounded.
+//!
+//! Counters live in shards, each a mutex over a map from the counter's
+//! 16-byte id to a 32-byte slot. A group of charges locks every shard it
+//! touches in ascending order (so two groups can never deadlock), checks all
+//! counters, and applies all or none. Expired slots are swept from a shard
+//! when it fills; a shard still full after a sweep refuses new counters
+//! (`StoreError::Full`, handled by each limit's failure mode) rather than
+//! evicting a live counter and undercounting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after, sliding_used};
+
+/// A source of "now", injected so tests can move time.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// A clock tests set by hand.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock reading `ms`.
+    pub fn at(ms: u64) -> Self {
+        Self(AtomicU64::new(ms))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// Window index (`now / window_ms`) that `count` belongs to.
+    window: u64,
+    count: u64,
+    /// Count of window `window - 1`.
+    prev: u64,
+    expires_ms: u64,
+}
+
+impl Slot {
+    /// (previous, current) counts as seen from window `w`.
+    fn counts_at(&self, w: u64) -> (u64, u64) {
+        if self.window == w {
+            (self.prev, self.count)
+        } else if self.window + 1 == w {
+            (self.count, 0)
+        } else {
+            (0, 0)
+        }
+    }
+}
+
+const SHARDS: usize = 64;
+
+/// The in-memory [`QuotaStore`].
+pub struct MemoryStore {
+    shards: Vec<Mutex<HashMap<[u8; 16], Slot>>>,
+    clock: Arc<dyn Clock>,
+    per_shard_max: usize,
+}
+
+impl MemoryStore {
+    /// A store holding at most about `max_keys` live counters.
+    pub fn new(max_keys: usize, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            clock,
+            per_shard_max: max_keys.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard_of(id: &[u8; 16]) -> usize {
+        usize::from(id[0]) % SHARDS
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, HashMap<[u8; 16], Slot>> {
+        // A panic while holding a shard lock cannot leave a slot half-written
+        // (slots are Copy and written whole), so a poisoned lock is safe.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of counters held (live or not yet swept).
+    pub fn len(&self) -> usize {
+        (0..SHARDS).map(|i| self.lock(i).len()).sum()
+    }
+
+    /// Whether no counter is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn charge_now(&self, charges: &[Charge]) -> Result<ChargeResult, StoreError> {
+        let now = self.clock.now_ms();
+        let ids: Vec<[u8; 16]> = charges.iter().map(|c| c.key.short()).collect();
+        let mut shard_ids: Vec<usize> = ids.iter().map(Self::shard_of).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: HashMap<usize, MutexGuard<'_, HashMap<[u8; 16], Slot>>> =
+            shard_ids.iter().map(|&i| (i, self.lock(i))).collect();
+
+        // Phase 1: check every counter, counting earlier charges of the same
+        // counter in this group.
+        let mut pending: HashMap<[u8; 16], u64> = HashMap::new();
+        let mut usage = Vec::with_capacity(charges.len());
+        let mut all_fit = true;
+        for (charge, id) in charges.iter().zip(&ids) {
+            let window_ms = charge.unit.millis();
+            let w = now / window_ms;
+            let slot = guards
+                .get(&Self::shard_of(id))
+                .and_then(|m| m.get(id).copied())
+                .unwrap_or_default();
+            let (prev, cur) = slot.counts_at(w);
+            let cur = cur.saturating_add(pending.get(id).copied().unwrap_or(0));
+            let used = match charge.algorithm {
+                Algorithm::FixedWindow => cur,
+                Algorithm::SlidingWindow => sliding_used(prev, cur, now, window_ms),
+            };
+            let fits = used.saturating_add(charge.cost) <= charge.limit;
+            if !fits && !charge.shadow {
+                all_fit = false;
+            }
+            *pending.entry(*id).or_default() += charge.cost;
+            usage.push(Usage {
+                fits,
+                used: used.saturating_add(charge.cost),
+                reset: reset_after(now, window_ms),
+            });
+        }
+        if !all_fit {
+            // Nothing is applied: report the counts as they stand.
+            for (u, c) in usage.iter_mut().zip(charges) {
+                u.used = u.used.saturating_sub(c.cost);
+            }
+            return Ok(ChargeResult { applied: false, usage });
+        }
+
+        // Make room for new counters before applying anything, so a full
+        // store refuses the whole group rather than part of it.
+        let mut new_per_shard: HashMap<usize, usize> = HashMap::new();
+        for (id, &c) in &pending {
+            let shard = Self::shard_of(id);
+            if c > 0 && !guards.get(&shard).is_some_and(|m| m.contains_key(id)) {
+                *new_per_shard.entry(shard).or_default() += 1;
+            }
+        }
+        for (shard, needed) in new_per_shard {
+            let map = guards.get_mut(&shard).ok_or_else(|| StoreError::Backend("shard not locked".into()))?;
+            if map.len() + needed > self.per_shard_max {
+                map.retain(|_, s| s.expires_ms > now);
+                if map.len() + needed > self.per_shard_max {
+                    return Err(StoreError::Full(self.per_shard_max * SHARDS));
+                }
+            }
+        }
+
+        // Phase 2: apply.
+        for (charge, id) in charges.iter().zip(&ids) {
+            if charge.cost == 0 {
+                continue;
+            }
+            let window_ms = charge.unit.millis();
+            let w = now / window_ms;
+            let keep = match charge.algorithm {
+                Algorithm::FixedWindow => 1,
+                Algorithm::SlidingWindow => 2,
+            };
+            let map = guards.get_mut(&Self::shard_of(id)).ok_or_else(|| StoreError::Backend("shard not locked".into()))?;
+            let slot = map.entry(*id).or_default();
+            let (prev, cur) = slot.counts_at(w);
+            *slot = Slot {
+                window: w,
+                count: cur.saturating_add(charge.cost),
+                prev,
+                expires_ms: slot.expires_ms.max((w + keep) * window_ms),
+            };
+        }
+        Ok(ChargeResult { applied: true, usage })
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaStore for MemoryStore {
+    async fn charge(&self, charges: &[Charge]) -> Result<ChargeResult, StoreError> {
+        self.charge_now(charges)
+    }
+
+    async fn reset(&self, key: &CounterKey) -> Result<(), StoreError> {
+        let id = key.short();
+        self.lock(Self::shard_of(&id)).remove(&id);
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}

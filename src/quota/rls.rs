@@ -1,0 +1,212 @@
+//! Deciding a rate limit service request: descriptors → limits (reference
+//! matching, `replaces`, `unlimited`, overrides) → one all-or-nothing charge
+//! → a status per descriptor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::engine::QuotaDecision;
+use super::limits::{LimitDef, LimitSet};
+use super::rules::Planned;
+use super::{Algorithm, Charge, CounterKey, FailureMode, QuotaEngine, Unit};
+
+/// Bounds on what one request may ask, so garbage costs bounded work and
+/// never a store call.
+pub const MAX_DESCRIPTORS: usize = 64;
+/// Entries per descriptor.
+pub const MAX_ENTRIES: usize = 16;
+/// Bytes per key or value.
+pub const MAX_PART_BYTES: usize = 1024;
+
+/// One descriptor as asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RlsDescriptor {
+    pub entries: Vec<(String, String)>,
+    /// Per-descriptor hits; `Some(0)` only checks.
+    pub hits_addend: Option<u64>,
+    /// A limit the gateway supplies instead of the configured one.
+    pub limit_override: Option<(u64, Unit)>,
+}
+
+/// A rate limit request in domain terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RlsRequest {
+    pub domain: String,
+    pub descriptors: Vec<RlsDescriptor>,
+    /// Request-level hits (the protocol's 0 already mapped to 1).
+    pub hits_addend: u64,
+}
+
+/// Why a request is refused unread.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RlsError {
+    #[error("domain is empty")]
+    EmptyDomain,
+    #[error("more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("descriptor {0} has no entries or more than {MAX_ENTRIES}")]
+    BadEntryCount(usize),
+    #[error("descriptor {0} has an empty key")]
+    EmptyKey(usize),
+    #[error("descriptor {0} has a key or value longer than {MAX_PART_BYTES} bytes")]
+    TooLong(usize),
+    #[error("descriptor {0} has a control character")]
+    ControlCharacter(usize),
+}
+
+impl RlsRequest {
+    /// Checks the bounds.
+    pub fn validate(&self) -> Result<(), RlsError> {
+        if self.domain.is_empty() {
+            return Err(RlsError::EmptyDomain);
+        }
+        if self.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(RlsError::TooManyDescriptors);
+        }
+        for (i, d) in self.descriptors.iter().enumerate() {
+            if d.entries.is_empty() || d.entries.len() > MAX_ENTRIES {
+                return Err(RlsError::BadEntryCount(i));
+            }
+            for (k, v) in &d.entries {
+                if k.is_empty() {
+                    return Err(RlsError::EmptyKey(i));
+                }
+                if k.len() > MAX_PART_BYTES || v.len() > MAX_PART_BYTES {
+                    return Err(RlsError::TooLong(i));
+                }
+                if k.chars().chain(v.chars()).any(char::is_control) {
+                    return Err(RlsError::ControlCharacter(i));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The limit shown for a descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShownLimit {
+    pub name: Option<String>,
+    pub requests_per_unit: u64,
+    pub unit: Unit,
+}
+
+/// The answer for one descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DescriptorAnswer {
+    pub over: bool,
+    pub limit: Option<ShownLimit>,
+    pub remaining: u64,
+    pub reset: Option<Duration>,
+    /// Matched an `unlimited` limit.
+    pub unlimited: bool,
+    /// Over its limit, but the limit is in shadow mode.
+    pub shadow_over: bool,
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RlsAnswer {
+    pub over: bool,
+    pub statuses: Vec<DescriptorAnswer>,
+    /// The store failed and a limit's failure mode is `gateway`.
+    pub defer: bool,
+    /// The store failed (whatever the failure mode decided).
+    pub store_failed: bool,
+}
+
+/// Decides `request` against `limits`, charging through `quota`.
+pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest) -> RlsAnswer {
+    // Find each descriptor's limit.
+    let mut found: Vec<Option<Arc<LimitDef>>> = request
+        .descriptors
+        .iter()
+        .map(|d| match d.limit_override {
+            Some((rpu, unit)) => Some(Arc::new(LimitDef {
+                full_key: format!("{}.override", request.domain),
+                name: None,
+                unit,
+                requests_per_unit: rpu,
+                unlimited: false,
+                shadow: false,
+                detailed_metric: false,
+                algorithm: Algorithm::FixedWindow,
+                failure_mode: FailureMode::Deny,
+                replaces: Vec::new(),
+            })),
+            None => limits.lookup(&request.domain, &d.entries),
+        })
+        .collect();
+    // `replaces`: a limit named by another applying limit is dropped.
+    let replaced: Vec<String> = found.iter().flatten().flat_map(|l| l.replaces.clone()).collect();
+    for slot in &mut found {
+        if slot.as_ref().and_then(|l| l.name.as_ref()).is_some_and(|n| replaced.contains(n)) {
+            *slot = None;
+        }
+    }
+
+    let mut plans = Vec::new();
+    let mut plan_of = vec![None; found.len()];
+    for (i, (d, limit)) in request.descriptors.iter().zip(&found).enumerate() {
+        let Some(limit) = limit.as_ref().filter(|l| !l.unlimited) else { continue };
+        let group = d
+            .entries
+            .first()
+            .map(|(k, v)| format!("{}|{k}={v}", request.domain))
+            .unwrap_or_default();
+        plan_of[i] = Some(plans.len());
+        plans.push(Planned {
+            charge: Charge {
+                key: CounterKey::new(&request.domain, &d.entries, &group),
+                limit: limit.requests_per_unit,
+                unit: limit.unit,
+                algorithm: limit.algorithm,
+                cost: d.hits_addend.unwrap_or(request.hits_addend),
+                shadow: limit.shadow,
+            },
+            failure_mode: limit.failure_mode,
+            label: limit.full_key.clone(),
+        });
+    }
+
+    let decision = quota.charge(&plans).await;
+    let mut answer = RlsAnswer::default();
+    for (i, limit) in found.iter().enumerate() {
+        let mut status = DescriptorAnswer::default();
+        if let Some(l) = limit {
+            status.unlimited = l.unlimited;
+            if !l.unlimited {
+                status.limit = Some(ShownLimit {
+                    name: l.name.clone(),
+                    requests_per_unit: l.requests_per_unit,
+                    unit: l.unit,
+                });
+            }
+        }
+        if let Some(p) = plan_of[i] {
+            let plan = &plans[p];
+            match &decision {
+                QuotaDecision::Allowed { usage } | QuotaDecision::OverLimit { usage, .. } => {
+                    let u = usage[p];
+                    status.remaining = u.remaining(plan.charge.limit);
+                    status.reset = Some(u.reset);
+                    if !u.fits {
+                        if plan.charge.shadow {
+                            status.shadow_over = true;
+                        } else {
+                            status.over = true;
+                        }
+                    }
+                }
+                QuotaDecision::Failed { mode, .. } => {
+                    answer.store_failed = true;
+                    status.over = *mode == FailureMode::Deny && !plan.charge.shadow;
+                    answer.defer |= *mode == FailureMode::Gateway;
+                }
+            }
+        }
+        answer.over |= status.over;
+        answer.statuses.push(status);
+    }
+    answer
+}
