@@ -175,7 +175,10 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     c.bench_function("decide_http (identity + mapping + cedar)", |b| {
         b.iter(|| black_box(rt.block_on(app.engine.decide_http(black_box(&req)))))
     });

@@ -372,9 +372,13 @@ impl Config {
         let mut names: Vec<&str> = self.quota.rules.iter().map(|r| r.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(invalid(format!("quota.rules: duplicate rule name {:?}", w[0])));
+            return Err(invalid(format!(
+                "quota.rules: duplicate rule name {:?}",
+                w[0]
+            )));
         }
-        if self.quota.store == StoreKind::RedisCluster && self.quota.redis_cluster_nodes.is_empty() {
+        if self.quota.store == StoreKind::RedisCluster && self.quota.redis_cluster_nodes.is_empty()
+        {
             return Err(invalid("quota.redis_cluster_nodes is empty; list at least one node for store = \"redis_cluster\"".into()));
         }
         if self.quota.deadline_ms == 0 {

@@ -154,7 +154,9 @@ impl Metrics {
 
     /// Counts one rate limit service answer.
     pub fn rate_limit(&self, outcome: &'static str, shadow_over: usize, seconds: f64) {
-        self.rate_limits.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.rate_limits
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
         self.shadow_over.inc_by(shadow_over as u64);
         self.decision_seconds
             .get_or_create(&ApiLabel { api: "ratelimit" })

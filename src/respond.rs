@@ -75,8 +75,14 @@ pub fn rate_limit_headers(style: HeaderStyle, q: &QuotaReport) -> Vec<(&'static 
         HeaderStyle::Ietf => {
             let name = q.rule.replace(['"', '\\'], "");
             vec![
-                ("ratelimit-policy", format!("\"{name}\";q={};w={}", q.limit, q.unit_secs.max(1))),
-                ("ratelimit", format!("\"{name}\";r={};t={reset}", q.remaining)),
+                (
+                    "ratelimit-policy",
+                    format!("\"{name}\";q={};w={}", q.limit, q.unit_secs.max(1)),
+                ),
+                (
+                    "ratelimit",
+                    format!("\"{name}\";r={};t={reset}", q.remaining),
+                ),
             ]
         }
     }
@@ -244,11 +250,17 @@ pub fn rate_limit_response(answer: &RlsAnswer, style: HeaderStyle) -> RateLimitR
                 requests_per_unit: clamp(l.requests_per_unit),
                 unit: l.unit.envoy_code(),
             }),
-            limit_remaining: if s.unlimited { u32::MAX } else { clamp(s.remaining) },
-            duration_until_reset: s.reset.map(|d| envoy_types::pb::google::protobuf::Duration {
-                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-            }),
+            limit_remaining: if s.unlimited {
+                u32::MAX
+            } else {
+                clamp(s.remaining)
+            },
+            duration_until_reset: s
+                .reset
+                .map(|d| envoy_types::pb::google::protobuf::Duration {
+                    seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+                }),
             ..Default::default()
         })
         .collect();

@@ -17,13 +17,8 @@ use tonic_health::ServingStatus;
 use crate::adapters::decision_api::DecisionApi;
 use crate::adapters::ext_authz::ExtAuthz;
 use crate::adapters::rls::Rls;
-use crate::config::StoreKind;
-use crate::quota::limits::{LimitsError, LimitsStore};
-use crate::quota::memory::{MemoryStore, SystemClock};
-use crate::quota::redis::{RedisStore, Target};
-use crate::quota::{QuotaEngine, QuotaStore, StoreError};
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::engine::{self, Engine};
 use crate::identity::api_key::{ApiKeyAuthenticator, KeysFileError, KeysReloader};
 use crate::identity::mtls::MtlsAuthenticator;
@@ -32,6 +27,11 @@ use crate::metrics::Metrics;
 use crate::policy::{LoadError, PolicyStore, Reload, reload};
 use crate::proto;
 use crate::proto::decision_service_server::DecisionServiceServer;
+use crate::quota::limits::{LimitsError, LimitsStore};
+use crate::quota::memory::{MemoryStore, SystemClock};
+use crate::quota::redis::{RedisStore, Target};
+use crate::quota::{QuotaEngine, QuotaStore, StoreError};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 /// Why Tollgate cannot start; each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +102,12 @@ impl App {
                 config.quota.max_inflight,
             )),
             limits: Arc::new(LimitsStore::load(
-                config.quota.limits_file.as_ref().map(|p| config.resolve(p)).as_deref(),
+                config
+                    .quota
+                    .limits_file
+                    .as_ref()
+                    .map(|p| config.resolve(p))
+                    .as_deref(),
             )?),
         };
         let engine = Arc::new(Engine::new(
@@ -172,7 +177,11 @@ impl App {
 
         let watcher = if self.config.policy.watch {
             let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
-            let keys_dir = self.keys.as_ref().and_then(|k| k.path().parent()).map(Path::to_path_buf);
+            let keys_dir = self
+                .keys
+                .as_ref()
+                .and_then(|k| k.path().parent())
+                .map(Path::to_path_buf);
             let limits_dir = self.engine.limits().path().map(|p| {
                 if p.is_dir() {
                     p.to_path_buf()
@@ -181,7 +190,11 @@ impl App {
                 }
             });
             for dir in [keys_dir, limits_dir].into_iter().flatten() {
-                let dir = if dir.as_os_str().is_empty() { ".".into() } else { dir };
+                let dir = if dir.as_os_str().is_empty() {
+                    ".".into()
+                } else {
+                    dir
+                };
                 if !dirs.contains(&dir) {
                     dirs.push(dir);
                 }
@@ -227,8 +240,16 @@ impl App {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let ext_authz = ExtAuthz::new(self.engine.clone(), self.config.response.clone(), self.config.quota.headers);
-        let rls = Rls::new(self.engine.clone(), self.config.quota.headers, self.config.quota.on_invalid_request);
+        let ext_authz = ExtAuthz::new(
+            self.engine.clone(),
+            self.config.response.clone(),
+            self.config.quota.headers,
+        );
+        let rls = Rls::new(
+            self.engine.clone(),
+            self.config.quota.headers,
+            self.config.quota.on_invalid_request,
+        );
         let decision_api = DecisionApi::new(self.engine.clone());
         let mut grpc_stop = stop_rx.clone();
         let grpc = tokio::spawn(
@@ -286,7 +307,11 @@ pub fn build_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StartError> {
     let timeout = Duration::from_millis(q.deadline_ms);
     Ok(match q.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(q.memory_max_keys, Arc::new(SystemClock))),
-        StoreKind::Redis => Arc::new(RedisStore::connect(Target::Standalone(q.redis_url.clone()), &q.key_prefix, timeout)?),
+        StoreKind::Redis => Arc::new(RedisStore::connect(
+            Target::Standalone(q.redis_url.clone()),
+            &q.key_prefix,
+            timeout,
+        )?),
         StoreKind::RedisCluster => Arc::new(RedisStore::connect(
             Target::Cluster(q.redis_cluster_nodes.clone()),
             &q.key_prefix,

@@ -37,7 +37,10 @@ impl Rls {
 
 #[tonic::async_trait]
 impl RateLimitService for Rls {
-    async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
         let request = to_request(request.into_inner());
         if let Err(e) = request.validate() {
             tracing::info!(error = %e, "malformed rate limit request");
@@ -55,7 +58,10 @@ impl RateLimitService for Rls {
             // Envoy's `failure_mode_deny` decide.
             return Err(Status::unavailable("quota store unavailable"));
         }
-        Ok(Response::new(respond::rate_limit_response(&answer, self.headers)))
+        Ok(Response::new(respond::rate_limit_response(
+            &answer,
+            self.headers,
+        )))
     }
 }
 
@@ -80,20 +86,32 @@ fn to_request(request: RateLimitRequest) -> RlsRequest {
                 is_negative_hits,
             } = d;
             RlsDescriptor {
-                entries: entries.into_iter().map(|Entry { key, value }| (key, value)).collect(),
+                entries: entries
+                    .into_iter()
+                    .map(|Entry { key, value }| (key, value))
+                    .collect(),
                 // Negative hits (refunds) are not supported: treated as a
                 // check that charges nothing.
-                hits_addend: if is_negative_hits { Some(0) } else { hits_addend.map(|h| h.value) },
-                limit_override: limit.and_then(|RateLimitOverride { requests_per_unit, unit }| {
-                    let unit = match unit {
-                        1 => Unit::Second,
-                        2 => Unit::Minute,
-                        3 => Unit::Hour,
-                        4 => Unit::Day,
-                        _ => return None,
-                    };
-                    (requests_per_unit > 0).then_some((u64::from(requests_per_unit), unit))
-                }),
+                hits_addend: if is_negative_hits {
+                    Some(0)
+                } else {
+                    hits_addend.map(|h| h.value)
+                },
+                limit_override: limit.and_then(
+                    |RateLimitOverride {
+                         requests_per_unit,
+                         unit,
+                     }| {
+                        let unit = match unit {
+                            1 => Unit::Second,
+                            2 => Unit::Minute,
+                            3 => Unit::Hour,
+                            4 => Unit::Day,
+                            _ => return None,
+                        };
+                        (requests_per_unit > 0).then_some((u64::from(requests_per_unit), unit))
+                    },
+                ),
             }
         })
         .collect::<Vec<_>>();

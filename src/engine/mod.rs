@@ -299,7 +299,10 @@ impl Engine {
                     .map(|(p, u)| report(p, u));
             }
             QuotaDecision::OverLimit { usage, blocking } => {
-                decision.quota = plans.get(blocking).zip(usage.get(blocking)).map(|(p, u)| report(p, u));
+                decision.quota = plans
+                    .get(blocking)
+                    .zip(usage.get(blocking))
+                    .map(|(p, u)| report(p, u));
                 decision.outcome = Outcome::OverQuota(Reason::OverQuota);
             }
             QuotaDecision::Failed { error, mode } => {
@@ -341,7 +344,8 @@ impl Engine {
             latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "rate limit decision"
         );
-        self.metrics.rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
+        self.metrics
+            .rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
         answer
     }
 

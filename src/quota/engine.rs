@@ -22,7 +22,10 @@ pub enum QuotaDecision {
     OverLimit { usage: Vec<Usage>, blocking: usize },
     /// The store could not answer in time; `mode` is what the limits involved
     /// say to do about it.
-    Failed { error: StoreError, mode: FailureMode },
+    Failed {
+        error: StoreError,
+        mode: FailureMode,
+    },
 }
 
 /// The quota engine over one store.
@@ -70,7 +73,10 @@ impl QuotaEngine {
         // Bounded in-flight work: when the store is slow, requests beyond the
         // bound fail at once by their failure mode instead of queueing.
         let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
-            return QuotaDecision::Failed { error: StoreError::Overloaded, mode };
+            return QuotaDecision::Failed {
+                error: StoreError::Overloaded,
+                mode,
+            };
         };
         let charges: Vec<_> = plans.iter().map(|p| p.charge.clone()).collect();
         let result = match tokio::time::timeout(self.deadline, self.store.charge(&charges)).await {
@@ -88,7 +94,9 @@ impl QuotaEngine {
 
     fn decide(&self, plans: &[Planned], result: ChargeResult) -> QuotaDecision {
         if result.applied {
-            return QuotaDecision::Allowed { usage: result.usage };
+            return QuotaDecision::Allowed {
+                usage: result.usage,
+            };
         }
         let now = self.clock.now_ms();
         let mut blocking = None;
@@ -102,7 +110,8 @@ impl QuotaEngine {
             // for everyone until it resets; a large cost alone is not.
             if c.algorithm == Algorithm::FixedWindow && usage.used >= c.limit {
                 let reset_ms = u64::try_from(usage.reset.as_millis()).unwrap_or(u64::MAX);
-                self.over.insert(c.key.clone(), now.saturating_add(reset_ms));
+                self.over
+                    .insert(c.key.clone(), now.saturating_add(reset_ms));
             }
         }
         QuotaDecision::OverLimit {
@@ -114,7 +123,11 @@ impl QuotaEngine {
     fn known_over(&self, plans: &[Planned]) -> Option<QuotaDecision> {
         let now = self.clock.now_ms();
         let blocking = plans.iter().position(|p| {
-            !p.charge.shadow && self.over.get(&p.charge.key).is_some_and(|until| until > now)
+            !p.charge.shadow
+                && self
+                    .over
+                    .get(&p.charge.key)
+                    .is_some_and(|until| until > now)
         })?;
         let usage = plans
             .iter()
@@ -141,16 +154,22 @@ impl QuotaEngine {
     /// Forgets a counter everywhere, the local over-limit cache included.
     pub async fn reset(&self, key: &CounterKey) -> Result<(), StoreError> {
         self.over.invalidate(key);
-        tokio::time::timeout(self.deadline.max(Duration::from_secs(1)), self.store.reset(key))
-            .await
-            .map_err(|_| StoreError::Timeout(self.deadline))?
+        tokio::time::timeout(
+            self.deadline.max(Duration::from_secs(1)),
+            self.store.reset(key),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(self.deadline))?
     }
 }
 
 /// What to do on store failure when several limits are involved: any `deny`
 /// denies; otherwise any `gateway` defers to the gateway; otherwise allow.
 pub fn failure_mode(plans: &[Planned]) -> FailureMode {
-    let modes = plans.iter().filter(|p| !p.charge.shadow).map(|p| p.failure_mode);
+    let modes = plans
+        .iter()
+        .filter(|p| !p.charge.shadow)
+        .map(|p| p.failure_mode);
     let mut result = FailureMode::Allow;
     for m in modes {
         match m {

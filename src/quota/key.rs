@@ -52,7 +52,11 @@ impl CounterKey {
     /// Window suffixes are appended inside the script; they keep the hash tag,
     /// so every window of every counter of a group lives in one slot.
     pub fn redis_base(&self, prefix: &str) -> String {
-        format!("{prefix}{{{}}}:{}", hex::encode(self.tag), hex::encode(self.digest))
+        format!(
+            "{prefix}{{{}}}:{}",
+            hex::encode(self.tag),
+            hex::encode(self.digest)
+        )
     }
 
     /// The hash-slot group, for splitting charges by slot.
@@ -66,7 +70,10 @@ mod tests {
     use super::*;
 
     fn e(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -78,7 +85,11 @@ mod tests {
             ("da", e(&[("b", "c")]), "d", e(&[("ab", "c")])),
         ];
         for (d1, e1, d2, e2) in cases {
-            assert_ne!(CounterKey::new(d1, &e1, "g"), CounterKey::new(d2, &e2, "g"), "{e1:?} vs {e2:?}");
+            assert_ne!(
+                CounterKey::new(d1, &e1, "g"),
+                CounterKey::new(d2, &e2, "g"),
+                "{e1:?} vs {e2:?}"
+            );
         }
     }
 

@@ -177,7 +177,8 @@ impl LimitSet {
         let mut set = Self::default();
         let mut hasher = Sha256::new();
         for file in files {
-            let text = std::fs::read_to_string(&file).map_err(|e| whole_file(&file, format!("cannot read: {e}")))?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| whole_file(&file, format!("cannot read: {e}")))?;
             hasher.update(file.display().to_string().as_bytes());
             hasher.update(text.as_bytes());
             set.add(&text, &file.display().to_string())?;
@@ -207,7 +208,10 @@ impl LimitSet {
             return Err(at(&root.domain.referenced, "domain is empty".into()));
         }
         if self.domains.contains_key(&root.domain.value) {
-            return Err(at(&root.domain.referenced, format!("duplicate domain {:?}", root.domain.value)));
+            return Err(at(
+                &root.domain.referenced,
+                format!("duplicate domain {:?}", root.domain.value),
+            ));
         }
         let mut node = Node::default();
         load_level(&mut node, &root.domain.value, &root.descriptors, &at)?;
@@ -231,7 +235,12 @@ fn whole_file(path: &Path, message: String) -> LimitsError {
 
 type At<'a> = dyn Fn(&serde_saphyr::Location, String) -> LimitsError + 'a;
 
-fn load_level(node: &mut Node, parent: &str, descriptors: &[YamlDescriptor], at: &At<'_>) -> Result<(), LimitsError> {
+fn load_level(
+    node: &mut Node,
+    parent: &str,
+    descriptors: &[YamlDescriptor],
+    at: &At<'_>,
+) -> Result<(), LimitsError> {
     for d in descriptors {
         if d.key.value.is_empty() {
             return Err(at(&d.key.referenced, "descriptor has an empty key".into()));
@@ -242,9 +251,16 @@ fn load_level(node: &mut Node, parent: &str, descriptors: &[YamlDescriptor], at:
         };
         let full_key = format!("{parent}.{map_key}");
         if node.children.contains_key(&map_key) {
-            return Err(at(&d.key.referenced, format!("duplicate descriptor {full_key:?}")));
+            return Err(at(
+                &d.key.referenced,
+                format!("duplicate descriptor {full_key:?}"),
+            ));
         }
-        let limit = d.rate_limit.as_ref().map(|rl| compile_limit(rl, d, &full_key, at)).transpose()?;
+        let limit = d
+            .rate_limit
+            .as_ref()
+            .map(|rl| compile_limit(rl, d, &full_key, at))
+            .transpose()?;
         let mut child = Node {
             limit: limit.map(Arc::new),
             ..Node::default()
@@ -258,7 +274,12 @@ fn load_level(node: &mut Node, parent: &str, descriptors: &[YamlDescriptor], at:
     Ok(())
 }
 
-fn compile_limit(rl: &Spanned<YamlRateLimit>, d: &YamlDescriptor, full_key: &str, at: &At<'_>) -> Result<LimitDef, LimitsError> {
+fn compile_limit(
+    rl: &Spanned<YamlRateLimit>,
+    d: &YamlDescriptor,
+    full_key: &str,
+    at: &At<'_>,
+) -> Result<LimitDef, LimitsError> {
     let r = &rl.value;
     let unit = match (&r.unit, r.unlimited) {
         (Some(u), true) if Unit::parse(&u.value).is_some() => {
@@ -266,21 +287,43 @@ fn compile_limit(rl: &Spanned<YamlRateLimit>, d: &YamlDescriptor, full_key: &str
         }
         (_, true) => Unit::Second,
         (Some(u), false) => Unit::parse(&u.value).ok_or_else(|| {
-            at(&u.referenced, format!("unknown unit {:?}; use second, minute, hour or day", u.value))
+            at(
+                &u.referenced,
+                format!(
+                    "unknown unit {:?}; use second, minute, hour or day",
+                    u.value
+                ),
+            )
         })?,
-        (None, false) => return Err(at(&rl.referenced, "rate_limit needs a unit (second, minute, hour, day)".into())),
+        (None, false) => {
+            return Err(at(
+                &rl.referenced,
+                "rate_limit needs a unit (second, minute, hour, day)".into(),
+            ));
+        }
     };
     let requests_per_unit = match (&r.requests_per_unit, r.unlimited) {
         (_, true) => 0,
         (Some(n), false) if n.value > 0 => u64::try_from(n.value).unwrap_or(0),
         (Some(n), false) => {
-            return Err(at(&n.referenced, format!("requests_per_unit must be at least 1, not {}", n.value)));
+            return Err(at(
+                &n.referenced,
+                format!("requests_per_unit must be at least 1, not {}", n.value),
+            ));
         }
-        (None, false) => return Err(at(&rl.referenced, "rate_limit needs requests_per_unit".into())),
+        (None, false) => {
+            return Err(at(
+                &rl.referenced,
+                "rate_limit needs requests_per_unit".into(),
+            ));
+        }
     };
     for rep in &r.replaces {
         if rep.name.is_empty() {
-            return Err(at(&rl.referenced, "a replaces entry has an empty name".into()));
+            return Err(at(
+                &rl.referenced,
+                "a replaces entry has an empty name".into(),
+            ));
         }
         if Some(&rep.name) == r.name.as_ref() {
             return Err(at(&rl.referenced, "a limit cannot replace itself".into()));
@@ -332,7 +375,9 @@ impl LimitsStore {
 
     /// Re-reads; `Ok(true)` when a new set went live.
     pub fn reload(&self) -> Result<bool, LimitsError> {
-        let Some(path) = &self.path else { return Ok(false) };
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
         let fresh = LimitSet::load(path)?;
         if fresh.version == self.current.load().version {
             return Ok(false);
@@ -372,35 +417,80 @@ descriptors:
     }
 
     fn e(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn lookups_follow_the_reference_rules() {
         let s = set();
-        let rpu = |d: &str, p: &[(&str, &str)]| s.lookup(d, &e(p)).map(|l| (l.requests_per_unit, l.unlimited));
+        let rpu = |d: &str, p: &[(&str, &str)]| {
+            s.lookup(d, &e(p))
+                .map(|l| (l.requests_per_unit, l.unlimited))
+        };
         assert_eq!(rpu("llm", &[("tenant", "acme")]), Some((1000, false)));
-        assert_eq!(rpu("llm", &[("tenant", "acme"), ("model", "llama-3-70b")]), Some((100, false)));
-        assert_eq!(rpu("llm", &[("tenant", "acme"), ("model", "other")]), Some((500, false)));
-        assert_eq!(rpu("llm", &[("tenant", "acme"), ("model", "x"), ("extra", "y")]), None);
-        assert_eq!(rpu("llm", &[("api_key", "internal-batch")]), Some((0, true)));
+        assert_eq!(
+            rpu("llm", &[("tenant", "acme"), ("model", "llama-3-70b")]),
+            Some((100, false))
+        );
+        assert_eq!(
+            rpu("llm", &[("tenant", "acme"), ("model", "other")]),
+            Some((500, false))
+        );
+        assert_eq!(
+            rpu("llm", &[("tenant", "acme"), ("model", "x"), ("extra", "y")]),
+            None
+        );
+        assert_eq!(
+            rpu("llm", &[("api_key", "internal-batch")]),
+            Some((0, true))
+        );
         assert_eq!(rpu("llm", &[("api_key", "k1")]), Some((10, false)));
         assert_eq!(rpu("llm", &[("user", "u")]), None);
         assert_eq!(rpu("other", &[("tenant", "acme")]), None);
         let k = s.lookup("llm", &e(&[("api_key", "k1")])).expect("limit");
         assert!(k.shadow);
-        assert_eq!((k.algorithm, k.failure_mode), (Algorithm::SlidingWindow, FailureMode::Allow));
+        assert_eq!(
+            (k.algorithm, k.failure_mode),
+            (Algorithm::SlidingWindow, FailureMode::Allow)
+        );
     }
 
     #[test]
     fn bad_files_are_refused_with_their_position() {
         let cases = [
-            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n", 4, "unknown unit"),
-            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 0 }\n", 4, "at least 1"),
-            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -5 }\n", 4, "at least 1"),
-            ("domain: d\ndescriptors:\n  - key: a\n  - key: a\n", 4, "duplicate descriptor"),
-            ("domain: d\ndescriptors:\n  - key: a\n    colour: red\n", 4, "colour"),
-            ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, unit: second }\n", 4, "no unit"),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n",
+                4,
+                "unknown unit",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 0 }\n",
+                4,
+                "at least 1",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -5 }\n",
+                4,
+                "at least 1",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n  - key: a\n",
+                4,
+                "duplicate descriptor",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    colour: red\n",
+                4,
+                "colour",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unlimited: true, unit: second }\n",
+                4,
+                "no unit",
+            ),
             ("domain: \"\"\n", 1, "domain is empty"),
         ];
         for (text, line, want) in cases {

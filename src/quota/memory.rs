@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after, sliding_used};
+use super::{
+    Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after,
+    sliding_used,
+};
 
 /// A source of "now", injected so tests can move time.
 pub trait Clock: Send + Sync {
@@ -160,7 +163,10 @@ impl MemoryStore {
             for (u, c) in usage.iter_mut().zip(charges) {
                 u.used = u.used.saturating_sub(c.cost);
             }
-            return Ok(ChargeResult { applied: false, usage });
+            return Ok(ChargeResult {
+                applied: false,
+                usage,
+            });
         }
 
         // Make room for new counters before applying anything, so a full
@@ -173,7 +179,9 @@ impl MemoryStore {
             }
         }
         for (shard, needed) in new_per_shard {
-            let map = guards.get_mut(&shard).ok_or_else(|| StoreError::Backend("shard not locked".into()))?;
+            let map = guards
+                .get_mut(&shard)
+                .ok_or_else(|| StoreError::Backend("shard not locked".into()))?;
             if map.len() + needed > self.per_shard_max {
                 map.retain(|_, s| s.expires_ms > now);
                 if map.len() + needed > self.per_shard_max {
@@ -193,7 +201,9 @@ impl MemoryStore {
                 Algorithm::FixedWindow => 1,
                 Algorithm::SlidingWindow => 2,
             };
-            let map = guards.get_mut(&Self::shard_of(id)).ok_or_else(|| StoreError::Backend("shard not locked".into()))?;
+            let map = guards
+                .get_mut(&Self::shard_of(id))
+                .ok_or_else(|| StoreError::Backend("shard not locked".into()))?;
             let slot = map.entry(*id).or_default();
             let (prev, cur) = slot.counts_at(w);
             *slot = Slot {
@@ -203,7 +213,10 @@ impl MemoryStore {
                 expires_ms: slot.expires_ms.max((w + keep) * window_ms),
             };
         }
-        Ok(ChargeResult { applied: true, usage })
+        Ok(ChargeResult {
+            applied: true,
+            usage,
+        })
     }
 }
 
@@ -221,5 +234,110 @@ impl QuotaStore for MemoryStore {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::Unit;
+
+    fn charge(key: &CounterKey, algorithm: Algorithm, cost: u64) -> Charge {
+        Charge {
+            key: key.clone(),
+            limit: 10,
+            unit: Unit::Minute,
+            algorithm,
+            cost,
+            shadow: false,
+        }
+    }
+
+    /// Ten at the end of one minute, then as many as admitted just after the
+    /// boundary.
+    fn admitted_across_boundary(algorithm: Algorithm) -> (u64, u64) {
+        let clock = Arc::new(ManualClock::at(59_900));
+        let store = MemoryStore::new(100, clock.clone());
+        let key = CounterKey::new("t", &[("k".into(), "v".into())], "g");
+        let mut before = 0;
+        while store
+            .charge_now(&[charge(&key, algorithm, 1)])
+            .map(|r| r.applied)
+            == Ok(true)
+        {
+            before += 1;
+        }
+        clock.advance(200);
+        let mut after = 0;
+        while after < 20
+            && store
+                .charge_now(&[charge(&key, algorithm, 1)])
+                .map(|r| r.applied)
+                == Ok(true)
+        {
+            after += 1;
+        }
+        (before, after)
+    }
+
+    #[test]
+    fn fixed_window_admits_twice_the_limit_across_a_boundary_sliding_does_not() {
+        assert_eq!(admitted_across_boundary(Algorithm::FixedWindow), (10, 10));
+        let (before, after) = admitted_across_boundary(Algorithm::SlidingWindow);
+        assert_eq!(before, 10);
+        assert_eq!(
+            after, 0,
+            "0.2 s into the next minute the previous ten still count"
+        );
+    }
+
+    #[test]
+    fn sliding_window_frees_capacity_as_the_window_slides() {
+        let clock = Arc::new(ManualClock::at(0));
+        let store = MemoryStore::new(100, clock.clone());
+        let key = CounterKey::new("t", &[("k".into(), "v".into())], "g");
+        for _ in 0..10 {
+            assert_eq!(
+                store
+                    .charge_now(&[charge(&key, Algorithm::SlidingWindow, 1)])
+                    .map(|r| r.applied),
+                Ok(true)
+            );
+        }
+        clock.advance(90_000); // half-way through the next minute
+        let mut admitted = 0;
+        while store
+            .charge_now(&[charge(&key, Algorithm::SlidingWindow, 1)])
+            .map(|r| r.applied)
+            == Ok(true)
+        {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 5);
+    }
+
+    #[test]
+    fn a_full_store_refuses_new_counters_and_sweeps_expired_ones() {
+        let clock = Arc::new(ManualClock::at(0));
+        let store = MemoryStore::new(SHARDS, clock.clone()); // one counter per shard
+        let mut refused = 0;
+        for i in 0..(SHARDS * 4) {
+            let key = CounterKey::new("t", &[("k".into(), i.to_string())], "g");
+            match store.charge_now(&[charge(&key, Algorithm::FixedWindow, 1)]) {
+                Ok(r) => assert!(r.applied),
+                Err(StoreError::Full(_)) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused > 0, "the bound holds");
+        assert!(store.len() <= SHARDS);
+        clock.advance(120_000); // every window has expired
+        let key = CounterKey::new("t", &[("k".into(), "late".into())], "g");
+        assert_eq!(
+            store
+                .charge_now(&[charge(&key, Algorithm::FixedWindow, 1)])
+                .map(|r| r.applied),
+            Ok(true)
+        );
     }
 }

@@ -182,7 +182,9 @@ pub(crate) fn sliding_used(prev: u64, current: u64, now_ms: u64, window_ms: u64)
     let elapsed = now_ms % window_ms;
     let weight_num = u128::from(window_ms - elapsed);
     let prev_part = (u128::from(prev) * weight_num).div_ceil(u128::from(window_ms));
-    u64::try_from(prev_part).unwrap_or(u64::MAX).saturating_add(current)
+    u64::try_from(prev_part)
+        .unwrap_or(u64::MAX)
+        .saturating_add(current)
 }
 
 #[cfg(test)]

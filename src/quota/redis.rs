@@ -33,7 +33,9 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, Script};
 
-use super::{Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after};
+use super::{
+    Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after,
+};
 
 /// Largest count or limit handled exactly (Lua numbers are doubles).
 pub const MAX_COUNT: u64 = 1 << 53;
@@ -151,13 +153,16 @@ impl RedisStore {
         let slot = conn.clone();
         let connector = match target {
             Target::Standalone(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(|e| StoreError::Backend(format!("redis url {url:?}: {e}")))?;
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| StoreError::Backend(format!("redis url {url:?}: {e}")))?;
                 tokio::spawn(async move {
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
                         .set_response_timeout(Some(timeout.max(Duration::from_millis(200))));
                     loop {
-                        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                        match ConnectionManager::new_with_config(client.clone(), config.clone())
+                            .await
+                        {
                             Ok(m) => {
                                 slot.store(Some(Arc::new(Conn::Single(m))));
                                 tracing::info!("connected to redis");
@@ -177,7 +182,9 @@ impl RedisStore {
                     .connection_timeout(timeout.max(Duration::from_millis(200)))
                     .response_timeout(timeout.max(Duration::from_millis(200)))
                     .build()
-                    .map_err(|e| StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}")))?;
+                    .map_err(|e| {
+                        StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}"))
+                    })?;
                 tokio::spawn(async move {
                     loop {
                         match client.get_async_connection().await {
@@ -218,7 +225,11 @@ impl RedisStore {
             .ok_or_else(|| StoreError::Backend("not connected to redis yet".into()))
     }
 
-    async fn charge_group(&self, conn: &mut Conn, charges: &[&Charge]) -> Result<(bool, u64, Vec<(u64, bool)>), StoreError> {
+    async fn charge_group(
+        &self,
+        conn: &mut Conn,
+        charges: &[&Charge],
+    ) -> Result<(bool, u64, Vec<(u64, bool)>), StoreError> {
         let mut inv = self.charge.prepare_invoke();
         for c in charges {
             inv.key(c.key.redis_base(&self.prefix))
@@ -245,7 +256,9 @@ impl RedisStore {
     async fn refund_group(&self, conn: &mut Conn, charges: &[&Charge]) {
         let mut inv = self.refund.prepare_invoke();
         for c in charges {
-            inv.key(c.key.redis_base(&self.prefix)).arg(c.unit.millis()).arg(c.cost.min(MAX_COUNT));
+            inv.key(c.key.redis_base(&self.prefix))
+                .arg(c.unit.millis())
+                .arg(c.cost.min(MAX_COUNT));
         }
         if let Err(e) = invoke::<i64>(&inv, conn).await {
             tracing::error!(error = %e, "could not refund a cross-slot charge; counts may be high until the window resets");
@@ -253,7 +266,10 @@ impl RedisStore {
     }
 }
 
-async fn invoke<T: redis::FromRedisValue>(inv: &redis::ScriptInvocation<'_>, conn: &mut Conn) -> Result<T, StoreError> {
+async fn invoke<T: redis::FromRedisValue>(
+    inv: &redis::ScriptInvocation<'_>,
+    conn: &mut Conn,
+) -> Result<T, StoreError> {
     let result: Result<T, RedisError> = inv.invoke_async(conn).await;
     result.map_err(|e| StoreError::Backend(e.to_string()))
 }
@@ -265,7 +281,11 @@ impl QuotaStore for RedisStore {
         // Group by hash tag; standalone Redis takes everything in one call.
         let mut groups: Vec<([u8; 8], Vec<usize>)> = Vec::new();
         for (i, c) in charges.iter().enumerate() {
-            let g = if matches!(conn, Conn::Single(_)) { [0; 8] } else { c.key.group() };
+            let g = if matches!(conn, Conn::Single(_)) {
+                [0; 8]
+            } else {
+                c.key.group()
+            };
             match groups.iter_mut().find(|(k, _)| *k == g) {
                 Some((_, v)) => v.push(i),
                 None => groups.push((g, vec![i])),
@@ -281,7 +301,11 @@ impl QuotaStore for RedisStore {
                 let c = &charges[i];
                 usage[i] = Some(Usage {
                     fits,
-                    used: if applied { used.saturating_add(c.cost) } else { used },
+                    used: if applied {
+                        used.saturating_add(c.cost)
+                    } else {
+                        used
+                    },
                     reset: reset_after(now, c.unit.millis()),
                 });
             }
@@ -309,7 +333,10 @@ impl QuotaStore for RedisStore {
                 })
             })
             .collect();
-        Ok(ChargeResult { applied: all_applied, usage })
+        Ok(ChargeResult {
+            applied: all_applied,
+            usage,
+        })
     }
 
     async fn reset(&self, key: &CounterKey) -> Result<(), StoreError> {
@@ -326,7 +353,10 @@ impl QuotaStore for RedisStore {
 
 /// Lets one script invocation serve both connection kinds.
 impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),

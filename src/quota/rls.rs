@@ -138,9 +138,17 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
         })
         .collect();
     // `replaces`: a limit named by another applying limit is dropped.
-    let replaced: Vec<String> = found.iter().flatten().flat_map(|l| l.replaces.clone()).collect();
+    let replaced: Vec<String> = found
+        .iter()
+        .flatten()
+        .flat_map(|l| l.replaces.clone())
+        .collect();
     for slot in &mut found {
-        if slot.as_ref().and_then(|l| l.name.as_ref()).is_some_and(|n| replaced.contains(n)) {
+        if slot
+            .as_ref()
+            .and_then(|l| l.name.as_ref())
+            .is_some_and(|n| replaced.contains(n))
+        {
             *slot = None;
         }
     }
@@ -148,7 +156,9 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
     let mut plans = Vec::new();
     let mut plan_of = vec![None; found.len()];
     for (i, (d, limit)) in request.descriptors.iter().zip(&found).enumerate() {
-        let Some(limit) = limit.as_ref().filter(|l| !l.unlimited) else { continue };
+        let Some(limit) = limit.as_ref().filter(|l| !l.unlimited) else {
+            continue;
+        };
         let group = d
             .entries
             .first()

@@ -83,10 +83,16 @@ impl QuotaRule {
             return Err("quota.rules: a rule has an empty name".into());
         }
         if self.requests_per_unit.is_none() && self.tiers.is_empty() {
-            return Err(format!("quota.rules {:?}: set requests_per_unit or tiers", self.name));
+            return Err(format!(
+                "quota.rules {:?}: set requests_per_unit or tiers",
+                self.name
+            ));
         }
         if self.requests_per_unit == Some(0) || self.tiers.values().any(|&v| v == 0) {
-            return Err(format!("quota.rules {:?}: limits must be at least 1", self.name));
+            return Err(format!(
+                "quota.rules {:?}: limits must be at least 1",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -122,7 +128,11 @@ impl QuotaRule {
         let group = if self.per.iter().any(|p| matches!(p, Per::Key | Per::Tenant)) {
             format!("tenant:{tenant}")
         } else {
-            entries.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+            entries
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
         };
         Some(Planned {
             charge: Charge {
@@ -173,12 +183,23 @@ mod tests {
     #[test]
     fn the_tier_picks_the_limit_and_keys_get_their_own_counters() {
         let r = rule();
-        let free = r.plan(&key("a", "acme", "free"), "chat", "m").expect("applies");
-        let ent = r.plan(&key("b", "acme", "enterprise"), "chat", "m").expect("applies");
+        let free = r
+            .plan(&key("a", "acme", "free"), "chat", "m")
+            .expect("applies");
+        let ent = r
+            .plan(&key("b", "acme", "enterprise"), "chat", "m")
+            .expect("applies");
         assert_eq!((free.charge.limit, ent.charge.limit), (10, 1000));
         assert_ne!(free.charge.key, ent.charge.key);
-        assert_eq!(free.charge.key.group(), ent.charge.key.group(), "one tenant, one slot");
-        assert!(r.plan(&key("c", "acme", "paid"), "chat", "m").is_none(), "unlisted tier, no default");
+        assert_eq!(
+            free.charge.key.group(),
+            ent.charge.key.group(),
+            "one tenant, one slot"
+        );
+        assert!(
+            r.plan(&key("c", "acme", "paid"), "chat", "m").is_none(),
+            "unlisted tier, no default"
+        );
     }
 
     #[test]
