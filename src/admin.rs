@@ -12,12 +12,14 @@ use serde_json::json;
 
 use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
+use crate::quota::QuotaEngine;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
     pub policies: Arc<PolicyStore>,
     pub metrics: Arc<Metrics>,
+    pub quota: Arc<QuotaEngine>,
     /// Cleared when draining, so load balancers stop sending traffic.
     pub ready: Arc<AtomicBool>,
 }
@@ -61,6 +63,12 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     };
     let mut body = policy_status(&state);
     body["ready"] = json!(ready);
+    // A disconnected quota store does not make Tollgate unready: every limit
+    // has a failure mode that answers meanwhile. It is shown for operators.
+    body["quota_store"] = json!({
+        "kind": state.quota.store().kind(),
+        "connected": state.quota.store().connected(),
+    });
     (code, Json(body))
 }
 

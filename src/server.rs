@@ -267,6 +267,7 @@ impl App {
         let admin_state = crate::admin::AdminState {
             policies: self.engine.policies().clone(),
             metrics: self.metrics.clone(),
+            quota: self.engine.quota().clone(),
             ready: ready.clone(),
         };
         let mut admin_stop = stop_rx;

@@ -167,6 +167,10 @@ pub trait QuotaStore: Send + Sync {
     async fn reset(&self, key: &CounterKey) -> Result<(), StoreError>;
     /// A short name for logs and metrics.
     fn kind(&self) -> &'static str;
+    /// Whether the store is connected (always, for stores in process).
+    fn connected(&self) -> bool {
+        true
+    }
 }
 
 /// Clamps a window position into a reset duration.

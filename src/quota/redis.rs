@@ -349,6 +349,10 @@ impl QuotaStore for RedisStore {
     fn kind(&self) -> &'static str {
         self.kind
     }
+
+    fn connected(&self) -> bool {
+        RedisStore::connected(self)
+    }
 }
 
 /// Lets one script invocation serve both connection kinds.

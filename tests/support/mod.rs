@@ -54,6 +54,17 @@ impl Tollgate {
         format!("http://{}", self.grpc)
     }
 
+    /// Waits until `/readyz` reports the quota store connected.
+    pub async fn wait_for_store(&self) {
+        let admin = self.admin;
+        let ok = eventually(Duration::from_secs(10), || async move {
+            raw_http(admin, "GET", "/readyz", &[], "").await.json()["quota_store"]["connected"]
+                == true
+        })
+        .await;
+        assert!(ok, "quota store did not connect");
+    }
+
     /// A gRPC channel to the listener.
     pub async fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Channel::from_shared(self.grpc_url())
