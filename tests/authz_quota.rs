@@ -84,26 +84,62 @@ tiers = { free = 3, paid = 100 }
     let mut c = AuthorizationClient::new(tg.channel().await);
     away_from_minute_boundary(std::time::Duration::from_secs(5)).await;
     for i in 0..3 {
-        let (status, headers, _) = outcome(&c.check(chat("tg_demo_free_acme", "llama-3-8b")).await.expect("check").into_inner());
+        let (status, headers, _) = outcome(
+            &c.check(chat("tg_demo_free_acme", "llama-3-8b"))
+                .await
+                .expect("check")
+                .into_inner(),
+        );
         assert_eq!(status, 200, "request {i}");
-        assert_eq!(headers.get("ratelimit-limit").map(String::as_str), Some("3"));
-        assert_eq!(headers.get("ratelimit-remaining"), Some(&(2 - i).to_string()));
+        assert_eq!(
+            headers.get("ratelimit-limit").map(String::as_str),
+            Some("3")
+        );
+        assert_eq!(
+            headers.get("ratelimit-remaining"),
+            Some(&(2 - i).to_string())
+        );
     }
-    let resp = c.check(chat("tg_demo_free_acme", "llama-3-8b")).await.expect("check").into_inner();
+    let resp = c
+        .check(chat("tg_demo_free_acme", "llama-3-8b"))
+        .await
+        .expect("check")
+        .into_inner();
     let (status, headers, body) = outcome(&resp);
     assert_eq!(status, 429);
-    let retry: u64 = headers.get("retry-after").expect("retry-after").parse().expect("seconds");
+    let retry: u64 = headers
+        .get("retry-after")
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
     assert!((1..=60).contains(&retry), "{retry}");
-    assert_eq!(headers.get("ratelimit-remaining").map(String::as_str), Some("0"));
+    assert_eq!(
+        headers.get("ratelimit-remaining").map(String::as_str),
+        Some("0")
+    );
     let body: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(body["error"]["code"], "over_quota");
     assert_eq!(body["error"]["rule"], "key-per-minute");
 
     // A policy deny is not charged: a denied request never reaches the quota.
-    let (status, _, _) = outcome(&c.check(chat("tg_demo_paid_acme", "globex-legal-ft")).await.expect("check").into_inner());
+    let (status, _, _) = outcome(
+        &c.check(chat("tg_demo_paid_acme", "globex-legal-ft"))
+            .await
+            .expect("check")
+            .into_inner(),
+    );
     assert_eq!(status, 403);
-    let (_, headers, _) = outcome(&c.check(chat("tg_demo_paid_acme", "llama-3-8b")).await.expect("check").into_inner());
-    assert_eq!(headers.get("ratelimit-remaining").map(String::as_str), Some("99"), "the 403 consumed nothing");
+    let (_, headers, _) = outcome(
+        &c.check(chat("tg_demo_paid_acme", "llama-3-8b"))
+            .await
+            .expect("check")
+            .into_inner(),
+    );
+    assert_eq!(
+        headers.get("ratelimit-remaining").map(String::as_str),
+        Some("99"),
+        "the 403 consumed nothing"
+    );
     tg.stop().await;
 }
 
@@ -124,7 +160,12 @@ tiers = { free = 10, enterprise = 1000 }
     away_from_minute_boundary(std::time::Duration::from_secs(5)).await;
     let mut allowed = 0;
     for _ in 0..100 {
-        let (status, _, _) = outcome(&c.check(chat("tg_demo_free_acme", "llama-3-8b")).await.expect("check").into_inner());
+        let (status, _, _) = outcome(
+            &c.check(chat("tg_demo_free_acme", "llama-3-8b"))
+                .await
+                .expect("check")
+                .into_inner(),
+        );
         if status == 200 {
             allowed += 1;
         } else {
@@ -132,10 +173,21 @@ tiers = { free = 10, enterprise = 1000 }
         }
     }
     assert_eq!(allowed, 10, "the free key gets exactly its tier's limit");
-    let (status, headers, _) = outcome(&c.check(chat("tg_demo_admin_acme", "llama-3-70b")).await.expect("check").into_inner());
+    let (status, headers, _) = outcome(
+        &c.check(chat("tg_demo_admin_acme", "llama-3-70b"))
+            .await
+            .expect("check")
+            .into_inner(),
+    );
     assert_eq!(status, 200);
-    assert_eq!(headers.get("ratelimit-policy").map(String::as_str), Some("\"key-per-minute\";q=1000;w=60"));
+    assert_eq!(
+        headers.get("ratelimit-policy").map(String::as_str),
+        Some("\"key-per-minute\";q=1000;w=60")
+    );
     let remaining = headers.get("ratelimit").expect("RateLimit header");
-    assert!(remaining.starts_with("\"key-per-minute\";r=999;t="), "{remaining}");
+    assert!(
+        remaining.starts_with("\"key-per-minute\";r=999;t="),
+        "{remaining}"
+    );
     tg.stop().await;
 }

@@ -120,3 +120,65 @@ async fn requests_through_envoy() {
         closed.status
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_through_envoy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = dir.path().join("limits.yaml");
+    std::fs::write(
+        &limits,
+        "domain: llm\ndescriptors:\n  - key: tenant\n    rate_limit: { unit: minute, requests_per_unit: 3 }\n",
+    )
+    .expect("write limits");
+    let mut config = test_config();
+    config.quota.limits_file = Some(limits);
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        rules: Vec<tollgate::quota::rules::QuotaRule>,
+    }
+    let rules: Rules = toml::from_str(
+        "[[rules]]\nname = \"paid-key-per-minute\"\nper = [\"key\"]\nunit = \"minute\"\ntiers = { paid = 2 }\n",
+    )
+    .expect("rules");
+    config.quota.rules = rules.rules;
+    let mut tg = Tollgate::start(config).await;
+    let (upstream, _task) = start_upstream().await;
+    let envoy = Envoy::start(tg.grpc.port(), upstream.port()).await;
+    support::away_from_minute_boundary(std::time::Duration::from_secs(10)).await;
+    let json = ("content-type", "application/json");
+    let body = r#"{"model":"llama-3-8b"}"#;
+
+    // Envoy's ratelimit filter → Tollgate's RLS: the tenant (from Tollgate's
+    // own header) gets 3 per minute, the 4th is 429 with the headers.
+    let admin = [json, ("x-api-key", "tg_demo_admin_acme")];
+    for i in 0..3 {
+        let r = raw_http(envoy.listener, "POST", CHAT, &admin, body).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    let limited = raw_http(envoy.listener, "POST", CHAT, &admin, body).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("x-envoy-ratelimited"), Some("true"));
+    assert_eq!(limited.header("ratelimit-remaining"), Some("0"));
+    assert_eq!(limited.header("ratelimit-limit"), Some("3"));
+
+    // Quota charged inside ext_authz: the paid globex key gets 2 per minute,
+    // the 3rd is Tollgate's own 429 with Retry-After.
+    let globex = [json, ("x-api-key", "tg_demo_paid_globex")];
+    for i in 0..2 {
+        let r = raw_http(envoy.listener, "POST", CHAT, &globex, body).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    let over = raw_http(envoy.listener, "POST", CHAT, &globex, body).await;
+    assert_eq!(over.status, 429);
+    assert!(
+        over.header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().is_ok())
+    );
+    assert_eq!(over.json()["error"]["rule"], "paid-key-per-minute");
+    assert_eq!(
+        over.header("x-envoy-ratelimited"),
+        None,
+        "decided in ext_authz, not the ratelimit filter"
+    );
+    tg.stop().await;
+}

@@ -53,7 +53,10 @@ async fn ask(c: &mut Client, key: &str) -> (Result<(i32, u32), tonic::Code>, Dur
         .await
         .map(|r| {
             let r = r.into_inner();
-            (r.overall_code, r.statuses.first().map_or(0, |s| s.limit_remaining))
+            (
+                r.overall_code,
+                r.statuses.first().map_or(0, |s| s.limit_remaining),
+            )
         })
         .map_err(|s| s.code());
     (r, t.elapsed())
@@ -74,7 +77,11 @@ async fn redis_killed_during_load_and_restarted() {
     tg.wait_for_store().await;
     let mut c = RateLimitServiceClient::new(tg.channel().await);
     for key in ["deny", "allow", "gateway", "counted"] {
-        assert_eq!(ask(&mut c, key).await.0, Ok((1, 999_999)), "{key} before the fault");
+        assert_eq!(
+            ask(&mut c, key).await.0,
+            Ok((1, 999_999)),
+            "{key} before the fault"
+        );
     }
 
     // Load in the background, bounded in time by the stop flag and in count.
@@ -96,14 +103,31 @@ async fn redis_killed_during_load_and_restarted() {
     let slack = Duration::from_millis(400);
     for _ in 0..5 {
         let (deny, t) = ask(&mut c, "deny").await;
-        assert_eq!(deny.map(|r| r.0), Ok(2), "deny limits deny while Redis is down");
-        assert!(t < Duration::from_millis(50) + slack, "deny answered after {t:?}");
+        assert_eq!(
+            deny.map(|r| r.0),
+            Ok(2),
+            "deny limits deny while Redis is down"
+        );
+        assert!(
+            t < Duration::from_millis(50) + slack,
+            "deny answered after {t:?}"
+        );
         let (allow, t) = ask(&mut c, "allow").await;
         assert_eq!(allow.map(|r| r.0), Ok(1), "allow limits allow");
-        assert!(t < Duration::from_millis(50) + slack, "allow answered after {t:?}");
+        assert!(
+            t < Duration::from_millis(50) + slack,
+            "allow answered after {t:?}"
+        );
         let (gateway, t) = ask(&mut c, "gateway").await;
-        assert_eq!(gateway, Err(tonic::Code::Unavailable), "gateway limits defer to Envoy");
-        assert!(t < Duration::from_millis(50) + slack, "gateway answered after {t:?}");
+        assert_eq!(
+            gateway,
+            Err(tonic::Code::Unavailable),
+            "gateway limits defer to Envoy"
+        );
+        assert!(
+            t < Duration::from_millis(50) + slack,
+            "gateway answered after {t:?}"
+        );
     }
 
     redis.restart();
@@ -121,7 +145,10 @@ async fn redis_killed_during_load_and_restarted() {
     };
     assert_eq!(a, b + 1, "each request is counted once");
     let stats = redis.cli(&["info", "commandstats"]);
-    assert!(stats.contains("cmdstat_script"), "the script was reloaded after NOSCRIPT: {stats}");
+    assert!(
+        stats.contains("cmdstat_script"),
+        "the script was reloaded after NOSCRIPT: {stats}"
+    );
 
     stop.store(true, Ordering::Relaxed);
     for t in load {
