@@ -168,3 +168,110 @@ fn broken_config_stops_start_up_with_what_to_fix() {
         assert!(t.contains(want), "{want:?} not in {t}");
     }
 }
+
+#[test]
+fn validate_reports_a_broken_limits_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = dir.path().join("limits.yaml");
+    std::fs::write(&limits, "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 0 }\n").expect("write");
+    let config = dir.path().join("c.toml");
+    let repo = support::repo();
+    std::fs::write(
+        &config,
+        format!(
+            "[policy]\ndir = {:?}\n[identity]\napi_keys_file = {:?}\n[quota]\nlimits_file = \"limits.yaml\"\n",
+            repo.join("policies"),
+            repo.join("examples/keys.toml")
+        ),
+    )
+    .expect("write");
+    let out = tollgate(&["--config", config.to_str().expect("utf8"), "validate"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("limits.yaml:4:") && t.contains("at least 1"),
+        "{t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_get_and_reset_against_redis() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    let redis = support::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("limits.yaml"),
+        "domain: llm\ndescriptors:\n  - key: tenant\n    rate_limit: { unit: hour, requests_per_unit: 10 }\n",
+    )
+    .expect("write");
+    let repo = support::repo();
+    let config_path = dir.path().join("c.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[policy]\ndir = {:?}\nwatch = false\n\
+             [identity]\napi_keys_file = {:?}\n[quota]\nstore = \"redis\"\nredis_url = {:?}\nlimits_file = \"limits.yaml\"\n",
+            repo.join("policies"),
+            repo.join("examples/keys.toml"),
+            redis.url()
+        ),
+    )
+    .expect("write");
+    let config = tollgate::config::Config::load(Some(&config_path)).expect("config");
+    let mut tg = support::Tollgate::start(config).await;
+    tg.wait_for_store().await;
+    let mut client = RateLimitServiceClient::new(tg.channel().await);
+    for _ in 0..2 {
+        client
+            .should_rate_limit(RateLimitRequest {
+                domain: "llm".into(),
+                descriptors: vec![RateLimitDescriptor {
+                    entries: vec![Entry {
+                        key: "tenant".into(),
+                        value: "acme".into(),
+                    }],
+                    ..Default::default()
+                }],
+                hits_addend: 0,
+            })
+            .await
+            .expect("rpc");
+    }
+    let c = config_path.to_str().expect("utf8");
+    let get = || {
+        tollgate(&[
+            "--config",
+            c,
+            "quota",
+            "get",
+            "--domain",
+            "llm",
+            "--entry",
+            "tenant=acme",
+        ])
+    };
+    let out = get();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("used: 2") && text(&out).contains("remaining: 8"),
+        "{}",
+        text(&out)
+    );
+    let out = tollgate(&[
+        "--config",
+        c,
+        "quota",
+        "reset",
+        "--domain",
+        "llm",
+        "--entry",
+        "tenant=acme",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&get()).contains("used: 0"));
+    tg.stop().await;
+}

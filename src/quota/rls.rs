@@ -115,6 +115,17 @@ pub struct RlsAnswer {
     pub store_failed: bool,
 }
 
+/// The counter of a descriptor. Its hash-slot group is the domain and the
+/// descriptor's first entry, so descriptors nested under one top-level entry
+/// (a tenant, say) share a slot in a Redis Cluster.
+pub fn counter_key(domain: &str, entries: &[(String, String)]) -> CounterKey {
+    let group = entries
+        .first()
+        .map(|(k, v)| format!("{domain}|{k}={v}"))
+        .unwrap_or_default();
+    CounterKey::new(domain, entries, &group)
+}
+
 /// Decides `request` against `limits`, charging through `quota`.
 pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest) -> RlsAnswer {
     // Find each descriptor's limit.
@@ -159,15 +170,10 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
         let Some(limit) = limit.as_ref().filter(|l| !l.unlimited) else {
             continue;
         };
-        let group = d
-            .entries
-            .first()
-            .map(|(k, v)| format!("{}|{k}={v}", request.domain))
-            .unwrap_or_default();
         plan_of[i] = Some(plans.len());
         plans.push(Planned {
             charge: Charge {
-                key: CounterKey::new(&request.domain, &d.entries, &group),
+                key: counter_key(&request.domain, &d.entries),
                 limit: limit.requests_per_unit,
                 unit: limit.unit,
                 algorithm: limit.algorithm,
