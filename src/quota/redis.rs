@@ -40,7 +40,9 @@ use super::{
 /// Largest count or limit handled exactly (Lua numbers are doubles).
 pub const MAX_COUNT: u64 = 1 << 53;
 
-const CHARGE_LUA: &str = r"
+/// The charge script (public for the benchmark that compares it with
+/// `redis-benchmark`).
+pub const CHARGE_LUA: &str = r"
 -- KEYS[i]: counter base names, all with one hash tag.
 -- ARGV per key (5 each): limit, window_ms, algorithm (0 fixed, 1 sliding), cost, shadow.
 -- Returns {applied, now_ms, used_1, fits_1, used_2, fits_2, ...}; used is before this charge.
