@@ -26,7 +26,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{Authorization, AuthorizationServer};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
+    Authorization, AuthorizationServer,
+};
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
@@ -34,16 +36,19 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::rpc::Status;
+use tollgate::config::{Config, StoreKind};
 use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
-use tollgate::config::{Config, StoreKind};
 
 // The same allocator as the `tollgate` binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The floor: the same services and messages, no work.
@@ -51,7 +56,10 @@ struct Empty;
 
 #[tonic::async_trait]
 impl Authorization for Empty {
-    async fn check(&self, _: tonic::Request<CheckRequest>) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    async fn check(
+        &self,
+        _: tonic::Request<CheckRequest>,
+    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         Ok(tonic::Response::new(CheckResponse {
             status: Some(Status::default()),
             ..Default::default()
@@ -144,7 +152,11 @@ fn start_server(threads: usize, server: Server) -> SocketAddr {
         rt.block_on(async move {
             match server {
                 Server::Tollgate(config) => {
-                    let running = tollgate::server::App::build(*config).expect("build").start().await.expect("start");
+                    let running = tollgate::server::App::build(*config)
+                        .expect("build")
+                        .start()
+                        .await
+                        .expect("start");
                     let admin = running.admin_addr;
                     // Wait for the quota store to connect (Redis).
                     for _ in 0..200 {
@@ -165,8 +177,11 @@ fn start_server(threads: usize, server: Server) -> SocketAddr {
                     std::future::pending::<()>().await;
                 }
                 Server::Empty => {
-                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                    tx.send(listener.local_addr().expect("addr")).expect("send addr");
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                        .await
+                        .expect("bind");
+                    tx.send(listener.local_addr().expect("addr"))
+                        .expect("send addr");
                     let _ = tonic::transport::Server::builder()
                         .add_service(AuthorizationServer::new(Empty))
                         .add_service(RateLimitServiceServer::new(Empty))
@@ -192,8 +207,15 @@ fn authz_call() -> Call {
     Arc::new(move |ch| {
         let req = req.clone();
         Box::pin(async move {
-            let resp = AuthorizationClient::new(ch).check((*req).clone()).await.expect("check");
-            assert_eq!(resp.get_ref().status.as_ref().map(|s| s.code), Some(0), "load request must be allowed");
+            let resp = AuthorizationClient::new(ch)
+                .check((*req).clone())
+                .await
+                .expect("check");
+            assert_eq!(
+                resp.get_ref().status.as_ref().map(|s| s.code),
+                Some(0),
+                "load request must be allowed"
+            );
         })
     })
 }
@@ -203,14 +225,25 @@ fn rls_call() -> Call {
     Arc::new(move |ch| {
         let req = req.clone();
         Box::pin(async move {
-            let resp = RateLimitServiceClient::new(ch).should_rate_limit((*req).clone()).await.expect("rls");
-            assert_eq!(resp.get_ref().overall_code, 1, "load request must be under the limit");
+            let resp = RateLimitServiceClient::new(ch)
+                .should_rate_limit((*req).clone())
+                .await
+                .expect("rls");
+            assert_eq!(
+                resp.get_ref().overall_code,
+                1,
+                "load request must be under the limit"
+            );
         })
     })
 }
 
 async fn load(addr: SocketAddr, call: Call, concurrency: usize, secs: u64) -> Run {
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     let run_for = |d: Duration| {
         let deadline = Instant::now() + d;
         (0..concurrency)
@@ -261,7 +294,16 @@ fn start_redis() -> Redis {
         .map(|a| a.port())
         .expect("port");
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server");
@@ -285,10 +327,34 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 
 /// redis-benchmark's requests per second for the charge script on one key.
 fn redis_benchmark_evalsha(port: u16, concurrency: usize) -> f64 {
-    let sha = redis_cli(port, &["script", "load", tollgate::quota::redis::CHARGE_LUA]).trim().to_string();
+    let sha = redis_cli(
+        port,
+        &["script", "load", tollgate::quota::redis::CHARGE_LUA],
+    )
+    .trim()
+    .to_string();
     let out = Command::new("redis-benchmark")
-        .args(["-p", &port.to_string(), "-c", &concurrency.to_string(), "-n", "200000", "-q", "--csv"])
-        .args(["evalsha", &sha, "1", "tg:{bench}:k", "1000000000000", "3600000", "0", "1", "0"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            &concurrency.to_string(),
+            "-n",
+            "200000",
+            "-q",
+            "--csv",
+        ])
+        .args([
+            "evalsha",
+            &sha,
+            "1",
+            "tg:{bench}:k",
+            "1000000000000",
+            "3600000",
+            "0",
+            "1",
+            "0",
+        ])
         .output()
         .expect("redis-benchmark");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -352,10 +418,24 @@ fn main() {
     let empty = start_server(server_threads, Server::Empty);
     let authz_floor = client.block_on(load(empty, authz_call(), concurrency, secs));
     let rls_floor = client.block_on(load(empty, rls_call(), concurrency, secs));
-    let memory = start_server(server_threads, Server::Tollgate(Box::new(tollgate_config(&limits, StoreKind::Memory, redis.1))));
+    let memory = start_server(
+        server_threads,
+        Server::Tollgate(Box::new(tollgate_config(
+            &limits,
+            StoreKind::Memory,
+            redis.1,
+        ))),
+    );
     let authz = client.block_on(load(memory, authz_call(), concurrency, secs));
     let rls_memory = client.block_on(load(memory, rls_call(), concurrency, secs));
-    let on_redis = start_server(server_threads, Server::Tollgate(Box::new(tollgate_config(&limits, StoreKind::Redis, redis.1))));
+    let on_redis = start_server(
+        server_threads,
+        Server::Tollgate(Box::new(tollgate_config(
+            &limits,
+            StoreKind::Redis,
+            redis.1,
+        ))),
+    );
     let rls_redis = client.block_on(load(on_redis, rls_call(), concurrency, secs));
     let evalsha = redis_benchmark_evalsha(redis.1, concurrency);
 
@@ -372,7 +452,9 @@ fn main() {
     ratio("ShouldRateLimit memory / empty", &rls_memory, &rls_floor);
     row("tollgate ShouldRateLimit, Redis store", &rls_redis);
     ratio("ShouldRateLimit Redis / empty", &rls_redis, &rls_floor);
-    println!("\nredis-benchmark EVALSHA of the charge script, {concurrency} connections: {evalsha:.0} req/s");
+    println!(
+        "\nredis-benchmark EVALSHA of the charge script, {concurrency} connections: {evalsha:.0} req/s"
+    );
     println!(
         "ShouldRateLimit on Redis / redis-benchmark EVALSHA: {:.2}",
         rls_redis.rps / evalsha.max(1.0)

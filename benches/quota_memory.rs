@@ -14,7 +14,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -23,7 +27,9 @@ fn main() {
         return;
     }
     const N: usize = 1_000_000;
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     // Keys are made up front so that only the store's growth is measured.
     let keys: Vec<CounterKey> = (0..N)
         .map(|i| CounterKey::new("bench", &[("api_key".to_string(), i.to_string())], "g"))
@@ -39,7 +45,9 @@ fn main() {
             cost: 1,
             shadow: false,
         };
-        let applied = rt.block_on(store.charge(std::slice::from_ref(&charge))).map(|r| r.applied);
+        let applied = rt
+            .block_on(store.charge(std::slice::from_ref(&charge)))
+            .map(|r| r.applied);
         assert_eq!(applied, Ok(true));
     }
     let after = resident_bytes();

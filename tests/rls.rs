@@ -415,3 +415,92 @@ async fn exact_on_a_redis_cluster() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_key_stops_costing_redis_round_trips() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config_with_limits(dir.path(), LIMITS);
+    config.quota.store = StoreKind::Redis;
+    config.quota.redis_url = redis.url();
+    let mut tg = Tollgate::start(config).await;
+    tg.wait_for_store().await;
+    let mut c = RateLimitServiceClient::new(tg.channel().await);
+    let mut over = 0;
+    for _ in 0..200 {
+        if ask(
+            &mut c,
+            request("test", vec![descriptor(&[("budget", "flood")])], 0),
+        )
+        .await
+        .overall_code
+            == OVER
+        {
+            over += 1;
+        }
+    }
+    assert_eq!(over, 195);
+    let stats = redis.cli(&["info", "commandstats"]);
+    let calls: u64 = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .expect("evalsha stats");
+    assert!(
+        calls <= 10,
+        "200 requests, 5 allowed, but {calls} script calls reached Redis"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hot_reload_and_keep_the_last_good_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config_with_limits(
+        dir.path(),
+        "domain: r\ndescriptors:\n  - key: k\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n",
+    );
+    config.policy.watch = true;
+    config.policy.reload_debounce_ms = 50;
+    config.policy.reload_poll_secs = 0;
+    let mut tg = Tollgate::start(config).await;
+    let mut c = RateLimitServiceClient::new(tg.channel().await);
+    let limit_of = |r: &RateLimitResponse| {
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .map(|l| l.requests_per_unit)
+    };
+    assert_eq!(
+        limit_of(&ask(&mut c, request("r", vec![descriptor(&[("k", "a")])], 0)).await),
+        Some(1)
+    );
+    let file = dir.path().join("limits.yaml");
+    std::fs::write(&file, "domain: r\ndescriptors:\n  - key: k\n    rate_limit: { unit: hour, requests_per_unit: 7 }\n").expect("write");
+    let changed = support::eventually(Duration::from_secs(2), || {
+        let mut c = c.clone();
+        async move {
+            limit_of(&ask(&mut c, request("r", vec![descriptor(&[("k", "b")])], 0)).await)
+                == Some(7)
+        }
+    })
+    .await;
+    assert!(changed, "the new limit did not apply within 2 s");
+    std::fs::write(&file, "domain: r\ndescriptors:\n  - key: k\n    rate_limit: { unit: fortnight, requests_per_unit: 7 }\n").expect("write");
+    let admin = tg.admin;
+    let rejected = support::eventually(Duration::from_secs(2), || async move {
+        support::raw_http(admin, "GET", "/metrics", &[], "")
+            .await
+            .body
+            .contains("tollgate_reloads_total{source=\"limits\",result=\"rejected\"}")
+    })
+    .await;
+    assert!(rejected, "the broken edit was not reported");
+    assert_eq!(
+        limit_of(&ask(&mut c, request("r", vec![descriptor(&[("k", "c")])], 0)).await),
+        Some(7)
+    );
+    tg.stop().await;
+}
