@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod path;
 pub mod policy;
 pub mod quota;
+pub mod redis_conn;
 pub mod request;
 pub mod respond;
 pub mod routes;

@@ -24,14 +24,14 @@
 //! committed, and replaying it would count twice (the cluster client is built
 //! with zero retries for that reason).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, Script};
+
+use crate::redis_conn::Lazy;
 
 use super::{
     Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after,
@@ -128,80 +128,46 @@ pub enum Target {
 
 /// The Redis [`QuotaStore`].
 pub struct RedisStore {
-    conn: Arc<ArcSwapOption<Conn>>,
+    conn: Lazy<Conn>,
     charge: Script,
     refund: Script,
     reset: Script,
     prefix: String,
     kind: &'static str,
-    _connector: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for RedisStore {
-    fn drop(&mut self) {
-        self._connector.abort();
-    }
 }
 
 impl RedisStore {
     /// Starts connecting in the background; `timeout` bounds connection set-up
     /// and each response. Must be called inside a Tokio runtime.
     pub fn connect(target: Target, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let conn: Arc<ArcSwapOption<Conn>> = Arc::new(ArcSwapOption::empty());
-        let kind = match target {
-            Target::Standalone(_) => "redis",
-            Target::Cluster(_) => "redis_cluster",
-        };
-        let slot = conn.clone();
-        let connector = match target {
+        let (conn, kind) = match target {
             Target::Standalone(url) => {
                 let client = redis::Client::open(url.as_str())
                     .map_err(|e| StoreError::Backend(format!("redis url {url:?}: {e}")))?;
-                tokio::spawn(async move {
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-                        .set_response_timeout(Some(timeout.max(Duration::from_millis(200))));
-                    loop {
-                        match ConnectionManager::new_with_config(client.clone(), config.clone())
-                            .await
-                        {
-                            Ok(m) => {
-                                slot.store(Some(Arc::new(Conn::Single(m))));
-                                tracing::info!("connected to redis");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "redis not reachable yet; retrying");
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                            }
-                        }
-                    }
-                })
+                let config = crate::redis_conn::manager_config(timeout);
+                (
+                    Lazy::spawn("redis quota store", move || {
+                        let (client, config) = (client.clone(), config.clone());
+                        async move { ConnectionManager::new_with_config(client, config).await.map(Conn::Single) }
+                    }),
+                    "redis",
+                )
             }
             Target::Cluster(nodes) => {
+                let timeout = timeout.max(Duration::from_millis(200));
                 let client = ClusterClient::builder(nodes.clone())
                     .retries(0)
-                    .connection_timeout(timeout.max(Duration::from_millis(200)))
-                    .response_timeout(timeout.max(Duration::from_millis(200)))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
                     .build()
-                    .map_err(|e| {
-                        StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}"))
-                    })?;
-                tokio::spawn(async move {
-                    loop {
-                        match client.get_async_connection().await {
-                            Ok(c) => {
-                                slot.store(Some(Arc::new(Conn::Cluster(c))));
-                                tracing::info!("connected to redis cluster");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "redis cluster not reachable yet; retrying");
-                                tokio::time::sleep(Duration::from_millis(250)).await;
-                            }
-                        }
-                    }
-                })
+                    .map_err(|e| StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}")))?;
+                (
+                    Lazy::spawn("redis cluster quota store", move || {
+                        let client = client.clone();
+                        async move { client.get_async_connection().await.map(Conn::Cluster) }
+                    }),
+                    "redis_cluster",
+                )
             }
         };
         Ok(Self {
@@ -211,19 +177,17 @@ impl RedisStore {
             reset: Script::new(RESET_LUA),
             prefix: prefix.to_string(),
             kind,
-            _connector: connector,
         })
     }
 
     /// Whether a connection has been established.
     pub fn connected(&self) -> bool {
-        self.conn.load().is_some()
+        self.conn.connected()
     }
 
     fn conn(&self) -> Result<Conn, StoreError> {
         self.conn
-            .load_full()
-            .map(|c| (*c).clone())
+            .get()
             .ok_or_else(|| StoreError::Backend("not connected to redis yet".into()))
     }
 
