@@ -37,8 +37,10 @@ fn chat_request() -> HttpRequest {
         ),
         ..Default::default()
     };
-    req.headers
-        .insert("x-api-key".into(), "tg_demo_paid_acme".into());
+    req.headers.insert(
+        "x-api-key".into(),
+        "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen".into(),
+    );
     req.headers
         .insert("content-type".into(), "application/json".into());
     req.headers.insert("user-agent".into(), "bench".into());
@@ -86,7 +88,7 @@ fn benches(c: &mut Criterion) {
         .expect("request");
     let key = serde_json::json!([{
         "uid": {"type": "ApiKey", "id": "k"},
-        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "paid", "scopes": ["llm:generate"]},
+        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "paid", "scopes": ["llm:generate"], "models": []},
         "parents": [{"type": "Tenant", "id": "acme"}]
     }]);
     let extra = Entities::from_json_value(key, Some(&snapshot.schema)).expect("entities");
@@ -159,7 +161,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("entities_add_principal", |b| {
         let key = serde_json::json!([{
             "uid": {"type": "ApiKey", "id": "k2"},
-            "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "paid", "scopes": ["llm:generate"]},
+            "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "paid", "scopes": ["llm:generate"], "models": []},
             "parents": [{"type": "Tenant", "id": "acme"}]
         }]);
         let extra = Entities::from_json_value(key, Some(&snapshot.schema)).expect("entities");

@@ -86,7 +86,10 @@ fn check_request() -> CheckRequest {
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
         ("content-type", "application/json"),
-        ("x-api-key", "tg_demo_paid_acme"),
+        (
+            "x-api-key",
+            "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+        ),
         ("user-agent", "loadgen/1.0"),
         ("x-request-id", "5b1c7a8e-4f1e-4a51-9d9a-0a0f3c5e7d11"),
     ]

@@ -20,6 +20,8 @@ pub struct AdminState {
     pub policies: Arc<PolicyStore>,
     pub metrics: Arc<Metrics>,
     pub quota: Arc<QuotaEngine>,
+    /// JWT issuers; one without usable keys makes Tollgate unready.
+    pub issuers: Vec<Arc<crate::identity::jwt::Issuer>>,
     /// Cleared when draining, so load balancers stop sending traffic.
     pub ready: Arc<AtomicBool>,
 }
@@ -55,7 +57,8 @@ fn policy_status(state: &AdminState) -> serde_json::Value {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let ready = state.ready.load(Ordering::Relaxed);
+    let issuers_ready = state.issuers.iter().all(|i| i.ready());
+    let ready = state.ready.load(Ordering::Relaxed) && issuers_ready;
     let code = if ready {
         StatusCode::OK
     } else {
@@ -65,6 +68,12 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     body["ready"] = json!(ready);
     // A disconnected quota store does not make Tollgate unready: every limit
     // has a failure mode that answers meanwhile. It is shown for operators.
+    body["jwt_issuers"] = state
+        .issuers
+        .iter()
+        .map(|i| (i.name().to_string(), json!({ "keys": i.ready() })))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     body["quota_store"] = json!({
         "kind": state.quota.store().kind(),
         "connected": state.quota.store().connected(),

@@ -91,11 +91,24 @@ pub struct PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
-    /// TOML file of API key records (hashes only). None disables API keys.
+    /// Sources in the order they are asked; routes may narrow the list.
+    pub sources: Vec<crate::identity::SourceKind>,
+    /// TOML file of API key records (hashes only).
     pub api_keys_file: Option<PathBuf>,
+    /// Redis holding API key records (`tollgate keys create` writes there).
+    pub api_keys_redis_url: Option<String>,
+    /// Prefix of API key records in Redis.
+    pub api_keys_redis_prefix: String,
+    /// How long a looked-up key record is reused: the bound on how long a
+    /// revocation takes to reach every replica.
+    pub api_keys_cache_ms: u64,
     /// Accept the peer identity Envoy reports for TLS connections.
     pub mtls: bool,
-    /// Longest credential accepted; longer ones are rejected unread.
+    /// SPIFFE trust domains accepted over mTLS (exact); empty accepts any.
+    pub mtls_trust_domains: Vec<String>,
+    /// Trusted JWT / OAuth 2.0 issuers.
+    pub jwt_issuers: Vec<crate::identity::jwt::IssuerConfig>,
+    /// Longest API key accepted; longer ones are rejected unread.
     pub max_credential_bytes: usize,
 }
 
@@ -124,6 +137,9 @@ pub struct ResponseConfig {
     pub strip_prefix: String,
     /// Realm for `WWW-Authenticate` on 401.
     pub realm: String,
+    /// Remove the caller's credential (`authorization`, `x-api-key`) before
+    /// the request reaches the upstream.
+    pub strip_credentials: bool,
 }
 
 /// Where quota counters live.
@@ -264,9 +280,16 @@ impl Default for PolicyConfig {
 
 impl Default for IdentityConfig {
     fn default() -> Self {
+        use crate::identity::SourceKind;
         Self {
+            sources: vec![SourceKind::ApiKey, SourceKind::Jwt, SourceKind::Mtls],
             api_keys_file: Some(PathBuf::from("examples/keys.toml")),
+            api_keys_redis_url: None,
+            api_keys_redis_prefix: "tg:".into(),
+            api_keys_cache_ms: 2000,
             mtls: true,
+            mtls_trust_domains: Vec::new(),
+            jwt_issuers: Vec::new(),
             max_credential_bytes: 4096,
         }
     }
@@ -290,6 +313,7 @@ impl Default for ResponseConfig {
             tier_header: "x-tollgate-tier".into(),
             strip_prefix: "x-tollgate-".into(),
             realm: "tollgate".into(),
+            strip_credentials: false,
         }
     }
 }
@@ -365,6 +389,9 @@ impl Config {
                     "context.headers: {name:?} is not a lowercase HTTP header name"
                 )));
             }
+        }
+        for issuer in &self.identity.jwt_issuers {
+            issuer.validate().map_err(invalid)?;
         }
         for rule in &self.quota.rules {
             rule.validate().map_err(invalid)?;

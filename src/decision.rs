@@ -15,6 +15,12 @@ pub enum Reason {
     InvalidCredential,
     /// A credential header carried several values (merged duplicates).
     AmbiguousCredential,
+    /// A credential that is not even well-formed (refused unread).
+    MalformedCredential,
+    /// A credential past its expiry.
+    ExpiredCredential,
+    /// A credential that was revoked or disabled.
+    RevokedCredential,
     /// Policy denied the request.
     PolicyDenied,
     /// Evaluating a policy raised an error, so the request is denied.
@@ -46,6 +52,9 @@ impl Reason {
             Self::MissingCredential => "missing_credential",
             Self::InvalidCredential => "invalid_credential",
             Self::AmbiguousCredential => "ambiguous_credential",
+            Self::MalformedCredential => "malformed_credential",
+            Self::ExpiredCredential => "expired_credential",
+            Self::RevokedCredential => "revoked_credential",
             Self::PolicyDenied => "policy_denied",
             Self::PolicyError => "policy_error",
             Self::UnknownRoute => "unknown_route",

@@ -70,7 +70,11 @@ pub fn manager_config(timeout: Duration) -> redis::aio::ConnectionManagerConfig 
 }
 
 /// A standalone-Redis `ConnectionManager` for `url`, made in the background.
-pub fn standalone(url: &str, timeout: Duration, what: &'static str) -> Result<Lazy<redis::aio::ConnectionManager>, String> {
+pub fn standalone(
+    url: &str,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<Lazy<redis::aio::ConnectionManager>, String> {
     let client = redis::Client::open(url).map_err(|e| format!("redis url {url:?}: {e}"))?;
     let config = manager_config(timeout);
     Ok(Lazy::spawn(what, move || {

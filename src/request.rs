@@ -33,8 +33,12 @@ pub struct HttpRequest {
     /// Declared body size (`Content-Length`), if known.
     pub declared_size: Option<u64>,
     /// Per-route hints set in the gateway's config (Envoy
-    /// `context_extensions`): `action`, `resource`, `tenant`.
+    /// `context_extensions`): `action`, `resource`, `tenant`, `identity`.
     pub route_hints: RouteHints,
+    /// JWT payloads the gateway already verified (Envoy `jwt_authn`
+    /// metadata), by payload key. Used only for issuers configured to trust
+    /// them.
+    pub jwt_authn_payloads: HashMap<String, serde_json::Value>,
 }
 
 /// Route facts the gateway's own configuration supplies.
@@ -43,6 +47,8 @@ pub struct RouteHints {
     pub action: Option<String>,
     pub resource: Option<String>,
     pub tenant: Option<String>,
+    /// Identity sources this route accepts (`api_key,jwt`), if restricted.
+    pub identity: Option<String>,
 }
 
 impl HttpRequest {

@@ -185,6 +185,13 @@ pub fn check_response(
                 None => headers_to_remove.push(name.clone()),
             }
         }
+        if config.strip_credentials {
+            for name in ["authorization", "x-api-key"] {
+                if client_headers.contains_key(name) {
+                    headers_to_remove.push(name.to_string());
+                }
+            }
+        }
         if !config.strip_prefix.is_empty() {
             for name in client_headers.keys() {
                 let ours = set_names(config).any(|n| n == name);

@@ -24,6 +24,10 @@ pub struct RouteSpec {
     pub action: String,
     /// Cedar resource UID template, e.g. `Model::"{body.model}"`.
     pub resource: String,
+    /// Identity sources this route accepts, in order (default: all
+    /// configured).
+    #[serde(default)]
+    pub identity: Option<Vec<crate::identity::SourceKind>>,
 }
 
 impl RouteSpec {
@@ -34,6 +38,7 @@ impl RouteSpec {
             path: path.into(),
             action: action.into(),
             resource: resource.into(),
+            identity: None,
         }
     }
 
@@ -228,6 +233,7 @@ pub struct Route {
     segments: Vec<Segment>,
     pub action: String,
     pub resource: ResourceTemplate,
+    pub identity: Option<Vec<crate::identity::SourceKind>>,
 }
 
 /// A route that matched, with its captures.
@@ -279,6 +285,7 @@ impl RouteTable {
                 segments,
                 action: spec.action.clone(),
                 resource,
+                identity: spec.identity.clone(),
             });
         }
         Ok(Self { routes })

@@ -20,9 +20,11 @@ use crate::adapters::rls::Rls;
 use crate::config::Config;
 use crate::config::StoreKind;
 use crate::engine::{self, Engine};
-use crate::identity::api_key::{ApiKeyAuthenticator, KeysFileError, KeysReloader};
+use crate::identity::api_key::ApiKeyAuthenticator;
+use crate::identity::jwt::{Issuer, JwtAuthenticator};
+use crate::identity::keys::{FileKeys, KeySource, KeysFileError, RedisKeys};
 use crate::identity::mtls::MtlsAuthenticator;
-use crate::identity::{Authenticator, IdentityChain};
+use crate::identity::{Authenticator, IdentityChain, SourceKind};
 use crate::metrics::Metrics;
 use crate::policy::{LoadError, PolicyStore, Reload, reload};
 use crate::proto;
@@ -46,6 +48,8 @@ pub enum StartError {
     Limits(#[from] LimitsError),
     #[error("quota store: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Identity(String),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -62,7 +66,8 @@ pub enum StartError {
 pub struct App {
     pub engine: Arc<Engine>,
     pub metrics: Arc<Metrics>,
-    keys: Option<KeysReloader>,
+    keys: Option<KeysReload>,
+    issuers: Vec<Arc<Issuer>>,
     config: Config,
 }
 
@@ -80,19 +85,7 @@ impl App {
             &config.resolve(&config.policy.dir),
             expect,
         )?);
-        let mut sources: Vec<Box<dyn Authenticator>> = Vec::new();
-        let mut keys = None;
-        if let Some(file) = &config.identity.api_keys_file {
-            let auth = ApiKeyAuthenticator::load(
-                &config.resolve(file),
-                config.identity.max_credential_bytes,
-            )?;
-            keys = Some(auth.reloader());
-            sources.push(Box::new(auth));
-        }
-        if config.identity.mtls {
-            sources.push(Box::new(MtlsAuthenticator));
-        }
+        let (sources, keys, issuers) = build_identity(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
         let quota = engine::QuotaParts {
@@ -122,12 +115,13 @@ impl App {
             engine,
             metrics,
             keys,
+            issuers,
             config,
         })
     }
 
     /// Reloads policies and keys, logging and counting the result.
-    fn reload_all(engine: &Engine, keys: Option<&KeysReloader>, metrics: &Metrics) {
+    fn reload_all(engine: &Engine, keys: Option<&KeysReload>, metrics: &Metrics) {
         match engine.policies().reload() {
             Reload::Unchanged => metrics.reload("policies", "unchanged"),
             Reload::Swapped { version } => {
@@ -152,10 +146,11 @@ impl App {
             }
         }
         if let Some(keys) = keys {
-            match keys.reload() {
+            match keys.file.reload() {
                 Ok(false) => metrics.reload("keys", "unchanged"),
                 Ok(true) => {
-                    tracing::info!(file = %keys.path().display(), "api keys reloaded");
+                    keys.auth.invalidate();
+                    tracing::info!(file = %keys.file.path().display(), "api keys reloaded");
                     metrics.reload("keys", "swapped");
                 }
                 Err(e) => {
@@ -180,7 +175,7 @@ impl App {
             let keys_dir = self
                 .keys
                 .as_ref()
-                .and_then(|k| k.path().parent())
+                .and_then(|k| k.file.path().parent())
                 .map(Path::to_path_buf);
             let limits_dir = self.engine.limits().path().map(|p| {
                 if p.is_dir() {
@@ -268,6 +263,7 @@ impl App {
             policies: self.engine.policies().clone(),
             metrics: self.metrics.clone(),
             quota: self.engine.quota().clone(),
+            issuers: self.issuers.clone(),
             ready: ready.clone(),
         };
         let mut admin_stop = stop_rx;
@@ -278,6 +274,20 @@ impl App {
                 })
                 .await
         });
+        // Each issuer's keys: fetched now, then refreshed periodically.
+        let refreshers = self
+            .issuers
+            .iter()
+            .map(|issuer| {
+                let issuer = issuer.clone();
+                tokio::spawn(async move {
+                    loop {
+                        issuer.refresh_now().await;
+                        tokio::time::sleep(issuer.refresh_interval()).await;
+                    }
+                })
+            })
+            .collect();
         tracing::info!(%grpc_addr, %admin_addr, policy_version = %self.engine.policies().snapshot().version, "tollgate serving");
         Ok(Running {
             grpc_addr,
@@ -288,6 +298,7 @@ impl App {
             grpc,
             admin,
             _watcher: watcher,
+            refreshers,
         })
     }
 }
@@ -299,6 +310,88 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// What a keys file reload touches.
+#[derive(Clone)]
+struct KeysReload {
+    file: Arc<FileKeys>,
+    auth: Arc<ApiKeyAuthenticator>,
+}
+
+type Identity = (
+    Vec<Arc<dyn Authenticator>>,
+    Option<KeysReload>,
+    Vec<Arc<Issuer>>,
+);
+
+/// The identity sources, in the configured order.
+fn build_identity(config: &Config) -> Result<Identity, StartError> {
+    let id = &config.identity;
+    let mut sources: Vec<Arc<dyn Authenticator>> = Vec::new();
+    let mut keys = None;
+    let mut issuers = Vec::new();
+    for kind in &id.sources {
+        match kind {
+            SourceKind::ApiKey => {
+                let mut stores: Vec<Arc<dyn KeySource>> = Vec::new();
+                let file = match &id.api_keys_file {
+                    Some(f) => {
+                        let file = Arc::new(FileKeys::load(&config.resolve(f))?);
+                        stores.push(file.clone());
+                        Some(file)
+                    }
+                    None => None,
+                };
+                if let Some(url) = &id.api_keys_redis_url {
+                    let redis = RedisKeys::connect(
+                        url,
+                        &id.api_keys_redis_prefix,
+                        Duration::from_millis(config.quota.deadline_ms.max(200)),
+                    )
+                    .map_err(|e| {
+                        StartError::Identity(format!("identity.api_keys_redis_url: {e}"))
+                    })?;
+                    stores.push(Arc::new(redis));
+                }
+                if stores.is_empty() {
+                    continue;
+                }
+                let auth = Arc::new(ApiKeyAuthenticator::new(
+                    stores,
+                    Duration::from_millis(id.api_keys_cache_ms),
+                    id.max_credential_bytes,
+                ));
+                if let Some(file) = file {
+                    keys = Some(KeysReload {
+                        file,
+                        auth: auth.clone(),
+                    });
+                }
+                sources.push(auth);
+            }
+            SourceKind::Jwt => {
+                if id.jwt_issuers.is_empty() {
+                    continue;
+                }
+                for issuer in &id.jwt_issuers {
+                    let mut issuer = issuer.clone();
+                    issuer.jwks_file = issuer.jwks_file.map(|f| config.resolve(&f));
+                    issuer.hs256_secret_file = issuer.hs256_secret_file.map(|f| config.resolve(&f));
+                    issuers.push(Arc::new(Issuer::new(issuer).map_err(StartError::Identity)?));
+                }
+                sources.push(Arc::new(JwtAuthenticator::new(issuers.clone())));
+            }
+            SourceKind::Mtls => {
+                if id.mtls {
+                    sources.push(Arc::new(MtlsAuthenticator::new(
+                        id.mtls_trust_domains.clone(),
+                    )));
+                }
+            }
+        }
+    }
+    Ok((sources, keys, issuers))
 }
 
 /// The configured quota store. Redis stores connect in the background, so
@@ -345,11 +438,15 @@ pub struct Running {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<std::io::Result<()>>,
     _watcher: Option<reload::WatchHandle>,
+    refreshers: Vec<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops taking new work, lets in-flight requests finish, and returns.
     pub async fn shutdown(self) {
+        for r in &self.refreshers {
+            r.abort();
+        }
         self.ready.store(false, Ordering::Relaxed);
         self.health
             .set_service_status("", ServingStatus::NotServing)

@@ -85,10 +85,13 @@ tiers = { free = 3, paid = 100 }
     away_from_minute_boundary(std::time::Duration::from_secs(5)).await;
     for i in 0..3 {
         let (status, headers, _) = outcome(
-            &c.check(chat("tg_demo_free_acme", "llama-3-8b"))
-                .await
-                .expect("check")
-                .into_inner(),
+            &c.check(chat(
+                "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+                "llama-3-8b",
+            ))
+            .await
+            .expect("check")
+            .into_inner(),
         );
         assert_eq!(status, 200, "request {i}");
         assert_eq!(
@@ -101,7 +104,10 @@ tiers = { free = 3, paid = 100 }
         );
     }
     let resp = c
-        .check(chat("tg_demo_free_acme", "llama-3-8b"))
+        .check(chat(
+            "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+            "llama-3-8b",
+        ))
         .await
         .expect("check")
         .into_inner();
@@ -123,17 +129,23 @@ tiers = { free = 3, paid = 100 }
 
     // A policy deny is not charged: a denied request never reaches the quota.
     let (status, _, _) = outcome(
-        &c.check(chat("tg_demo_paid_acme", "globex-legal-ft"))
-            .await
-            .expect("check")
-            .into_inner(),
+        &c.check(chat(
+            "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+            "globex-legal-ft",
+        ))
+        .await
+        .expect("check")
+        .into_inner(),
     );
     assert_eq!(status, 403);
     let (_, headers, _) = outcome(
-        &c.check(chat("tg_demo_paid_acme", "llama-3-8b"))
-            .await
-            .expect("check")
-            .into_inner(),
+        &c.check(chat(
+            "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+            "llama-3-8b",
+        ))
+        .await
+        .expect("check")
+        .into_inner(),
     );
     assert_eq!(
         headers.get("ratelimit-remaining").map(String::as_str),
@@ -161,10 +173,13 @@ tiers = { free = 10, enterprise = 1000 }
     let mut allowed = 0;
     for _ in 0..100 {
         let (status, _, _) = outcome(
-            &c.check(chat("tg_demo_free_acme", "llama-3-8b"))
-                .await
-                .expect("check")
-                .into_inner(),
+            &c.check(chat(
+                "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+                "llama-3-8b",
+            ))
+            .await
+            .expect("check")
+            .into_inner(),
         );
         if status == 200 {
             allowed += 1;
@@ -174,10 +189,13 @@ tiers = { free = 10, enterprise = 1000 }
     }
     assert_eq!(allowed, 10, "the free key gets exactly its tier's limit");
     let (status, headers, _) = outcome(
-        &c.check(chat("tg_demo_admin_acme", "llama-3-70b"))
-            .await
-            .expect("check")
-            .into_inner(),
+        &c.check(chat(
+            "tg_demo-admin_FAcFFpAJpY3Jny1toWZvGvb2HtbM43Ex2LoCQa",
+            "llama-3-70b",
+        ))
+        .await
+        .expect("check")
+        .into_inner(),
     );
     assert_eq!(status, 200);
     assert_eq!(

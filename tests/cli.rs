@@ -25,7 +25,7 @@ fn validate_accepts_the_examples() {
     let out = tollgate(&["validate"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("policies ok: 11 policies"),
+        text(&out).contains("policies ok: 15 policies"),
         "{}",
         text(&out)
     );
@@ -106,7 +106,7 @@ fn policy_tests_pass_on_the_examples_and_fail_on_a_wrong_expectation() {
 
 #[test]
 fn check_explains_a_decision() {
-    let entities = r#"[{"uid":{"type":"ApiKey","id":"k"},"attrs":{"tenant":{"__entity":{"type":"Tenant","id":"acme"}},"tier":"free","scopes":["llm:generate"]},"parents":[{"type":"Tenant","id":"acme"}]}]"#;
+    let entities = r#"[{"uid":{"type":"ApiKey","id":"k"},"attrs":{"tenant":{"__entity":{"type":"Tenant","id":"acme"}},"tier":"free","scopes":["llm:generate"],"models":[]},"parents":[{"type":"Tenant","id":"acme"}]}]"#;
     let out = tollgate(&[
         "check",
         "--principal",

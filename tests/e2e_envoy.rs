@@ -33,7 +33,10 @@ async fn requests_through_envoy() {
         CHAT,
         &[
             json[0],
-            ("x-api-key", "tg_demo_paid_acme"),
+            (
+                "x-api-key",
+                "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+            ),
             ("x-tollgate-principal", "ApiKey::\"root\""),
             ("x-tollgate-tenant", "globex"),
             ("x-tollgate-debug", "1"),
@@ -50,11 +53,12 @@ async fn requests_through_envoy() {
     assert!(upstream_headers(&ok, "x-tollgate-debug").is_empty());
 
     // Wrong key: 401 with WWW-Authenticate and a reason code.
+    let unknown = tollgate::identity::key_format::generate("nobody").expect("key");
     let bad = raw_http(
         gw,
         "POST",
         CHAT,
-        &[json[0], ("x-api-key", "tg_wrong")],
+        &[json[0], ("x-api-key", &unknown)],
         r#"{"model":"llama-3-8b"}"#,
     )
     .await;
@@ -70,7 +74,13 @@ async fn requests_through_envoy() {
         gw,
         "POST",
         CHAT,
-        &[json[0], ("authorization", "Bearer tg_demo_free_acme")],
+        &[
+            json[0],
+            (
+                "authorization",
+                "Bearer tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+            ),
+        ],
         r#"{"model":"llama-3-70b"}"#,
     )
     .await;
@@ -93,7 +103,13 @@ async fn requests_through_envoy() {
             gw,
             "POST",
             path,
-            &[json[0], ("x-api-key", "tg_demo_paid_acme")],
+            &[
+                json[0],
+                (
+                    "x-api-key",
+                    "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+                ),
+            ],
             r#"{"model":"llama-3-8b"}"#,
         )
         .await;
@@ -110,7 +126,13 @@ async fn requests_through_envoy() {
         gw,
         "POST",
         CHAT,
-        &[json[0], ("x-api-key", "tg_demo_paid_acme")],
+        &[
+            json[0],
+            (
+                "x-api-key",
+                "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+            ),
+        ],
         r#"{"model":"llama-3-8b"}"#,
     )
     .await;
@@ -150,7 +172,13 @@ async fn rate_limits_through_envoy() {
 
     // Envoy's ratelimit filter → Tollgate's RLS: the tenant (from Tollgate's
     // own header) gets 3 per minute, the 4th is 429 with the headers.
-    let admin = [json, ("x-api-key", "tg_demo_admin_acme")];
+    let admin = [
+        json,
+        (
+            "x-api-key",
+            "tg_demo-admin_FAcFFpAJpY3Jny1toWZvGvb2HtbM43Ex2LoCQa",
+        ),
+    ];
     for i in 0..3 {
         let r = raw_http(envoy.listener, "POST", CHAT, &admin, body).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.body);
@@ -163,7 +191,13 @@ async fn rate_limits_through_envoy() {
 
     // Quota charged inside ext_authz: the paid globex key gets 2 per minute,
     // the 3rd is Tollgate's own 429 with Retry-After.
-    let globex = [json, ("x-api-key", "tg_demo_paid_globex")];
+    let globex = [
+        json,
+        (
+            "x-api-key",
+            "tg_demo-globex_yBbjeNm0bA39bTc7QNb3XbD6xs4RtFQ62kcZfO",
+        ),
+    ];
     for i in 0..2 {
         let r = raw_http(envoy.listener, "POST", CHAT, &globex, body).await;
         assert_eq!(r.status, 200, "request {i}: {}", r.body);

@@ -98,8 +98,14 @@ fn outcome(resp: &CheckResponse) -> (u16, String) {
     }
 }
 
-const PAID: (&str, &str) = ("x-api-key", "tg_demo_paid_acme");
-const FREE: (&str, &str) = ("authorization", "Bearer tg_demo_free_acme");
+const PAID: (&str, &str) = (
+    "x-api-key",
+    "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+);
+const FREE: (&str, &str) = (
+    "authorization",
+    "Bearer tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+);
 const CHAT: &str = "/v1/chat/completions";
 
 #[tokio::test]
@@ -179,6 +185,7 @@ async fn ext_authz_decision_matrix() {
         .await
         .expect("connect");
     let huge = "k".repeat(1 << 20);
+    let unknown = tollgate::identity::key_format::generate("nobody").expect("key");
     let cases: Vec<(&str, CheckRequest, u16, &str)> = vec![
         (
             "paid key, shared model",
@@ -227,7 +234,7 @@ async fn ext_authz_decision_matrix() {
             http(
                 "POST",
                 CHAT,
-                &[("x-api-key", "tg_nope")],
+                &[("x-api-key", unknown.as_str())],
                 r#"{"model":"llama-3-8b"}"#,
             ),
             401,
@@ -244,7 +251,10 @@ async fn ext_authz_decision_matrix() {
             http(
                 "POST",
                 CHAT,
-                &[("x-api-key", "tg_demo_paid_acme,tg_demo_free_acme")],
+                &[(
+                    "x-api-key",
+                    "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen,tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+                )],
                 "{}",
             ),
             401,
@@ -253,6 +263,18 @@ async fn ext_authz_decision_matrix() {
         (
             "1 MiB key",
             http("POST", CHAT, &[("x-api-key", &huge)], "{}"),
+            401,
+            "malformed_credential",
+        ),
+        (
+            "malformed key",
+            http("POST", CHAT, &[("x-api-key", "tg_nope")], "{}"),
+            401,
+            "malformed_credential",
+        ),
+        (
+            "unrecognized authorization",
+            http("POST", CHAT, &[("authorization", "Basic dTpw")], "{}"),
             401,
             "invalid_credential",
         ),
@@ -303,7 +325,10 @@ async fn ext_authz_decision_matrix() {
             http(
                 "POST",
                 CHAT,
-                &[("x-api-key", "tg_demo_paid_initech")],
+                &[(
+                    "x-api-key",
+                    "tg_demo-initech_bAFI42DVEAJulfg8eUfSLzSvnnCzehu73Ql0OJ",
+                )],
                 r#"{"model":"llama-3-8b"}"#,
             ),
             403,
@@ -317,13 +342,13 @@ async fn ext_authz_decision_matrix() {
         ),
         (
             "non-UTF-8 raw header",
-            raw_header_request(b"tg_demo_paid_acme\xff"),
+            raw_header_request(b"tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen\xff"),
             400,
             "malformed_request",
         ),
         (
             "raw headers decode",
-            raw_header_request(b"tg_demo_paid_acme"),
+            raw_header_request(b"tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen"),
             200,
             "allowed",
         ),
@@ -425,7 +450,7 @@ fn uid(ty: &str, id: &str) -> Option<EntityUid> {
 fn key_entity(id: &str, tier: &str) -> String {
     serde_json::json!([{
         "uid": {"type": "ApiKey", "id": id},
-        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": tier, "scopes": ["llm:generate"]},
+        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": tier, "scopes": ["llm:generate"], "models": []},
         "parents": [{"type": "Tenant", "id": "acme"}]
     }])
     .to_string()

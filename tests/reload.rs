@@ -20,7 +20,7 @@ fn free_key_on_large_model() -> proto::CheckRequest {
         context_json: ctx.to_string(),
         entities_json: serde_json::json!([{
             "uid": {"type": "ApiKey", "id": "k"},
-            "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "free", "scopes": ["llm:generate"]},
+            "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": "free", "scopes": ["llm:generate"], "models": []},
             "parents": [{"type": "Tenant", "id": "acme"}]
         }])
         .to_string(),

@@ -94,7 +94,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
         destination: _,
         request,
         context_extensions,
-        metadata_context: _,
+        metadata_context,
         route_metadata_context: _,
         tls_session,
     } = attributes.ok_or_else(|| (fresh_id(), MalformedRequest::MissingAttributes))?;
@@ -147,7 +147,15 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
             action: ext.remove("action"),
             resource: ext.remove("resource"),
             tenant: ext.remove("tenant"),
+            identity: ext.remove("identity"),
         },
+        jwt_authn_payloads: metadata_context
+            .and_then(|mut m| {
+                m.filter_metadata
+                    .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
+            })
+            .map(|s| s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
+            .unwrap_or_default(),
         headers,
     })
 }
@@ -171,6 +179,24 @@ fn raw_headers(map: HeaderMap) -> Result<HashMap<String, String>, MalformedReque
             .or_insert(value);
     }
     Ok(out)
+}
+
+/// A protobuf `Value` as JSON.
+fn json_of(value: envoy_types::pb::google::protobuf::Value) -> serde_json::Value {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match value.kind {
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::StructValue(s)) => {
+            serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
+        }
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.into_iter().map(json_of).collect())
+        }
+        Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
+    }
 }
 
 fn peer(peer: Peer) -> (Option<IpAddr>, Option<String>) {

@@ -17,8 +17,9 @@ use serde_json::Value;
 
 use crate::config::{Config, ContextConfig, OnEvaluationError};
 use crate::decision::{Decision, Outcome, QuotaReport, Reason};
-use crate::identity::{IdentityChain, Principal};
+use crate::identity::{IdentityChain, Principal, SourceKind};
 use crate::metrics::{Api, Metrics};
+use crate::path::CanonicalPath;
 use crate::policy::evaluate::{Verdict, evaluate};
 use crate::policy::{Expectations, PolicyStore, Snapshot};
 use crate::quota::limits::LimitsStore;
@@ -153,7 +154,14 @@ impl Engine {
     pub async fn decide_http(&self, request: &HttpRequest) -> Decision {
         let started = Instant::now();
         let snapshot = self.policies.snapshot();
-        let mut decision = self.decide_with(&snapshot, request);
+        let mut decision = match self.authenticate(request).await {
+            Ok((path, principal)) => self.decide_with(&snapshot, request, &path, principal),
+            Err(outcome) => Decision::early(
+                request.request_id.clone(),
+                outcome,
+                snapshot.version.clone(),
+            ),
+        };
         if decision.outcome.is_allow() {
             self.charge_rules(&mut decision).await;
         }
@@ -167,7 +175,13 @@ impl Engine {
         decision
     }
 
-    fn decide_with(&self, snapshot: &Snapshot, request: &HttpRequest) -> Decision {
+    fn decide_with(
+        &self,
+        snapshot: &Snapshot,
+        request: &HttpRequest,
+        path: &CanonicalPath,
+        principal: Principal,
+    ) -> Decision {
         let early = |outcome| {
             Decision::early(
                 request.request_id.clone(),
@@ -175,18 +189,11 @@ impl Engine {
                 snapshot.version.clone(),
             )
         };
-        let Ok(path) = crate::path::canonicalize(&request.raw_path) else {
-            return early(Outcome::Invalid(Reason::AmbiguousPath));
-        };
-        let principal = match self.identity.authenticate(request) {
-            Ok(p) => p,
-            Err(reason) => return early(Outcome::Unauthenticated(reason)),
-        };
         let mut decision = early(Outcome::Forbidden(Reason::UnknownRoute));
         decision.principal = Some(principal.clone());
 
         let hints = &request.route_hints;
-        let matched = self.routes.find(&request.method, &path);
+        let matched = self.routes.find(&request.method, path);
         let action = hints
             .action
             .clone()
@@ -231,7 +238,7 @@ impl Engine {
             &self.context,
             &context::ContextInputs {
                 request,
-                path: &path,
+                path,
                 body: &body,
                 route_name: matched.as_ref().map(|m| m.route.name.as_str()),
                 route_tenant: hints.tenant.as_deref(),
@@ -270,6 +277,35 @@ impl Engine {
             Outcome::Forbidden(Reason::PolicyDenied)
         };
         decision
+    }
+
+    /// Canonicalizes the path and authenticates the caller with the sources
+    /// the route accepts.
+    async fn authenticate(
+        &self,
+        request: &HttpRequest,
+    ) -> Result<(CanonicalPath, Principal), Outcome> {
+        let path = crate::path::canonicalize(&request.raw_path)
+            .map_err(|_| Outcome::Invalid(Reason::AmbiguousPath))?;
+        let from_hint: Option<Vec<SourceKind>> = request
+            .route_hints
+            .identity
+            .as_deref()
+            .map(|list| list.split(',').filter_map(SourceKind::parse).collect());
+        let allowed = from_hint.or_else(|| {
+            self.routes
+                .find(&request.method, &path)
+                .and_then(|m| m.route.identity.clone())
+        });
+        let principal = self
+            .identity
+            .authenticate(request, allowed.as_deref())
+            .await
+            .map_err(|reason| match reason {
+                Reason::Unavailable => Outcome::Unavailable(reason),
+                _ => Outcome::Unauthenticated(reason),
+            })?;
+        Ok((path, principal))
     }
 
     /// Charges the quota rules that apply to an allowed decision.

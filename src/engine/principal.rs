@@ -32,7 +32,7 @@ pub fn entity(principal: &Principal) -> Result<Entity, String> {
     let mut attrs = HashMap::new();
     match principal.kind {
         PrincipalKind::Anonymous => {}
-        PrincipalKind::ApiKey => {
+        PrincipalKind::ApiKey | PrincipalKind::User => {
             let tenant = entity_uid("Tenant", principal.tenant.as_deref().unwrap_or_default())?;
             parents.insert(tenant.clone());
             attrs.insert(
@@ -44,6 +44,14 @@ pub fn entity(principal: &Principal) -> Result<Entity, String> {
                 RestrictedExpression::new_string(principal.tier.clone().unwrap_or_default()),
             );
             attrs.insert("scopes".into(), string_set(&principal.scopes));
+            if principal.kind == PrincipalKind::ApiKey {
+                let models = principal
+                    .models
+                    .iter()
+                    .map(|m| entity_uid("Model", m).map(RestrictedExpression::new_entity_uid))
+                    .collect::<Result<Vec<_>, _>>()?;
+                attrs.insert("models".into(), RestrictedExpression::new_set(models));
+            }
         }
         PrincipalKind::Service => {
             attrs.insert(
@@ -82,13 +90,19 @@ pub fn probes() -> Vec<Entity> {
         tier: Some("free".into()),
         scopes: vec!["s".into()],
         groups: vec!["g".into()],
+        models: vec!["m".into()],
+    };
+    let user = Principal {
+        kind: PrincipalKind::User,
+        models: Vec::new(),
+        ..key.clone()
     };
     let service = Principal {
         kind: PrincipalKind::Service,
         id: "spiffe://probe/x".into(),
         ..Principal::anonymous()
     };
-    [key, service, Principal::anonymous()]
+    [key, user, service, Principal::anonymous()]
         .iter()
         .filter_map(|p| entity(p).ok())
         .collect()
@@ -116,6 +130,7 @@ mod tests {
             tier: Some("free".into()),
             scopes: vec!["llm:generate".into()],
             groups: vec!["admins".into()],
+            models: vec![],
         })
         .expect("entity");
         let json = e.to_json_value().expect("json");

@@ -1,343 +1,288 @@
-//! API keys from a keys file that holds only their SHA-256 hashes.
+//! API key authentication.
 //!
-//! API keys are long random strings, so a fast cryptographic hash is the right
-//! storage form (a password KDF buys nothing against 256 bits of entropy):
-//! the file never contains a usable key, and lookups hash the presented key
-//! and find its record by hash, so no comparison ever touches the secret.
+//! The key is parsed first (prefix, id, checksum): a malformed key is refused
+//! without touching any store. The record is found by the key's public id
+//! (keys file, then Redis, through a short-lived cache), and the key's
+//! SHA-256 is compared with the stored one in constant time. API keys are
+//! long random strings, so a fast hash is the right storage (a password KDF
+//! buys nothing against 190 bits of entropy).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
-use super::{Authentication, Authenticator, Principal, PrincipalKind};
-use crate::config::line_col;
+use super::keys::{KeyRecord, KeySource, now_secs, sha256};
+use super::{Authentication, Authenticator, Principal, PrincipalKind, SourceKind};
 use crate::decision::Reason;
 use crate::request::HttpRequest;
 
-/// A keys file that could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}:{col}: {message}")]
-pub struct KeysFileError {
-    pub file: String,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeysFile {
-    #[serde(default)]
-    keys: Vec<KeyEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyEntry {
-    id: toml::Spanned<String>,
-    /// `sha256:<64 hex digits>` of the full key.
-    hash: toml::Spanned<String>,
-    tenant: String,
-    tier: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-    #[serde(default)]
-    groups: Vec<String>,
-}
-
-/// One key's record: everything but the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRecord {
-    pub id: String,
-    pub tenant: String,
-    pub tier: String,
-    pub scopes: Vec<String>,
-    pub groups: Vec<String>,
-}
-
-/// Key records indexed by the SHA-256 of the key.
-#[derive(Debug, Default)]
-pub struct KeyIndex {
-    by_hash: HashMap<[u8; 32], KeyRecord>,
-    /// Content hash of the file, to skip no-op reloads.
-    pub version: String,
-}
-
-impl KeyIndex {
-    /// Parses a keys file's text; `file` names it in errors.
-    pub fn parse(text: &str, file: &str) -> Result<Self, KeysFileError> {
-        let err_at = |offset: usize, message: String| {
-            let (line, col) = line_col(text, offset);
-            KeysFileError {
-                file: file.to_string(),
-                line,
-                col,
-                message,
-            }
-        };
-        let parsed: KeysFile = toml::from_str(text).map_err(|e| {
-            err_at(
-                e.span().map_or(0, |s| s.start),
-                e.message().trim().to_string(),
-            )
-        })?;
-        let mut by_hash = HashMap::new();
-        let mut ids = HashMap::new();
-        for entry in parsed.keys {
-            let hash = parse_hash(entry.hash.get_ref())
-                .ok_or_else(|| err_at(entry.hash.span().start, "hash must be \"sha256:\" followed by 64 hex digits; `tollgate keys hash KEY` prints it".into()))?;
-            let id = entry.id.get_ref().clone();
-            if id.is_empty() {
-                return Err(err_at(entry.id.span().start, "key id is empty".into()));
-            }
-            if ids.insert(id.clone(), ()).is_some() {
-                return Err(err_at(
-                    entry.id.span().start,
-                    format!("duplicate key id {id:?}"),
-                ));
-            }
-            let record = KeyRecord {
-                id,
-                tenant: entry.tenant,
-                tier: entry.tier,
-                scopes: entry.scopes,
-                groups: entry.groups,
-            };
-            if by_hash.insert(hash, record).is_some() {
-                return Err(err_at(
-                    entry.hash.span().start,
-                    "two records share this hash".into(),
-                ));
-            }
-        }
-        Ok(Self {
-            by_hash,
-            version: hash_hex(text.as_bytes()),
-        })
-    }
-
-    /// Reads and parses a keys file.
-    pub fn load(path: &Path) -> Result<Self, KeysFileError> {
-        let text = std::fs::read_to_string(path).map_err(|e| KeysFileError {
-            file: path.display().to_string(),
-            line: 1,
-            col: 1,
-            message: format!("cannot read keys file: {e}"),
-        })?;
-        Self::parse(&text, &path.display().to_string())
-    }
-
-    /// The record of a presented key, if any.
-    pub fn lookup(&self, key: &str) -> Option<&KeyRecord> {
-        self.by_hash.get(&sha256(key.as_bytes()))
-    }
-
-    /// Number of keys.
-    pub fn len(&self) -> usize {
-        self.by_hash.len()
-    }
-
-    /// Whether there are no keys.
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
-    }
-}
-
-/// `sha256:<hex>` of a key, the form the keys file stores.
-pub fn key_hash(key: &str) -> String {
-    format!("sha256:{}", hash_hex(key.as_bytes()))
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-fn hash_hex(bytes: &[u8]) -> String {
-    hex::encode(sha256(bytes))
-}
-
-fn parse_hash(text: &str) -> Option<[u8; 32]> {
-    let hex_part = text.strip_prefix("sha256:")?;
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_part, &mut out).ok()?;
-    Some(out)
-}
-
-/// API keys from a file, swappable on reload.
+/// API keys from one or more sources.
 pub struct ApiKeyAuthenticator {
-    index: Arc<ArcSwap<KeyIndex>>,
+    sources: Vec<Arc<dyn KeySource>>,
+    /// Records (or their absence) by id, for `cache_ttl`: the bound on how
+    /// long a revocation takes to reach every replica.
+    cache: moka::future::Cache<String, Option<Arc<KeyRecord>>>,
     max_len: usize,
-    path: PathBuf,
+    lookups: AtomicU64,
 }
 
 impl ApiKeyAuthenticator {
-    /// Loads the keys file.
-    pub fn load(path: &Path, max_len: usize) -> Result<Self, KeysFileError> {
-        let index = KeyIndex::load(path)?;
-        Ok(Self {
-            index: Arc::new(ArcSwap::from_pointee(index)),
+    /// Looks keys up in `sources`, in order.
+    pub fn new(sources: Vec<Arc<dyn KeySource>>, cache_ttl: Duration, max_len: usize) -> Self {
+        Self {
+            sources,
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(cache_ttl.max(Duration::from_millis(1)))
+                .build(),
             max_len,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// A handle that reloads this authenticator's keys.
-    pub fn reloader(&self) -> KeysReloader {
-        KeysReloader {
-            index: self.index.clone(),
-            path: self.path.clone(),
+            lookups: AtomicU64::new(0),
         }
     }
-}
 
-/// Re-reads a keys file and swaps it in, keeping the old one on error.
-#[derive(Clone)]
-pub struct KeysReloader {
-    index: Arc<ArcSwap<KeyIndex>>,
-    path: PathBuf,
-}
+    /// How many times a store was asked (for operators and tests: a
+    /// malformed key must never cause one).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
 
-impl KeysReloader {
-    /// Reloads; `Ok(true)` when the content changed.
-    pub fn reload(&self) -> Result<bool, KeysFileError> {
-        let fresh = KeyIndex::load(&self.path)?;
-        if fresh.version == self.index.load().version {
-            return Ok(false);
+    /// Forgets cached records (after a keys file reload).
+    pub fn invalidate(&self) {
+        self.cache.invalidate_all();
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, Reason> {
+        if let Some(hit) = self.cache.get(id).await {
+            return Ok(hit);
         }
-        self.index.store(Arc::new(fresh));
-        Ok(true)
-    }
-
-    /// The file this reloader reads.
-    pub fn path(&self) -> &Path {
-        &self.path
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let mut found = None;
+        for source in &self.sources {
+            match source.get(id).await {
+                Ok(Some(r)) => {
+                    found = Some(Arc::new(r));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Fail closed, and do not cache the failure.
+                    tracing::warn!(key_id = id, error = %e, "api key source failed");
+                    return Err(Reason::Unavailable);
+                }
+            }
+        }
+        self.cache.insert(id.to_string(), found.clone()).await;
+        Ok(found)
     }
 }
 
-/// Extracts the presented API key: `x-api-key`, else `Authorization: Bearer`.
-fn presented_key(request: &HttpRequest) -> Option<&str> {
+/// The presented API key: `x-api-key`, or an `Authorization: Bearer` value
+/// in Tollgate's key format (other bearer tokens belong to other sources).
+fn presented(request: &HttpRequest) -> Option<&str> {
     if let Some(v) = request.header("x-api-key") {
         return Some(v);
     }
-    let auth = request.header("authorization")?;
-    let (scheme, rest) = auth.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+    let (scheme, value) = request.header("authorization")?.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer")
+        && value.trim_start().starts_with(super::key_format::PREFIX))
+    .then_some(value.trim_start())
 }
 
+#[tonic::async_trait]
 impl Authenticator for ApiKeyAuthenticator {
-    fn authenticate(&self, request: &HttpRequest) -> Authentication {
-        let Some(key) = presented_key(request) else {
+    fn kind(&self) -> SourceKind {
+        SourceKind::ApiKey
+    }
+
+    fn claims(&self, request: &HttpRequest) -> bool {
+        presented(request).is_some()
+    }
+
+    async fn authenticate(&self, request: &HttpRequest) -> Authentication {
+        let Some(key) = presented(request) else {
             return Authentication::NotPresent;
         };
         // Envoy joins duplicate headers with ','; never pick one of them.
         if key.contains(',') {
             return Authentication::Rejected(Reason::AmbiguousCredential);
         }
-        let key = key.trim();
-        if key.is_empty() || key.len() > self.max_len || key.contains(char::is_whitespace) {
+        if key.len() > self.max_len {
+            return Authentication::Rejected(Reason::MalformedCredential);
+        }
+        let Some(id) = super::key_format::parse(key.trim()) else {
+            return Authentication::Rejected(Reason::MalformedCredential);
+        };
+        let record = match self.record(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Authentication::Rejected(Reason::InvalidCredential),
+            Err(reason) => return Authentication::Rejected(reason),
+        };
+        if !bool::from(sha256(key.trim()).ct_eq(&record.hash)) {
             return Authentication::Rejected(Reason::InvalidCredential);
         }
-        match self.index.load().lookup(key) {
-            Some(record) => Authentication::Authenticated(Principal {
-                kind: PrincipalKind::ApiKey,
-                id: record.id.clone(),
-                tenant: Some(record.tenant.clone()),
-                tier: Some(record.tier.clone()),
-                scopes: record.scopes.clone(),
-                groups: record.groups.clone(),
-            }),
-            None => Authentication::Rejected(Reason::InvalidCredential),
+        let now = now_secs();
+        if record.disabled || record.grace_until.is_some_and(|g| now >= g) {
+            return Authentication::Rejected(Reason::RevokedCredential);
         }
+        if record.expires_at.is_some_and(|e| now >= e) {
+            return Authentication::Rejected(Reason::ExpiredCredential);
+        }
+        Authentication::Authenticated(Principal {
+            kind: PrincipalKind::ApiKey,
+            id: record.id.clone(),
+            tenant: Some(record.tenant.clone()),
+            tier: Some(record.tier.clone()),
+            scopes: record.scopes.clone(),
+            groups: record.groups.clone(),
+            models: record.models.clone(),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::key_format::generate;
+    use crate::identity::keys::{KeyIndex, key_hash};
 
-    fn file(key: &str) -> String {
+    struct Fixed(KeyIndex);
+
+    #[tonic::async_trait]
+    impl KeySource for Fixed {
+        async fn get(
+            &self,
+            id: &str,
+        ) -> Result<Option<KeyRecord>, super::super::keys::SourceError> {
+            Ok(self.0.lookup(id))
+        }
+    }
+
+    fn auth(records: &str) -> ApiKeyAuthenticator {
+        let index = KeyIndex::parse(records, "keys.toml").expect("parse");
+        ApiKeyAuthenticator::new(vec![Arc::new(Fixed(index))], Duration::from_secs(1), 512)
+    }
+
+    fn record(id: &str, key: &str, extra: &str) -> String {
         format!(
-            "[[keys]]\nid = \"k1\"\nhash = \"{}\"\ntenant = \"acme\"\ntier = \"paid\"\nscopes = [\"llm:generate\"]\n",
+            "[[keys]]\nid = \"{id}\"\nhash = \"{}\"\ntenant = \"acme\"\ntier = \"paid\"\n{extra}\n",
             key_hash(key)
         )
     }
 
-    fn auth(text: &str) -> ApiKeyAuthenticator {
-        ApiKeyAuthenticator {
-            index: Arc::new(ArcSwap::from_pointee(
-                KeyIndex::parse(text, "keys.toml").expect("parse"),
-            )),
-            max_len: 256,
-            path: PathBuf::from("keys.toml"),
-        }
-    }
-
-    fn with_header(name: &str, value: &str) -> HttpRequest {
+    fn with(name: &str, value: &str) -> HttpRequest {
         let mut req = HttpRequest::default();
         req.headers.insert(name.into(), value.into());
         req
     }
 
-    #[test]
-    fn credential_table() {
-        let a = auth(&file("tg_secret_1"));
+    async fn outcome(a: &ApiKeyAuthenticator, name: &str, value: &str) -> Result<String, Reason> {
+        match a.authenticate(&with(name, value)).await {
+            Authentication::Authenticated(p) => Ok(p.id),
+            Authentication::Rejected(r) => Err(r),
+            Authentication::NotPresent => Err(Reason::MissingCredential),
+        }
+    }
+
+    #[tokio::test]
+    async fn credential_table() {
+        let good = generate("k1").expect("key");
+        let expired = generate("old").expect("key");
+        let disabled = generate("off").expect("key");
+        let unknown = generate("nobody").expect("key");
+        let other_secret = generate("k1").expect("key");
+        let a = auth(&format!(
+            "{}{}{}",
+            record("k1", &good, ""),
+            record("old", &expired, "expires_at = \"2001-01-01T00:00:00Z\""),
+            record("off", &disabled, "disabled = true"),
+        ));
         let cases = [
-            ("x-api-key", "tg_secret_1", Some(Ok("k1"))),
-            ("authorization", "Bearer tg_secret_1", Some(Ok("k1"))),
-            ("authorization", "bearer tg_secret_1", Some(Ok("k1"))),
-            ("authorization", "Basic dXNlcjpwYXNz", None),
+            ("x-api-key", good.clone(), Ok("k1".to_string())),
+            ("authorization", format!("Bearer {good}"), Ok("k1".into())),
+            ("x-api-key", other_secret, Err(Reason::InvalidCredential)),
+            ("x-api-key", unknown, Err(Reason::InvalidCredential)),
+            ("x-api-key", expired, Err(Reason::ExpiredCredential)),
+            ("x-api-key", disabled, Err(Reason::RevokedCredential)),
             (
                 "x-api-key",
-                "tg_secret_2",
-                Some(Err(Reason::InvalidCredential)),
+                format!("{good},{good}"),
+                Err(Reason::AmbiguousCredential),
             ),
             (
                 "x-api-key",
-                "tg_secret_1,tg_secret_1",
-                Some(Err(Reason::AmbiguousCredential)),
+                "tg_k1_short".into(),
+                Err(Reason::MalformedCredential),
+            ),
+            (
+                "x-api-key",
+                "k".repeat(1 << 20),
+                Err(Reason::MalformedCredential),
             ),
             (
                 "authorization",
-                "Bearer a, Bearer b",
-                Some(Err(Reason::AmbiguousCredential)),
+                "Bearer eyJhbGciOi.x.y".into(),
+                Err(Reason::MissingCredential),
             ),
-            ("x-api-key", "", Some(Err(Reason::InvalidCredential))),
-            ("x-other", "tg_secret_1", None),
         ];
         for (name, value, want) in cases {
-            let got = match a.authenticate(&with_header(name, value)) {
-                Authentication::NotPresent => None,
-                Authentication::Authenticated(p) => Some(Ok(p.id)),
-                Authentication::Rejected(r) => Some(Err(r)),
-            };
-            let want = want.map(|w| w.map(str::to_string));
-            assert_eq!(got, want, "{name}: {value}");
+            assert_eq!(
+                outcome(&a, name, &value).await,
+                want,
+                "{name}: {}",
+                &value[..value.len().min(40)]
+            );
         }
-        let long = "k".repeat(1 << 20);
+    }
+
+    #[tokio::test]
+    async fn malformed_keys_never_reach_a_store() {
+        let a = auth("");
+        let before = a.lookups();
+        for bad in [
+            "tg_k1_nope",
+            "sk-live-123",
+            "tg_",
+            "tg_K1_0000000000000000000000000000000000000000",
+        ] {
+            assert_eq!(
+                outcome(&a, "x-api-key", bad).await,
+                Err(Reason::MalformedCredential)
+            );
+        }
+        assert_eq!(a.lookups(), before);
+        let _ = outcome(&a, "x-api-key", &generate("real").expect("key")).await;
+        assert_eq!(a.lookups(), before + 1, "a well-formed key is looked up");
+    }
+
+    #[tokio::test]
+    async fn rotation_grace_applies_to_the_replaced_key() {
+        let old = generate("old").expect("key");
+        let new = generate("new").expect("key");
+        let open = auth(&format!(
+            "{}{}",
+            record("old", &old, ""),
+            record(
+                "new",
+                &new,
+                "replaces = \"old\"\ngrace_until = \"2999-01-01T00:00:00Z\""
+            )
+        ));
+        assert_eq!(outcome(&open, "x-api-key", &old).await, Ok("old".into()));
+        let closed = auth(&format!(
+            "{}{}",
+            record("old", &old, ""),
+            record(
+                "new",
+                &new,
+                "replaces = \"old\"\ngrace_until = \"2001-01-01T00:00:00Z\""
+            )
+        ));
         assert_eq!(
-            a.authenticate(&with_header("x-api-key", &long)),
-            Authentication::Rejected(Reason::InvalidCredential)
+            outcome(&closed, "x-api-key", &old).await,
+            Err(Reason::RevokedCredential)
         );
-    }
-
-    #[test]
-    fn bad_hash_is_reported_at_its_line() {
-        let err = KeyIndex::parse(
-            "[[keys]]\nid = \"k1\"\nhash = \"md5:abc\"\ntenant = \"a\"\ntier = \"free\"\n",
-            "keys.toml",
-        )
-        .expect_err("bad hash");
-        assert_eq!((err.line, err.col), (3, 8), "{err}");
-    }
-
-    #[test]
-    fn duplicate_ids_are_refused() {
-        let text = format!("{}{}", file("a"), file("b"));
-        let err = KeyIndex::parse(&text, "keys.toml").expect_err("dup");
-        assert!(err.message.contains("duplicate key id"), "{err}");
+        assert_eq!(outcome(&closed, "x-api-key", &new).await, Ok("new".into()));
     }
 }

@@ -19,7 +19,9 @@ const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmn
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn checksum(body: &str) -> String {
@@ -37,7 +39,10 @@ fn checksum(body: &str) -> String {
 pub fn parse(key: &str) -> Option<&str> {
     let rest = key.strip_prefix(PREFIX)?;
     let (id, tail) = rest.split_once('_')?;
-    if !valid_id(id) || tail.len() != SECRET_LEN + CHECKSUM_LEN || !tail.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if !valid_id(id)
+        || tail.len() != SECRET_LEN + CHECKSUM_LEN
+        || !tail.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
         return None;
     }
     let (body, sum) = key.split_at(key.len() - CHECKSUM_LEN);
@@ -47,7 +52,9 @@ pub fn parse(key: &str) -> Option<&str> {
 /// A new key for `id`, from the OS random number generator.
 pub fn generate(id: &str) -> Result<String, String> {
     if !valid_id(id) {
-        return Err(format!("key id {id:?}: use 1–40 lowercase letters, digits or '-'"));
+        return Err(format!(
+            "key id {id:?}: use 1–40 lowercase letters, digits or '-'"
+        ));
     }
     let mut secret = String::with_capacity(SECRET_LEN);
     let mut bytes = [0u8; 64];
@@ -82,7 +89,11 @@ mod tests {
             let changed = String::from_utf8(bytes).expect("utf8");
             assert_eq!(parse(&changed), None, "changed at {i}");
         }
-        assert_ne!(generate("demo-paid").expect("key"), key, "secrets are random");
+        assert_ne!(
+            generate("demo-paid").expect("key"),
+            key,
+            "secrets are random"
+        );
     }
 
     #[test]

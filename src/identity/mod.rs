@@ -1,11 +1,39 @@
 //! Who is calling. Each credential kind is an [`Authenticator`]; the engine
-//! asks them in order and the first whose credential is present decides.
+//! asks the configured ones in order (per route, a subset) and the first
+//! whose credential is present decides. A credential that is present but
+//! invalid is refused: never a fall-through to another source or anonymous.
 
 pub mod api_key;
+pub mod jwt;
+pub mod key_format;
+pub mod keys;
 pub mod mtls;
+
+use serde::Deserialize;
 
 use crate::decision::Reason;
 use crate::request::HttpRequest;
+
+/// An identity source, as named in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    ApiKey,
+    Jwt,
+    Mtls,
+}
+
+impl SourceKind {
+    /// Parses `api_key`, `jwt`, `mtls`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "api_key" => Some(Self::ApiKey),
+            "jwt" => Some(Self::Jwt),
+            "mtls" => Some(Self::Mtls),
+            _ => None,
+        }
+    }
+}
 
 /// How the caller authenticated; becomes the Cedar entity type of the
 /// principal.
@@ -13,6 +41,8 @@ use crate::request::HttpRequest;
 pub enum PrincipalKind {
     /// An API key (`ApiKey::"<key id>"`).
     ApiKey,
+    /// A person or partner with a verified bearer token (`User::"<sub>"`).
+    User,
     /// A workload identified by its mTLS certificate (`Service::"<spiffe id>"`).
     Service,
     /// No credential at all (`Anonymous::"anonymous"`).
@@ -24,6 +54,7 @@ impl PrincipalKind {
     pub fn entity_type(self) -> &'static str {
         match self {
             Self::ApiKey => "ApiKey",
+            Self::User => "User",
             Self::Service => "Service",
             Self::Anonymous => "Anonymous",
         }
@@ -33,6 +64,7 @@ impl PrincipalKind {
     pub fn authn(self) -> &'static str {
         match self {
             Self::ApiKey => "api_key",
+            Self::User => "jwt",
             Self::Service => "mtls",
             Self::Anonymous => "none",
         }
@@ -43,7 +75,7 @@ impl PrincipalKind {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {
     pub kind: PrincipalKind,
-    /// Entity id: key id, SPIFFE id, …; never the credential itself.
+    /// Entity id: key id, subject, SPIFFE id, …; never the credential itself.
     pub id: String,
     pub tenant: Option<String>,
     /// `free`, `paid`, `enterprise`, ….
@@ -51,6 +83,8 @@ pub struct Principal {
     pub scopes: Vec<String>,
     /// Group ids; become `Group::"<id>"` parents.
     pub groups: Vec<String>,
+    /// Models the credential is limited to; empty means no limit.
+    pub models: Vec<String>,
 }
 
 impl Principal {
@@ -63,6 +97,7 @@ impl Principal {
             tier: None,
             scopes: Vec::new(),
             groups: Vec::new(),
+            models: Vec::new(),
         }
     }
 
@@ -78,38 +113,61 @@ pub enum Authentication {
     /// This authenticator's credential is absent; ask the next one.
     NotPresent,
     Authenticated(Principal),
-    /// The credential is present but not acceptable. Never falls through to
-    /// another source or to anonymous.
+    /// The credential is present but not acceptable.
     Rejected(Reason),
 }
 
 /// One identity source.
+#[tonic::async_trait]
 pub trait Authenticator: Send + Sync {
+    /// Which source this is.
+    fn kind(&self) -> SourceKind;
+    /// Whether the request carries this source's kind of credential (cheap,
+    /// no verification).
+    fn claims(&self, request: &HttpRequest) -> bool;
     /// Examines the request's credential, if this source has one in it.
-    fn authenticate(&self, request: &HttpRequest) -> Authentication;
+    async fn authenticate(&self, request: &HttpRequest) -> Authentication;
 }
 
 /// The configured sources, in order.
 #[derive(Default)]
 pub struct IdentityChain {
-    sources: Vec<Box<dyn Authenticator>>,
+    sources: Vec<std::sync::Arc<dyn Authenticator>>,
 }
 
 impl IdentityChain {
     /// A chain asking `sources` in order.
-    pub fn new(sources: Vec<Box<dyn Authenticator>>) -> Self {
+    pub fn new(sources: Vec<std::sync::Arc<dyn Authenticator>>) -> Self {
         Self { sources }
     }
 
-    /// The first present credential decides; with none, the caller is
-    /// anonymous.
-    pub fn authenticate(&self, request: &HttpRequest) -> Result<Principal, Reason> {
-        for source in &self.sources {
-            match source.authenticate(request) {
+    /// The first present credential among the `allowed` sources (all when
+    /// `None`) decides; with none, the caller is anonymous. A credential of a
+    /// source the route does not allow, or an `Authorization` header no
+    /// source recognizes, is refused rather than ignored.
+    pub async fn authenticate(
+        &self,
+        request: &HttpRequest,
+        allowed: Option<&[SourceKind]>,
+    ) -> Result<Principal, Reason> {
+        let permitted =
+            |s: &&std::sync::Arc<dyn Authenticator>| allowed.is_none_or(|a| a.contains(&s.kind()));
+        for source in self.sources.iter().filter(permitted) {
+            match source.authenticate(request).await {
                 Authentication::NotPresent => continue,
                 Authentication::Authenticated(p) => return Ok(p),
                 Authentication::Rejected(reason) => return Err(reason),
             }
+        }
+        let claimed_elsewhere = self
+            .sources
+            .iter()
+            .any(|s| !permitted(&s) && s.claims(request));
+        if claimed_elsewhere
+            || request.header("authorization").is_some()
+            || request.header("x-api-key").is_some()
+        {
+            return Err(Reason::InvalidCredential);
         }
         Ok(Principal::anonymous())
     }

@@ -148,7 +148,11 @@ impl RedisStore {
                 (
                     Lazy::spawn("redis quota store", move || {
                         let (client, config) = (client.clone(), config.clone());
-                        async move { ConnectionManager::new_with_config(client, config).await.map(Conn::Single) }
+                        async move {
+                            ConnectionManager::new_with_config(client, config)
+                                .await
+                                .map(Conn::Single)
+                        }
                     }),
                     "redis",
                 )
@@ -160,7 +164,9 @@ impl RedisStore {
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .build()
-                    .map_err(|e| StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}")))?;
+                    .map_err(|e| {
+                        StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}"))
+                    })?;
                 (
                     Lazy::spawn("redis cluster quota store", move || {
                         let client = client.clone();

@@ -162,6 +162,7 @@ mod tests {
             tier: Some(tier.into()),
             scopes: vec![],
             groups: vec![],
+            models: vec![],
         }
     }
 
