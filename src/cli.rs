@@ -381,7 +381,11 @@ async fn keys(config: Config, command: KeysCommand) -> anyhow::Result<ExitCode> 
                 replaces: c.replaces.clone(),
                 // The file form carries the replaced key's deadline on the
                 // new record; in Redis it is set on the replaced record.
-                grace_until: if config.identity.api_keys_redis_url.is_some() { None } else { grace_until },
+                grace_until: if config.identity.api_keys_redis_url.is_some() {
+                    None
+                } else {
+                    grace_until
+                },
             };
             if let Some(redis) = redis_keys(&config).await? {
                 if redis.get_record(&record.id).await?.is_some() {

@@ -211,6 +211,7 @@ pub struct Issuer {
     config: IssuerConfig,
     algorithms: Vec<Algorithm>,
     keys: ArcSwapOption<Keys>,
+    /// Held during any fetch; holds the time of the last unknown-kid refresh.
     refresh: tokio::sync::Mutex<Option<Instant>>,
     http: reqwest::Client,
     fetches: AtomicU64,
@@ -335,8 +336,9 @@ impl Issuer {
     /// Fetches keys now (boot and periodic refresh), keeping the last good
     /// ones on failure.
     pub async fn refresh_now(&self) {
-        let mut last = self.refresh.lock().await;
-        *last = Some(Instant::now());
+        // Shares the lock (one fetch at a time) but not the unknown-kid
+        // timestamp: a scheduled refresh must not delay a rotation pickup.
+        let _one_at_a_time = self.refresh.lock().await;
         match self.fetch().await {
             Ok(keys) => self.keys.store(Some(Arc::new(keys))),
             Err(e) => {
