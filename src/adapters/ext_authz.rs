@@ -121,7 +121,10 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
         _ => headers,
     };
     let (source_ip, peer_principal) = source.map(peer).unwrap_or_default();
-    let tls = tls_session.is_some();
+    // Envoy sends `tls_session` only with `include_tls_session: true`; a
+    // peer principal is taken from the verified client certificate, so it
+    // too proves the connection was TLS. Neither can be set by the client.
+    let tls = tls_session.is_some() || peer_principal.is_some();
     let body = if !raw_body.is_empty() {
         Some(raw_body)
     } else if !body.is_empty() {

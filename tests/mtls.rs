@@ -1,0 +1,165 @@
+//! mTLS end to end: Envoy terminates TLS with certificates made here by
+//! openssl; a client certificate with a SPIFFE URI SAN becomes a `Service`
+//! principal; no certificate on an mTLS-only route is a 401; a plaintext
+//! request with a forged `x-forwarded-client-cert` is not an identity.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{Tollgate, eventually, free_port, raw_http, start_upstream, test_config};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate whose
+/// URI SAN is `spiffe`.
+fn certificates(dir: &Path, spiffe: &str) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=tollgate-test-ca", "-days", "1"]);
+    openssl(dir, &ca);
+    for (name, cn, san) in [("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1".to_string()), ("client", "indexer", format!("subjectAltName=URI:{spiffe}"))] {
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let (key, csr, crt, ext) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        let subj = format!("/CN={cn}");
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req);
+        std::fs::write(dir.join(&ext), san).expect("ext");
+        openssl(dir, &["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days", "1", "-extfile", &ext]);
+    }
+}
+
+const ENVOY: &str = r#"
+admin: { address: { socket_address: { address: 127.0.0.1, port_value: ADMIN } } }
+static_resources:
+  listeners:
+  - name: tls
+    address: { socket_address: { address: 127.0.0.1, port_value: TLS } }
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: false
+          common_tls_context:
+            tls_certificates: [ { certificate_chain: { filename: DIR/server.crt }, private_key: { filename: DIR/server.key } } ]
+            validation_context: { trusted_ca: { filename: DIR/ca.crt } }
+      filters: [ HCM ]
+  - name: plain
+    address: { socket_address: { address: 127.0.0.1, port_value: PLAIN } }
+    filter_chains:
+    - filters: [ HCM ]
+  clusters:
+  - name: tollgate
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment: { cluster_name: tollgate, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: GRPC } } } } ] } ] }
+  - name: upstream
+    type: STATIC
+    load_assignment: { cluster_name: upstream, endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: UPSTREAM } } } } ] } ] }
+"#;
+
+const HCM: &str = r#"{ name: envoy.filters.network.http_connection_manager, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: gw, route_config: { virtual_hosts: [ { name: all, domains: ["*"], routes: [ { match: { prefix: "/v1/embeddings" }, route: { cluster: upstream }, typed_per_filter_config: { envoy.filters.http.ext_authz: { "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute, check_settings: { context_extensions: { identity: mtls } } } } }, { match: { prefix: "/" }, route: { cluster: upstream } } ] } ] }, http_filters: [ { name: envoy.filters.http.ext_authz, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, transport_api_version: V3, failure_mode_allow: false, include_peer_certificate: true, include_tls_session: true, with_request_body: { max_request_bytes: 65536, allow_partial_message: true, pack_as_bytes: true }, grpc_service: { envoy_grpc: { cluster_name: tollgate }, timeout: 0.5s } } }, { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } } ] } }"#;
+
+struct Envoy(Child);
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` over TLS; returns (status, body).
+fn curl(dir: &Path, port: u16, client_cert: bool) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.current_dir(dir)
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert", "ca.crt", "-H", "content-type: application/json"])
+        .args(["-d", r#"{"model":"text-embedding-small"}"#]);
+    if client_cert {
+        cmd.args(["--cert", "client.crt", "--key", "client.key"]);
+    }
+    let out = cmd.arg(format!("https://127.0.0.1:{port}/v1/embeddings")).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_identity_through_envoy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spiffe = "spiffe://acme.example/ns/batch/sa/indexer";
+    certificates(dir.path(), spiffe);
+    let mut config = test_config();
+    config.identity.mtls_trust_domains = vec!["acme.example".into()];
+    let mut tg = Tollgate::start(config).await;
+    let (upstream, _task) = start_upstream().await;
+    let (admin, tls, plain) = (free_port(), free_port(), free_port());
+    let yaml = ENVOY
+        .replace("HCM", HCM)
+        .replace("ADMIN", &admin.to_string())
+        .replace("PLAIN", &plain.to_string())
+        .replace("TLS", &tls.to_string())
+        .replace("GRPC", &tg.grpc.port().to_string())
+        .replace("UPSTREAM", &upstream.port().to_string())
+        .replace("DIR", &dir.path().display().to_string());
+    let path = dir.path().join("envoy.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let _envoy = Envoy(
+        Command::new(support::envoy_bin())
+            .arg("-c")
+            .arg(&path)
+            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("envoy"),
+    );
+    let admin_addr = format!("127.0.0.1:{admin}").parse().expect("addr");
+    let ready = eventually(Duration::from_secs(30), || async move {
+        tokio::net::TcpStream::connect(admin_addr).await.is_ok() && raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200
+    })
+    .await;
+    assert!(ready, "envoy did not start");
+
+    let d = dir.path().to_path_buf();
+    let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true)).await.expect("curl");
+    assert_eq!(status, 200, "{body}");
+    let echoed: serde_json::Value = serde_json::from_str(&body).expect("upstream echo");
+    let principal: Vec<&str> = echoed["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|p| p[0] == "x-tollgate-principal")
+        .filter_map(|p| p[1].as_str())
+        .collect();
+    assert_eq!(principal, vec![format!("Service::{spiffe:?}").as_str()]);
+
+    let d = dir.path().to_path_buf();
+    let (status, _) = tokio::task::spawn_blocking(move || curl(&d, tls, false)).await.expect("curl");
+    assert_eq!(status, 401, "no client certificate on an mTLS-only route");
+
+    let forged = raw_http(
+        format!("127.0.0.1:{plain}").parse().expect("addr"),
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("content-type", "application/json"),
+            ("x-forwarded-client-cert", &format!("By=spiffe://acme.example/envoy;URI={spiffe}")),
+        ],
+        r#"{"model":"text-embedding-small"}"#,
+    )
+    .await;
+    assert_eq!(forged.status, 401, "a forged XFCC header is not an identity");
+    tg.stop().await;
+}
