@@ -381,6 +381,36 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_stripped_only_when_configured() {
+        let mut client = HashMap::new();
+        client.insert("authorization".to_string(), "Bearer x".to_string());
+        client.insert("x-api-key".to_string(), "tg_x".to_string());
+        let removed = |strip: bool| {
+            let config = ResponseConfig {
+                strip_credentials: strip,
+                ..ResponseConfig::default()
+            };
+            match check_response(
+                &decision(Outcome::Allow),
+                &client,
+                &config,
+                HeaderStyle::None,
+            )
+            .http_response
+            {
+                Some(HttpResponse::OkResponse(ok)) => ok.headers_to_remove,
+                _ => panic!("allow"),
+            }
+        };
+        assert!(!removed(false).contains(&"authorization".to_string()));
+        let stripped = removed(true);
+        assert!(
+            stripped.contains(&"authorization".to_string())
+                && stripped.contains(&"x-api-key".to_string())
+        );
+    }
+
+    #[test]
     fn unauthenticated_carries_www_authenticate() {
         let r = check_response(
             &decision(Outcome::Unauthenticated(Reason::InvalidCredential)),

@@ -634,3 +634,65 @@ async fn credentials_never_reach_the_logs() {
         assert!(!text.contains(s.as_str()), "a credential reached the log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_verified_jwt_payloads_are_trusted_only_when_configured() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.into())),
+    };
+    let payload = Struct {
+        fields: [
+            ("iss".to_string(), s(ISS)),
+            ("sub".to_string(), s("bob")),
+            ("tenant".to_string(), s("acme")),
+            ("tier".to_string(), s("paid")),
+            ("scope".to_string(), s("llm:generate")),
+        ]
+        .into(),
+    };
+    let request = || {
+        let mut r = chat(&[], "llama-3-8b");
+        if let Some(a) = r.attributes.as_mut() {
+            a.metadata_context = Some(Metadata {
+                filter_metadata: [(
+                    tollgate::identity::jwt::JWT_AUTHN_NAMESPACE.to_string(),
+                    Struct {
+                        fields: [(
+                            "jwt_payload".to_string(),
+                            Value {
+                                kind: Some(Kind::StructValue(payload.clone())),
+                            },
+                        )]
+                        .into(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            });
+        }
+        r
+    };
+    let unused: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .expect("addr");
+    for (trust, want) in [(false, 401u16), (true, 200)] {
+        let mut issuer = issuer_config(unused);
+        if trust {
+            issuer.envoy_payload_key = Some("jwt_payload".into());
+        }
+        let mut config = test_config();
+        config.identity.jwt_issuers = vec![issuer];
+        let mut tg = Tollgate::start(config).await;
+        let mut c = AuthorizationClient::new(tg.channel().await);
+        let resp = c.check(request()).await.expect("check").into_inner();
+        let status = match resp.http_response.expect("http_response") {
+            HttpResponse::OkResponse(_) => 200,
+            HttpResponse::DeniedResponse(d) => d.status.map_or(0, |s| s.code as u16),
+            HttpResponse::ErrorResponse(_) => 0,
+        };
+        assert_eq!(status, want, "trust = {trust}");
+        tg.stop().await;
+    }
+}

@@ -12,27 +12,81 @@ use std::time::Duration;
 use support::{Tollgate, eventually, free_port, raw_http, start_upstream, test_config};
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate whose
 /// URI SAN is `spiffe`.
 fn certificates(dir: &Path, spiffe: &str) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509"];
     ca.extend(ec);
-    ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=tollgate-test-ca", "-days", "1"]);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=tollgate-test-ca",
+        "-days",
+        "1",
+    ]);
     openssl(dir, &ca);
-    for (name, cn, san) in [("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1".to_string()), ("client", "indexer", format!("subjectAltName=URI:{spiffe}"))] {
+    for (name, cn, san) in [
+        (
+            "server",
+            "localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1".to_string(),
+        ),
+        ("client", "indexer", format!("subjectAltName=URI:{spiffe}")),
+    ] {
         let mut req = vec!["req"];
         req.extend(ec);
-        let (key, csr, crt, ext) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
         let subj = format!("/CN={cn}");
         req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
         openssl(dir, &req);
         std::fs::write(dir.join(&ext), san).expect("ext");
-        openssl(dir, &["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days", "1", "-extfile", &ext]);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ],
+        );
     }
 }
 
@@ -84,12 +138,25 @@ impl Drop for Envoy {
 fn curl(dir: &Path, port: u16, client_cert: bool) -> (u16, String) {
     let mut cmd = Command::new("curl");
     cmd.current_dir(dir)
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--cacert", "ca.crt", "-H", "content-type: application/json"])
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            "ca.crt",
+            "-H",
+            "content-type: application/json",
+        ])
         .args(["-d", r#"{"model":"text-embedding-small"}"#]);
     if client_cert {
         cmd.args(["--cert", "client.crt", "--key", "client.key"]);
     }
-    let out = cmd.arg(format!("https://127.0.0.1:{port}/v1/embeddings")).output().expect("curl");
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}/v1/embeddings"))
+        .output()
+        .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
@@ -119,7 +186,13 @@ async fn mtls_identity_through_envoy() {
         Command::new(support::envoy_bin())
             .arg("-c")
             .arg(&path)
-            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"])
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -127,13 +200,16 @@ async fn mtls_identity_through_envoy() {
     );
     let admin_addr = format!("127.0.0.1:{admin}").parse().expect("addr");
     let ready = eventually(Duration::from_secs(30), || async move {
-        tokio::net::TcpStream::connect(admin_addr).await.is_ok() && raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200
+        tokio::net::TcpStream::connect(admin_addr).await.is_ok()
+            && raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200
     })
     .await;
     assert!(ready, "envoy did not start");
 
     let d = dir.path().to_path_buf();
-    let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true)).await.expect("curl");
+    let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true))
+        .await
+        .expect("curl");
     assert_eq!(status, 200, "{body}");
     let echoed: serde_json::Value = serde_json::from_str(&body).expect("upstream echo");
     let principal: Vec<&str> = echoed["headers"]
@@ -146,7 +222,9 @@ async fn mtls_identity_through_envoy() {
     assert_eq!(principal, vec![format!("Service::{spiffe:?}").as_str()]);
 
     let d = dir.path().to_path_buf();
-    let (status, _) = tokio::task::spawn_blocking(move || curl(&d, tls, false)).await.expect("curl");
+    let (status, _) = tokio::task::spawn_blocking(move || curl(&d, tls, false))
+        .await
+        .expect("curl");
     assert_eq!(status, 401, "no client certificate on an mTLS-only route");
 
     let forged = raw_http(
@@ -155,11 +233,17 @@ async fn mtls_identity_through_envoy() {
         "/v1/embeddings",
         &[
             ("content-type", "application/json"),
-            ("x-forwarded-client-cert", &format!("By=spiffe://acme.example/envoy;URI={spiffe}")),
+            (
+                "x-forwarded-client-cert",
+                &format!("By=spiffe://acme.example/envoy;URI={spiffe}"),
+            ),
         ],
         r#"{"model":"text-embedding-small"}"#,
     )
     .await;
-    assert_eq!(forged.status, 401, "a forged XFCC header is not an identity");
+    assert_eq!(
+        forged.status, 401,
+        "a forged XFCC header is not an identity"
+    );
     tg.stop().await;
 }
