@@ -8,7 +8,7 @@
 //! { http:  { method, path, host, tls, headers: {..}, query: {..}, source_ip? },
 //!   body:  { present, complete, size, model?, max_tokens?, stream?, has_tools? },
 //!   route: { name?, tenant? },
-//!   authn: "api_key" | "mtls" | "none" }
+//!   authn: "api_key" | "jwt" | "mtls" | "none" }
 //! ```
 
 use cedar_policy::{Context, RestrictedExpression};
