@@ -5,34 +5,20 @@ mod support;
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use support::{Tollgate, away_from_minute_boundary, test_config};
 use tollgate::config::{Config, HeaderStyle};
 use tollgate::quota::rules::QuotaRule;
 
 fn chat(key: &str, model: &str) -> CheckRequest {
-    let mut headers = HashMap::new();
-    headers.insert("x-api-key".to_string(), key.to_string());
-    let body = format!(r#"{{"model":"{model}"}}"#);
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "q".into(),
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    headers,
-                    raw_body: body.into_bytes(),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
+    support::check_request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-api-key", key)],
+        &format!(r#"{{"model":"{model}"}}"#),
+    )
 }
 
 /// (HTTP status, headers on the denied or allowed response).

@@ -5,10 +5,9 @@ mod support;
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use support::{Tollgate, test_config};
 use tollgate::proto::decision_service_client::DecisionServiceClient;
 use tollgate::proto::{self, EntityUid};
@@ -16,28 +15,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 fn http(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> CheckRequest {
-    let headers: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "req-42".into(),
-                    method: method.into(),
-                    path: path.into(),
-                    host: "llm.example.com".into(),
-                    headers,
-                    raw_body: body.as_bytes().to_vec(),
-                    size: body.len() as i64,
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
+    support::check_request(method, path, headers, body)
 }
 
 /// A request whose headers come as raw bytes (Envoy's `encode_raw_headers`).

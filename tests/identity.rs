@@ -5,17 +5,15 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
@@ -24,26 +22,12 @@ use support::{RedisServer, Tollgate, eventually, test_config};
 type Client = AuthorizationClient<tonic::transport::Channel>;
 
 fn chat(headers: &[(&str, &str)], model: &str) -> CheckRequest {
-    let headers: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "id".into(),
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    headers,
-                    raw_body: format!(r#"{{"model":"{model}"}}"#).into_bytes(),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
+    support::check_request(
+        "POST",
+        "/v1/chat/completions",
+        headers,
+        &format!(r#"{{"model":"{model}"}}"#),
+    )
 }
 
 /// (HTTP status, reason code, principal header).

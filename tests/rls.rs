@@ -386,13 +386,11 @@ async fn exact_with_one_memory_server() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exact_with_two_servers_sharing_redis() {
-    let redis = RedisServer::start();
+/// Two servers on one shared store, configured by `store`.
+async fn exact_with_two_servers(store: impl FnOnce(&mut Config)) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = config_with_limits(dir.path(), LIMITS);
-    config.quota.store = StoreKind::Redis;
-    config.quota.redis_url = redis.url();
+    store(&mut config);
     config.quota.deadline_ms = 2000;
     let mut a = Tollgate::start(config.clone()).await;
     let mut b = Tollgate::start(config).await;
@@ -402,18 +400,23 @@ async fn exact_with_two_servers_sharing_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_with_two_servers_sharing_redis() {
+    let redis = RedisServer::start();
+    exact_with_two_servers(|c| {
+        c.quota.store = StoreKind::Redis;
+        c.quota.redis_url = redis.url();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = config_with_limits(dir.path(), LIMITS);
-    config.quota.store = StoreKind::RedisCluster;
-    config.quota.redis_cluster_nodes = cluster.urls();
-    config.quota.deadline_ms = 2000;
-    let mut a = Tollgate::start(config.clone()).await;
-    let mut b = Tollgate::start(config).await;
-    assert_eq!(hammer(&[&a, &b]).await, 500);
-    a.stop().await;
-    b.stop().await;
+    exact_with_two_servers(|c| {
+        c.quota.store = StoreKind::RedisCluster;
+        c.quota.redis_cluster_nodes = cluster.urls();
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

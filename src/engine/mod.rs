@@ -27,7 +27,7 @@ use crate::quota::rls::{RlsAnswer, RlsRequest};
 use crate::quota::rules::{Planned, QuotaRule};
 use crate::quota::{FailureMode, QuotaDecision, QuotaEngine};
 use crate::request::HttpRequest;
-use crate::routes::{ResourceTemplate, RouteTable, TemplateVars};
+use crate::routes::{ResourceTemplate, RouteMatch, RouteTable, TemplateVars};
 
 /// What the policy loader must check for this configuration.
 pub fn expectations(config: &Config, routes: &RouteTable) -> Expectations {
@@ -154,13 +154,24 @@ impl Engine {
     pub async fn decide_http(&self, request: &HttpRequest) -> Decision {
         let started = Instant::now();
         let snapshot = self.policies.snapshot();
-        let mut decision = match self.authenticate(request).await {
-            Ok((path, principal)) => self.decide_with(&snapshot, request, &path, principal),
-            Err(outcome) => Decision::early(
+        let early = |outcome| {
+            Decision::early(
                 request.request_id.clone(),
                 outcome,
                 snapshot.version.clone(),
-            ),
+            )
+        };
+        let mut decision = match crate::path::canonicalize(&request.raw_path) {
+            Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
+            Ok(path) => {
+                let matched = self.routes.find(&request.method, &path);
+                match self.authenticate(request, matched.as_ref()).await {
+                    Ok(principal) => {
+                        self.decide_with(&snapshot, request, &path, matched, principal)
+                    }
+                    Err(outcome) => early(outcome),
+                }
+            }
         };
         if decision.outcome.is_allow() {
             self.charge_rules(&mut decision).await;
@@ -180,6 +191,7 @@ impl Engine {
         snapshot: &Snapshot,
         request: &HttpRequest,
         path: &CanonicalPath,
+        matched: Option<RouteMatch<'_>>,
         principal: Principal,
     ) -> Decision {
         let early = |outcome| {
@@ -193,7 +205,6 @@ impl Engine {
         decision.principal = Some(principal.clone());
 
         let hints = &request.route_hints;
-        let matched = self.routes.find(&request.method, path);
         let action = hints
             .action
             .clone()
@@ -279,33 +290,26 @@ impl Engine {
         decision
     }
 
-    /// Canonicalizes the path and authenticates the caller with the sources
-    /// the route accepts.
+    /// Authenticates the caller with the sources the route accepts (the
+    /// gateway's `identity` hint, else the route's list, else all).
     async fn authenticate(
         &self,
         request: &HttpRequest,
-    ) -> Result<(CanonicalPath, Principal), Outcome> {
-        let path = crate::path::canonicalize(&request.raw_path)
-            .map_err(|_| Outcome::Invalid(Reason::AmbiguousPath))?;
+        matched: Option<&RouteMatch<'_>>,
+    ) -> Result<Principal, Outcome> {
         let from_hint: Option<Vec<SourceKind>> = request
             .route_hints
             .identity
             .as_deref()
             .map(|list| list.split(',').filter_map(SourceKind::parse).collect());
-        let allowed = from_hint.or_else(|| {
-            self.routes
-                .find(&request.method, &path)
-                .and_then(|m| m.route.identity.clone())
-        });
-        let principal = self
-            .identity
+        let allowed = from_hint.or_else(|| matched.and_then(|m| m.route.identity.clone()));
+        self.identity
             .authenticate(request, allowed.as_deref())
             .await
             .map_err(|reason| match reason {
                 Reason::Unavailable => Outcome::Unavailable(reason),
                 _ => Outcome::Unauthenticated(reason),
-            })?;
-        Ok((path, principal))
+            })
     }
 
     /// Charges the quota rules that apply to an allowed decision.

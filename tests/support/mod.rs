@@ -499,3 +499,35 @@ pub async fn away_from_minute_boundary(margin: Duration) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// An ext_authz CheckRequest for an HTTP request (request id `req-42`).
+pub fn check_request(
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                time: None,
+                http: Some(HttpRequest {
+                    id: "req-42".into(),
+                    method: method.into(),
+                    path: path.into(),
+                    host: "llm.example.com".into(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    raw_body: body.as_bytes().to_vec(),
+                    size: body.len() as i64,
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+    }
+}
