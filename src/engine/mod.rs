@@ -7,25 +7,27 @@
 pub mod body;
 pub mod context;
 pub mod principal;
+mod query;
+mod quota;
 
-use std::str::FromStr;
+pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use cedar_policy::{Authorizer, Context, Entities, EntityUid, Request};
+use cedar_policy::{Authorizer, Entities, EntityUid, Request};
 use serde_json::Value;
 
 use crate::config::{Config, ContextConfig, OnEvaluationError};
-use crate::decision::{Decision, Outcome, QuotaReport, Reason};
+use crate::decision::{Decision, Outcome, Reason};
 use crate::identity::{IdentityChain, Principal, SourceKind};
 use crate::metrics::{Api, Metrics};
 use crate::path::CanonicalPath;
-use crate::policy::evaluate::{Verdict, evaluate};
+use crate::policy::evaluate::evaluate;
 use crate::policy::{Expectations, PolicyStore, Snapshot};
+use crate::quota::QuotaEngine;
 use crate::quota::limits::LimitsStore;
-use crate::quota::rls::{RlsAnswer, RlsRequest};
-use crate::quota::rules::{Planned, QuotaRule};
-use crate::quota::{FailureMode, QuotaDecision, QuotaEngine};
+use crate::quota::rules::QuotaRule;
 use crate::request::HttpRequest;
 use crate::routes::{ResourceTemplate, RouteMatch, RouteTable, TemplateVars};
 
@@ -50,34 +52,6 @@ pub fn expectations(config: &Config, routes: &RouteTable) -> Expectations {
         contexts: context::probes(&config.context),
         principals,
     }
-}
-
-/// A direct Cedar question, as the decision API and the CLI ask it.
-#[derive(Debug, Clone, Default)]
-pub struct CedarQuery {
-    /// (type, id) pairs.
-    pub principal: (String, String),
-    pub action: (String, String),
-    pub resource: (String, String),
-    /// A JSON object for the context; `None` means `{}`.
-    pub context: Option<Value>,
-    /// A JSON array of extra entities; `None` means none.
-    pub entities: Option<Value>,
-}
-
-/// A query that is not well formed; `field` names the culprit.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct QueryError {
-    pub field: String,
-    pub message: String,
-}
-
-/// A direct query's answer.
-#[derive(Debug, Clone)]
-pub struct CedarAnswer {
-    pub verdict: Verdict,
-    pub policy_version: String,
 }
 
 /// The decision core.
@@ -311,127 +285,6 @@ impl Engine {
                 _ => Outcome::Unauthenticated(reason),
             })
     }
-
-    /// Charges the quota rules that apply to an allowed decision.
-    async fn charge_rules(&self, decision: &mut Decision) {
-        let (Some(principal), Some(action), Some(resource)) =
-            (&decision.principal, &decision.action, &decision.resource)
-        else {
-            return;
-        };
-        let action_id = uid_id(action);
-        let resource_id = uid_id(resource);
-        let plans: Vec<Planned> = self
-            .rules
-            .iter()
-            .filter_map(|r| r.plan(principal, &action_id, &resource_id))
-            .collect();
-        if plans.is_empty() {
-            return;
-        }
-        match self.quota.charge(&plans).await {
-            QuotaDecision::Allowed { usage } => {
-                decision.quota = plans
-                    .iter()
-                    .zip(&usage)
-                    .filter(|(p, _)| !p.charge.shadow)
-                    .min_by_key(|(p, u)| u.remaining(p.charge.limit))
-                    .map(|(p, u)| report(p, u));
-            }
-            QuotaDecision::OverLimit { usage, blocking } => {
-                decision.quota = plans
-                    .get(blocking)
-                    .zip(usage.get(blocking))
-                    .map(|(p, u)| report(p, u));
-                decision.outcome = Outcome::OverQuota(Reason::OverQuota);
-            }
-            QuotaDecision::Failed { error, mode } => {
-                tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
-                self.metrics.quota_store_error(self.quota.store().kind());
-                decision.outcome = match mode {
-                    FailureMode::Allow => Outcome::Allow,
-                    FailureMode::Deny => Outcome::Unavailable(Reason::QuotaUnavailable),
-                    FailureMode::Gateway => Outcome::Defer(Reason::QuotaUnavailable),
-                };
-            }
-        }
-    }
-
-    /// Decides an Envoy rate limit service request.
-    pub async fn should_rate_limit(&self, request: &RlsRequest) -> RlsAnswer {
-        let started = Instant::now();
-        let limits = self.limits.current();
-        let answer = crate::quota::rls::decide(&limits, &self.quota, request).await;
-        if answer.store_failed {
-            self.metrics.quota_store_error(self.quota.store().kind());
-        }
-        let outcome = if answer.defer {
-            "defer"
-        } else if answer.over {
-            "over_limit"
-        } else {
-            "ok"
-        };
-        let shadow_over = answer.statuses.iter().filter(|s| s.shadow_over).count();
-        tracing::info!(
-            target: "tollgate::decision",
-            api = "ratelimit",
-            domain = %request.domain,
-            descriptors = request.descriptors.len(),
-            decision = outcome,
-            shadow_over,
-            store_failed = answer.store_failed,
-            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "rate limit decision"
-        );
-        self.metrics
-            .rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
-        answer
-    }
-
-    /// Decides direct Cedar queries against one snapshot. A malformed query
-    /// fails the whole batch, with its index.
-    pub fn decide_queries(
-        &self,
-        queries: &[CedarQuery],
-    ) -> Result<Vec<CedarAnswer>, (usize, QueryError)> {
-        let snapshot = self.policies.snapshot();
-        let mut answers = Vec::with_capacity(queries.len());
-        for (i, q) in queries.iter().enumerate() {
-            let started = Instant::now();
-            let verdict =
-                decide_query(&self.authorizer, &snapshot, q, self.on_error).map_err(|e| (i, e))?;
-            tracing::info!(
-                target: "tollgate::decision",
-                api = "decision_api",
-                principal = %format!("{}::{:?}", q.principal.0, q.principal.1),
-                action = %format!("{}::{:?}", q.action.0, q.action.1),
-                resource = %format!("{}::{:?}", q.resource.0, q.resource.1),
-                decision = if verdict.allow { "allow" } else { "deny" },
-                policies = %verdict.policies.join(","),
-                policy_version = %snapshot.version,
-                "decision"
-            );
-            let (outcome, reason) = if verdict.allow {
-                ("allow", Reason::Allowed.code())
-            } else if verdict.errors.is_empty() {
-                ("deny", Reason::PolicyDenied.code())
-            } else {
-                ("deny", Reason::PolicyError.code())
-            };
-            self.metrics.decision(
-                Api::DecisionApi,
-                outcome,
-                reason,
-                started.elapsed().as_secs_f64(),
-            );
-            answers.push(CedarAnswer {
-                verdict,
-                policy_version: snapshot.version.clone(),
-            });
-        }
-        Ok(answers)
-    }
 }
 
 impl Engine {
@@ -465,21 +318,6 @@ impl Engine {
     }
 }
 
-/// The id of a `Type::"id"` string.
-fn uid_id(uid: &str) -> String {
-    parse_uid(uid).map(|(_, id)| id).unwrap_or_default()
-}
-
-fn report(plan: &Planned, usage: &crate::quota::Usage) -> QuotaReport {
-    QuotaReport {
-        rule: plan.label.clone(),
-        limit: plan.charge.limit,
-        remaining: usage.remaining(plan.charge.limit),
-        reset: usage.reset,
-        unit_secs: plan.charge.unit.millis() / 1000,
-    }
-}
-
 impl Decision {
     fn with(mut self, outcome: Outcome) -> Self {
         self.outcome = outcome;
@@ -499,100 +337,4 @@ fn build_request(
 ) -> Result<Request, String> {
     let context = context::to_cedar(context)?;
     Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
-}
-
-/// Evaluates one direct query against `snapshot`.
-pub fn decide_query(
-    authorizer: &Authorizer,
-    snapshot: &Snapshot,
-    q: &CedarQuery,
-    on_error: OnEvaluationError,
-) -> Result<Verdict, QueryError> {
-    let uid = |field: &str, (ty, id): &(String, String)| {
-        principal::entity_uid(ty, id).map_err(|message| QueryError {
-            field: format!("{field}.type"),
-            message,
-        })
-    };
-    let principal = uid("principal", &q.principal)?;
-    let action = uid("action", &q.action)?;
-    let resource = uid("resource", &q.resource)?;
-    let context = q
-        .context
-        .clone()
-        .unwrap_or_else(|| Value::Object(Default::default()));
-    let context =
-        Context::from_json_value(context, Some((&snapshot.schema, &action))).map_err(|e| {
-            QueryError {
-                field: "context".into(),
-                message: e.to_string(),
-            }
-        })?;
-    let request = Request::new(principal, action, resource, context, Some(&snapshot.schema))
-        .map_err(|e| QueryError {
-            field: "request".into(),
-            message: e.to_string(),
-        })?;
-    let entities =
-        match &q.entities {
-            None => snapshot.entities.clone(),
-            Some(extra) => {
-                let extra = Entities::from_json_value(extra.clone(), Some(&snapshot.schema))
-                    .map_err(|e| QueryError {
-                        field: "entities".into(),
-                        message: e.to_string(),
-                    })?;
-                let merged = snapshot.entities.iter().chain(extra.iter()).cloned();
-                Entities::from_entities(merged, Some(&snapshot.schema)).map_err(|e| QueryError {
-                    field: "entities".into(),
-                    message: e.to_string(),
-                })?
-            }
-        };
-    Ok(evaluate(
-        authorizer, snapshot, &request, &entities, on_error,
-    ))
-}
-
-impl FromStr for CedarQuery {
-    type Err = QueryError;
-
-    /// Parses a JSON query `{principal, action, resource, context?,
-    /// entities?}` with UIDs written as `Type::"id"`.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let value: Value = serde_json::from_str(text).map_err(|e| QueryError {
-            field: "query".into(),
-            message: e.to_string(),
-        })?;
-        let field = |name: &str| -> Result<(String, String), QueryError> {
-            let s = value
-                .get(name)
-                .and_then(Value::as_str)
-                .ok_or_else(|| QueryError {
-                    field: name.into(),
-                    message: "missing; write Type::\"id\"".into(),
-                })?;
-            parse_uid(s).map_err(|message| QueryError {
-                field: name.into(),
-                message,
-            })
-        };
-        Ok(Self {
-            principal: field("principal")?,
-            action: field("action")?,
-            resource: field("resource")?,
-            context: value.get("context").cloned(),
-            entities: value.get("entities").cloned(),
-        })
-    }
-}
-
-/// Splits `Type::"id"` into its parts, validating with Cedar's parser.
-pub fn parse_uid(text: &str) -> Result<(String, String), String> {
-    let uid = EntityUid::from_str(text)
-        .map_err(|e| format!("{text:?} is not an entity UID like Type::\"id\": {e}"))?;
-    Ok((
-        uid.type_name().to_string(),
-        uid.id().unescaped().to_string(),
-    ))
 }

@@ -1,0 +1,245 @@
+//! `tollgate keys …`: issue, revoke and list API keys.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+use crate::identity::keys::{KeyIndex, KeyRecord, RedisKeys, key_hash, now_secs, sha256};
+
+/// `tollgate keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print the hash of KEY in the form the keys file stores.
+    Hash { key: String },
+    /// Issue a key: prints it once and stores only its hash (in Redis when
+    /// identity.api_keys_redis_url is set, else in the keys file).
+    Create(CreateKey),
+    /// Revoke a key by id.
+    Revoke { id: String },
+    /// List key records (never keys).
+    List,
+}
+
+/// `tollgate keys create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateKey {
+    /// Public id: lowercase letters, digits, '-'.
+    #[arg(long)]
+    pub id: String,
+    #[arg(long)]
+    pub tenant: String,
+    #[arg(long)]
+    pub tier: String,
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// Models the key may use (default: any).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Expiry, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// The id of a key this one replaces.
+    #[arg(long)]
+    pub replaces: Option<String>,
+    /// How long the replaced key keeps working, in seconds.
+    #[arg(long, default_value_t = 0)]
+    pub grace_secs: u64,
+}
+
+async fn redis_keys(config: &Config) -> anyhow::Result<Option<RedisKeys>> {
+    let Some(url) = &config.identity.api_keys_redis_url else {
+        return Ok(None);
+    };
+    let keys = RedisKeys::connect(
+        url,
+        &config.identity.api_keys_redis_prefix,
+        std::time::Duration::from_secs(5),
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !keys.connected() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("cannot reach redis at {url}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(Some(keys))
+}
+
+fn keys_file(config: &Config) -> anyhow::Result<std::path::PathBuf> {
+    config
+        .identity
+        .api_keys_file
+        .as_ref()
+        .map(|f| config.resolve(f))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no key store: set identity.api_keys_redis_url or identity.api_keys_file"
+            )
+        })
+}
+
+pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        KeysCommand::Hash { key } => println!("{}", key_hash(&key)),
+        KeysCommand::Create(c) => {
+            let key = crate::identity::key_format::generate(&c.id).map_err(anyhow::Error::msg)?;
+            let expires_at = c
+                .expires
+                .as_deref()
+                .map(|t| {
+                    humantime::parse_rfc3339_weak(t)
+                        .map(|t| {
+                            t.duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs())
+                        })
+                        .map_err(|e| anyhow::anyhow!("--expires: {e}"))
+                })
+                .transpose()?;
+            let grace_until = c.replaces.as_ref().map(|_| now_secs() + c.grace_secs);
+            let record = KeyRecord {
+                id: c.id.clone(),
+                hash: sha256(&key),
+                tenant: c.tenant,
+                tier: c.tier,
+                scopes: c.scopes,
+                groups: c.groups,
+                models: c.models,
+                expires_at,
+                disabled: false,
+                replaces: c.replaces.clone(),
+                // The file form carries the replaced key's deadline on the
+                // new record; in Redis it is set on the replaced record.
+                grace_until: if config.identity.api_keys_redis_url.is_some() {
+                    None
+                } else {
+                    grace_until
+                },
+            };
+            if let Some(redis) = redis_keys(&config).await? {
+                if redis.get_record(&record.id).await?.is_some() {
+                    anyhow::bail!("a key with id {:?} exists", record.id);
+                }
+                redis.put(&record).await?;
+                if let (Some(old), Some(until)) = (&c.replaces, grace_until) {
+                    let mut previous = redis
+                        .get_record(old)
+                        .await?
+                        .ok_or_else(|| anyhow::anyhow!("--replaces: no key {old:?}"))?;
+                    previous.grace_until = Some(until);
+                    redis.put(&previous).await?;
+                }
+            } else {
+                let path = keys_file(&config)?;
+                let index = KeyIndex::load(&path)?;
+                if index.lookup(&record.id).is_some() {
+                    anyhow::bail!("a key with id {:?} exists in {}", record.id, path.display());
+                }
+                let mut text = std::fs::read_to_string(&path)?;
+                text.push_str(&record_toml(&record));
+                // Validate before writing: a bad file must never replace a good one.
+                KeyIndex::parse(&text, &path.display().to_string())?;
+                std::fs::write(&path, text)?;
+            }
+            eprintln!(
+                "key {:?} created; it is shown once and stored only as a hash:",
+                record.id
+            );
+            println!("{key}");
+        }
+        KeysCommand::Revoke { id } => {
+            let revoked = if let Some(redis) = redis_keys(&config).await? {
+                redis.revoke(&id).await?
+            } else {
+                let path = keys_file(&config)?;
+                let text = std::fs::read_to_string(&path)?;
+                let mut doc: toml_edit::DocumentMut = text.parse()?;
+                let mut found = false;
+                if let Some(keys) = doc.get_mut("keys").and_then(|k| k.as_array_of_tables_mut()) {
+                    for table in keys.iter_mut() {
+                        if table.get("id").and_then(|v| v.as_str()) == Some(id.as_str()) {
+                            table["disabled"] = toml_edit::value(true);
+                            found = true;
+                        }
+                    }
+                }
+                if found {
+                    std::fs::write(&path, doc.to_string())?;
+                }
+                found
+            };
+            if !revoked {
+                anyhow::bail!("no key with id {id:?}");
+            }
+            println!("revoked {id}");
+        }
+        KeysCommand::List => {
+            let mut records: Vec<KeyRecord> = match redis_keys(&config).await? {
+                Some(redis) => redis.list().await?,
+                None => KeyIndex::load(&keys_file(&config)?)?
+                    .records()
+                    .cloned()
+                    .collect(),
+            };
+            records.sort_by(|a, b| a.id.cmp(&b.id));
+            let now = now_secs();
+            for r in records {
+                let state = if r.disabled || r.grace_until.is_some_and(|g| now >= g) {
+                    "revoked"
+                } else if r.expires_at.is_some_and(|e| now >= e) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    r.id,
+                    r.tenant,
+                    r.tier,
+                    r.scopes.join(","),
+                    state
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn record_toml(r: &KeyRecord) -> String {
+    let list = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let time = |t: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+            .to_string()
+    };
+    let mut out = format!(
+        "\n[[keys]]\nid = {:?}\nhash = \"sha256:{}\"\ntenant = {:?}\ntier = {:?}\nscopes = [{}]\n",
+        r.id,
+        hex::encode(r.hash),
+        r.tenant,
+        r.tier,
+        list(&r.scopes)
+    );
+    if !r.groups.is_empty() {
+        out.push_str(&format!("groups = [{}]\n", list(&r.groups)));
+    }
+    if !r.models.is_empty() {
+        out.push_str(&format!("models = [{}]\n", list(&r.models)));
+    }
+    if let Some(t) = r.expires_at {
+        out.push_str(&format!("expires_at = {:?}\n", time(t)));
+    }
+    if let Some(old) = &r.replaces {
+        out.push_str(&format!("replaces = {old:?}\n"));
+        if let Some(t) = r.grace_until {
+            out.push_str(&format!("grace_until = {:?}\n", time(t)));
+        }
+    }
+    out
+}

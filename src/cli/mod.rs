@@ -1,0 +1,262 @@
+//! The `tollgate` command line: serve, validate, check, test, keys, quota.
+
+mod keys;
+mod quota;
+
+pub use keys::{CreateKey, KeysCommand};
+pub use quota::{CounterArgs, QuotaCommand};
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cedar_policy::Authorizer;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::engine::{self, CedarQuery, context, parse_uid};
+use crate::identity::keys::KeyIndex;
+use crate::policy::{PolicyStore, testing};
+use crate::quota::limits::LimitSet;
+
+/// Tollgate: may this caller do this, and can they afford it?
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+pub struct Cli {
+    /// TOML config file; without one, embedded defaults (./policies, in-memory state).
+    #[arg(long, short, global = true, env = "TOLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve ext_authz, tollgate.v1, health and reflection over gRPC, plus the admin HTTP listener.
+    Serve,
+    /// Validate the config, the policy directory (DIR overrides policy.dir) and the keys file.
+    Validate { dir: Option<PathBuf> },
+    /// Decide one request offline and explain it.
+    Check {
+        /// Principal UID, e.g. 'ApiKey::"demo-free"'.
+        #[arg(long)]
+        principal: String,
+        /// Action UID, e.g. 'Action::"chat"'.
+        #[arg(long)]
+        action: String,
+        /// Resource UID, e.g. 'Model::"llama-3-8b"'.
+        #[arg(long)]
+        resource: String,
+        /// JSON merged over the base request context.
+        #[arg(long)]
+        context: Option<String>,
+        /// JSON array of extra entities.
+        #[arg(long)]
+        entities: Option<String>,
+        /// Policy directory (default: policy.dir from the config).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+    /// Run the policy tests in DIR/tests (DIR defaults to policy.dir).
+    Test { dir: Option<PathBuf> },
+    /// API key helpers.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Inspect or reset a quota counter in the configured (shared) store.
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+    },
+}
+
+/// Initializes logging for `config`.
+pub fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => {
+            init_tracing(&config);
+            crate::server::serve(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { dir } => Ok(validate(config, dir)),
+        Command::Check {
+            principal,
+            action,
+            resource,
+            context,
+            entities,
+            policies,
+        } => check(
+            config,
+            policies,
+            [principal, action, resource],
+            context,
+            entities,
+        ),
+        Command::Test { dir } => Ok(test(config, dir)),
+        Command::Keys { command } => keys::run(config, command).await,
+        Command::Quota { command } => quota::run(config, command).await,
+    }
+}
+
+fn load_store(config: &Config, dir: Option<PathBuf>) -> Result<PolicyStore, String> {
+    let routes = config.route_table().map_err(|e| e.to_string())?;
+    let dir = dir.unwrap_or_else(|| config.resolve(&config.policy.dir));
+    PolicyStore::load(&dir, engine::expectations(config, &routes)).map_err(|e| e.to_string())
+}
+
+fn validate(config: Config, dir: Option<PathBuf>) -> ExitCode {
+    let mut ok = true;
+    match load_store(&config, dir) {
+        Ok(store) => {
+            let s = store.snapshot();
+            println!(
+                "policies ok: {} policies, version {}",
+                s.policy_count(),
+                s.version
+            );
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ok = false;
+        }
+    }
+    if let Some(file) = &config.quota.limits_file {
+        match LimitSet::load(&config.resolve(file)) {
+            Ok(set) => println!("limits ok: version {}", set.version),
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if let Some(file) = &config.identity.api_keys_file {
+        match KeyIndex::load(&config.resolve(file)) {
+            Ok(index) => println!("api keys ok: {} keys", index.len()),
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn check(
+    config: Config,
+    dir: Option<PathBuf>,
+    [principal, action, resource]: [String; 3],
+    ctx: Option<String>,
+    entities: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let store = load_store(&config, dir).map_err(anyhow::Error::msg)?;
+    let mut context_json = context::base();
+    if let Some(text) = ctx {
+        let overlay: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("--context is not JSON: {e}"))?;
+        context::merge(&mut context_json, &overlay);
+    }
+    let entities = entities
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--entities is not JSON: {e}"))?;
+    let query = CedarQuery {
+        principal: parse_uid(&principal).map_err(|e| anyhow::anyhow!("--principal: {e}"))?,
+        action: parse_uid(&action).map_err(|e| anyhow::anyhow!("--action: {e}"))?,
+        resource: parse_uid(&resource).map_err(|e| anyhow::anyhow!("--resource: {e}"))?,
+        context: Some(context_json),
+        entities,
+    };
+    let snapshot = store.snapshot();
+    let verdict = engine::decide_query(
+        &Authorizer::new(),
+        &snapshot,
+        &query,
+        config.policy.on_evaluation_error,
+    )?;
+    println!("decision: {}", if verdict.allow { "allow" } else { "deny" });
+    println!("determining policies: {}", list(&verdict.policies));
+    for e in &verdict.errors {
+        println!("error in {}: {}", e.policy_id, e.message);
+    }
+    println!("policy version: {}", snapshot.version);
+    Ok(if verdict.allow {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn test(config: Config, dir: Option<PathBuf>) -> ExitCode {
+    let dir = dir.unwrap_or_else(|| config.resolve(&config.policy.dir));
+    let store = match load_store(&config, Some(dir.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match testing::run(&dir, &store.snapshot(), config.policy.on_evaluation_error) {
+        Ok(report) => {
+            print!("{}", report.render());
+            if report.failed() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

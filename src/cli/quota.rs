@@ -1,0 +1,154 @@
+//! `tollgate quota …`: inspect or reset a counter in the shared store.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::config::Config;
+use crate::engine::parse_uid;
+use crate::identity::{Principal, PrincipalKind};
+use crate::quota::limits::LimitSet;
+use crate::quota::{Charge, QuotaEngine, rls};
+
+/// `tollgate quota …`.
+#[derive(Debug, Subcommand)]
+pub enum QuotaCommand {
+    /// Show a counter: used, limit, remaining, reset.
+    Get(CounterArgs),
+    /// Forget a counter (every window).
+    Reset(CounterArgs),
+}
+
+/// Which counter: a rate limit descriptor (`--domain` and `--entry`s) or an
+/// ext_authz quota rule (`--rule` and the principal's facts).
+#[derive(Debug, clap::Args)]
+pub struct CounterArgs {
+    /// Rate limit domain, e.g. llm.
+    #[arg(long, conflicts_with = "rule")]
+    pub domain: Option<String>,
+    /// Descriptor entry KEY=VALUE, in order; repeat for nested descriptors.
+    #[arg(long = "entry", value_parser = parse_entry)]
+    pub entries: Vec<(String, String)>,
+    /// Quota rule name (`[[quota.rules]]`).
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Principal UID for `per = ["key"]`, e.g. 'ApiKey::"demo-free"'.
+    #[arg(long)]
+    pub principal: Option<String>,
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long)]
+    pub tier: Option<String>,
+    /// Model id for `per = ["model"]`.
+    #[arg(long, default_value = "")]
+    pub model: String,
+}
+
+fn parse_entry(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+pub async fn run(config: Config, command: QuotaCommand) -> anyhow::Result<ExitCode> {
+    let (args, reset) = match command {
+        QuotaCommand::Get(a) => (a, false),
+        QuotaCommand::Reset(a) => (a, true),
+    };
+    if config.quota.store == crate::config::StoreKind::Memory {
+        anyhow::bail!(
+            "quota get/reset need a shared store (quota.store = \"redis\" or \"redis_cluster\"); \
+             the memory store lives inside the serving process"
+        );
+    }
+    let charge = counter_charge(&config, &args)?;
+    let store = crate::server::build_store(&config)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !store.connected() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("cannot reach the quota store ({})", store.kind());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let engine = QuotaEngine::new(store, std::time::Duration::from_secs(5), 1);
+    if reset {
+        engine.reset(&charge.key).await?;
+        println!("reset");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let result = engine.store().charge(std::slice::from_ref(&charge)).await?;
+    let usage = result
+        .usage
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no answer"))?;
+    println!("used: {}", usage.used);
+    println!("limit: {} per {:?}", charge.limit, charge.unit);
+    println!("remaining: {}", usage.remaining(charge.limit));
+    println!("reset in: {} s", usage.reset.as_secs());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The check-only charge naming the counter the arguments describe.
+fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge> {
+    if let Some(domain) = &args.domain {
+        let limits = match &config.quota.limits_file {
+            Some(f) => LimitSet::load(&config.resolve(f))?,
+            None => LimitSet::default(),
+        };
+        let limit = limits
+            .lookup(domain, &args.entries)
+            .filter(|l| !l.unlimited)
+            .ok_or_else(|| {
+                anyhow::anyhow!("no limit applies to that descriptor in domain {domain:?}")
+            })?;
+        return Ok(Charge {
+            key: rls::counter_key(domain, &args.entries),
+            limit: limit.requests_per_unit,
+            unit: limit.unit,
+            algorithm: limit.algorithm,
+            cost: 0,
+            shadow: false,
+        });
+    }
+    let name = args
+        .rule
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("give --domain (with --entry) or --rule"))?;
+    let rule = config
+        .quota
+        .rules
+        .iter()
+        .find(|r| &r.name == name)
+        .ok_or_else(|| anyhow::anyhow!("no quota rule named {name:?} in the config"))?;
+    let (kind, id) = match &args.principal {
+        Some(uid) => parse_uid(uid).map_err(anyhow::Error::msg)?,
+        None => ("Anonymous".to_string(), "anonymous".to_string()),
+    };
+    let kind = match kind.as_str() {
+        "ApiKey" => PrincipalKind::ApiKey,
+        "Service" => PrincipalKind::Service,
+        _ => PrincipalKind::Anonymous,
+    };
+    let principal = Principal {
+        kind,
+        id,
+        tenant: args.tenant.clone(),
+        tier: args.tier.clone(),
+        scopes: Vec::new(),
+        groups: Vec::new(),
+        models: Vec::new(),
+    };
+    let mut plan = rule
+        .plan(
+            &principal,
+            rule.actions.first().map_or("", String::as_str),
+            &args.model,
+        )
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "rule {name:?} does not apply to that principal (tier not in its profile?)"
+            )
+        })?;
+    plan.charge.cost = 0;
+    Ok(plan.charge)
+}

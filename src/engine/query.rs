@@ -1,0 +1,186 @@
+//! Direct Cedar questions: the `tollgate.v1` decision API, `tollgate check`
+//! and policy tests ask with entity UIDs and a JSON context instead of an
+//! HTTP request.
+
+use std::str::FromStr;
+use std::time::Instant;
+
+use cedar_policy::{Authorizer, Context, Entities, EntityUid, Request};
+use serde_json::Value;
+
+use super::{Engine, principal};
+use crate::config::OnEvaluationError;
+use crate::decision::Reason;
+use crate::metrics::Api;
+use crate::policy::Snapshot;
+use crate::policy::evaluate::{Verdict, evaluate};
+
+/// A direct Cedar question, as the decision API and the CLI ask it.
+#[derive(Debug, Clone, Default)]
+pub struct CedarQuery {
+    /// (type, id) pairs.
+    pub principal: (String, String),
+    pub action: (String, String),
+    pub resource: (String, String),
+    /// A JSON object for the context; `None` means `{}`.
+    pub context: Option<Value>,
+    /// A JSON array of extra entities; `None` means none.
+    pub entities: Option<Value>,
+}
+
+/// A query that is not well formed; `field` names the culprit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct QueryError {
+    pub field: String,
+    pub message: String,
+}
+
+/// A direct query's answer.
+#[derive(Debug, Clone)]
+pub struct CedarAnswer {
+    pub verdict: Verdict,
+    pub policy_version: String,
+}
+
+impl Engine {
+    /// Decides direct Cedar queries against one snapshot. A malformed query
+    /// fails the whole batch, with its index.
+    pub fn decide_queries(
+        &self,
+        queries: &[CedarQuery],
+    ) -> Result<Vec<CedarAnswer>, (usize, QueryError)> {
+        let snapshot = self.policies.snapshot();
+        let mut answers = Vec::with_capacity(queries.len());
+        for (i, q) in queries.iter().enumerate() {
+            let started = Instant::now();
+            let verdict =
+                decide_query(&self.authorizer, &snapshot, q, self.on_error).map_err(|e| (i, e))?;
+            tracing::info!(
+                target: "tollgate::decision",
+                api = "decision_api",
+                principal = %format!("{}::{:?}", q.principal.0, q.principal.1),
+                action = %format!("{}::{:?}", q.action.0, q.action.1),
+                resource = %format!("{}::{:?}", q.resource.0, q.resource.1),
+                decision = if verdict.allow { "allow" } else { "deny" },
+                policies = %verdict.policies.join(","),
+                policy_version = %snapshot.version,
+                "decision"
+            );
+            let (outcome, reason) = if verdict.allow {
+                ("allow", Reason::Allowed.code())
+            } else if verdict.errors.is_empty() {
+                ("deny", Reason::PolicyDenied.code())
+            } else {
+                ("deny", Reason::PolicyError.code())
+            };
+            self.metrics.decision(
+                Api::DecisionApi,
+                outcome,
+                reason,
+                started.elapsed().as_secs_f64(),
+            );
+            answers.push(CedarAnswer {
+                verdict,
+                policy_version: snapshot.version.clone(),
+            });
+        }
+        Ok(answers)
+    }
+}
+
+/// Evaluates one direct query against `snapshot`.
+pub fn decide_query(
+    authorizer: &Authorizer,
+    snapshot: &Snapshot,
+    q: &CedarQuery,
+    on_error: OnEvaluationError,
+) -> Result<Verdict, QueryError> {
+    let uid = |field: &str, (ty, id): &(String, String)| {
+        principal::entity_uid(ty, id).map_err(|message| QueryError {
+            field: format!("{field}.type"),
+            message,
+        })
+    };
+    let principal = uid("principal", &q.principal)?;
+    let action = uid("action", &q.action)?;
+    let resource = uid("resource", &q.resource)?;
+    let context = q
+        .context
+        .clone()
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    let context =
+        Context::from_json_value(context, Some((&snapshot.schema, &action))).map_err(|e| {
+            QueryError {
+                field: "context".into(),
+                message: e.to_string(),
+            }
+        })?;
+    let request = Request::new(principal, action, resource, context, Some(&snapshot.schema))
+        .map_err(|e| QueryError {
+            field: "request".into(),
+            message: e.to_string(),
+        })?;
+    let entities =
+        match &q.entities {
+            None => snapshot.entities.clone(),
+            Some(extra) => {
+                let extra = Entities::from_json_value(extra.clone(), Some(&snapshot.schema))
+                    .map_err(|e| QueryError {
+                        field: "entities".into(),
+                        message: e.to_string(),
+                    })?;
+                let merged = snapshot.entities.iter().chain(extra.iter()).cloned();
+                Entities::from_entities(merged, Some(&snapshot.schema)).map_err(|e| QueryError {
+                    field: "entities".into(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+    Ok(evaluate(
+        authorizer, snapshot, &request, &entities, on_error,
+    ))
+}
+
+impl FromStr for CedarQuery {
+    type Err = QueryError;
+
+    /// Parses a JSON query `{principal, action, resource, context?,
+    /// entities?}` with UIDs written as `Type::"id"`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let value: Value = serde_json::from_str(text).map_err(|e| QueryError {
+            field: "query".into(),
+            message: e.to_string(),
+        })?;
+        let field = |name: &str| -> Result<(String, String), QueryError> {
+            let s = value
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| QueryError {
+                    field: name.into(),
+                    message: "missing; write Type::\"id\"".into(),
+                })?;
+            parse_uid(s).map_err(|message| QueryError {
+                field: name.into(),
+                message,
+            })
+        };
+        Ok(Self {
+            principal: field("principal")?,
+            action: field("action")?,
+            resource: field("resource")?,
+            context: value.get("context").cloned(),
+            entities: value.get("entities").cloned(),
+        })
+    }
+}
+
+/// Splits `Type::"id"` into its parts, validating with Cedar's parser.
+pub fn parse_uid(text: &str) -> Result<(String, String), String> {
+    let uid = EntityUid::from_str(text)
+        .map_err(|e| format!("{text:?} is not an entity UID like Type::\"id\": {e}"))?;
+    Ok((
+        uid.type_name().to_string(),
+        uid.id().unescaped().to_string(),
+    ))
+}

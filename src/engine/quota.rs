@@ -1,0 +1,105 @@
+//! The quota side of the engine: quota rules charged after an allow, and
+//! Envoy rate limit service requests.
+
+use std::time::Instant;
+
+use super::Engine;
+use super::query::parse_uid;
+use crate::decision::{Decision, Outcome, QuotaReport, Reason};
+use crate::quota::rls::{RlsAnswer, RlsRequest};
+use crate::quota::rules::Planned;
+use crate::quota::{FailureMode, QuotaDecision};
+
+impl Engine {
+    /// Charges the quota rules that apply to an allowed decision.
+    pub(super) async fn charge_rules(&self, decision: &mut Decision) {
+        let (Some(principal), Some(action), Some(resource)) =
+            (&decision.principal, &decision.action, &decision.resource)
+        else {
+            return;
+        };
+        let action_id = uid_id(action);
+        let resource_id = uid_id(resource);
+        let plans: Vec<Planned> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.plan(principal, &action_id, &resource_id))
+            .collect();
+        if plans.is_empty() {
+            return;
+        }
+        match self.quota.charge(&plans).await {
+            QuotaDecision::Allowed { usage } => {
+                decision.quota = plans
+                    .iter()
+                    .zip(&usage)
+                    .filter(|(p, _)| !p.charge.shadow)
+                    .min_by_key(|(p, u)| u.remaining(p.charge.limit))
+                    .map(|(p, u)| report(p, u));
+            }
+            QuotaDecision::OverLimit { usage, blocking } => {
+                decision.quota = plans
+                    .get(blocking)
+                    .zip(usage.get(blocking))
+                    .map(|(p, u)| report(p, u));
+                decision.outcome = Outcome::OverQuota(Reason::OverQuota);
+            }
+            QuotaDecision::Failed { error, mode } => {
+                tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
+                self.metrics.quota_store_error(self.quota.store().kind());
+                decision.outcome = match mode {
+                    FailureMode::Allow => Outcome::Allow,
+                    FailureMode::Deny => Outcome::Unavailable(Reason::QuotaUnavailable),
+                    FailureMode::Gateway => Outcome::Defer(Reason::QuotaUnavailable),
+                };
+            }
+        }
+    }
+
+    /// Decides an Envoy rate limit service request.
+    pub async fn should_rate_limit(&self, request: &RlsRequest) -> RlsAnswer {
+        let started = Instant::now();
+        let limits = self.limits.current();
+        let answer = crate::quota::rls::decide(&limits, &self.quota, request).await;
+        if answer.store_failed {
+            self.metrics.quota_store_error(self.quota.store().kind());
+        }
+        let outcome = if answer.defer {
+            "defer"
+        } else if answer.over {
+            "over_limit"
+        } else {
+            "ok"
+        };
+        let shadow_over = answer.statuses.iter().filter(|s| s.shadow_over).count();
+        tracing::info!(
+            target: "tollgate::decision",
+            api = "ratelimit",
+            domain = %request.domain,
+            descriptors = request.descriptors.len(),
+            decision = outcome,
+            shadow_over,
+            store_failed = answer.store_failed,
+            latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "rate limit decision"
+        );
+        self.metrics
+            .rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
+        answer
+    }
+}
+
+/// The id of a `Type::"id"` string.
+fn uid_id(uid: &str) -> String {
+    parse_uid(uid).map(|(_, id)| id).unwrap_or_default()
+}
+
+fn report(plan: &Planned, usage: &crate::quota::Usage) -> QuotaReport {
+    QuotaReport {
+        rule: plan.label.clone(),
+        limit: plan.charge.limit,
+        remaining: usage.remaining(plan.charge.limit),
+        reset: usage.reset,
+        unit_secs: plan.charge.unit.millis() / 1000,
+    }
+}
