@@ -680,3 +680,54 @@ async fn envoy_verified_jwt_payloads_are_trusted_only_when_configured() {
         tg.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_discovery_finds_the_jwks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ec, ec_jwk) = keypair(dir.path(), "ec", Algorithm::ES256, "ec-1");
+    let jwks = serve_jwks(JwkSet { keys: vec![ec_jwk] }).await;
+    // The discovery document names the JWKS endpoint.
+    let doc = serde_json::to_string(
+        &json!({"issuer": ISS, "jwks_uri": format!("http://{}/jwks", jwks.addr)}),
+    )
+    .expect("doc");
+    let app = axum::Router::new().fallback(move || {
+        let doc = doc.clone();
+        async move { ([("content-type", "application/json")], doc) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let discovery = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut issuer = issuer_config(jwks.addr);
+    issuer.jwks_url = None;
+    issuer.discovery_url = Some(format!(
+        "http://{discovery}/.well-known/openid-configuration"
+    ));
+    let mut config = test_config();
+    config.identity.jwt_issuers = vec![issuer];
+    let mut tg = Tollgate::start(config).await;
+    let admin = tg.admin;
+    assert!(
+        eventually(Duration::from_secs(5), || async move {
+            support::raw_http(admin, "GET", "/readyz", &[], "")
+                .await
+                .status
+                == 200
+        })
+        .await,
+        "keys were not found through discovery"
+    );
+    let mut c = AuthorizationClient::new(tg.channel().await);
+    assert_eq!(
+        check(&mut c, &[("authorization", &bearer(&mint(&ec, &claims())))])
+            .await
+            .0,
+        200
+    );
+    server.abort();
+    tg.stop().await;
+}
