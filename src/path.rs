@@ -195,4 +195,23 @@ mod tests {
         assert_eq!(c.query.get("q").map(String::as_str), Some("a b"));
         assert!(!c.query.contains_key("bad"));
     }
+
+    proptest::proptest! {
+        /// Whatever is accepted is unambiguous, and canonical: feeding it
+        /// back gives the same path.
+        #[test]
+        fn accepted_paths_are_canonical_and_stable(raw in "(/|[a-z]|%2[eEfF]|%5[cC]|%25|%4[01]|\\.|\\.\\.|\\\\|;|%00|%C3%A9){0,12}(\\?[a-z=&%]{0,6})?") {
+            if let Ok(c) = canonicalize(&raw) {
+                proptest::prop_assert!(c.path.starts_with('/'));
+                proptest::prop_assert!(!c.path.contains('\\') && !c.path.contains('%') && !c.path.contains(';'));
+                if c.path.len() > 1 {
+                    for seg in c.path[1..].split('/') {
+                        proptest::prop_assert!(!seg.is_empty() && seg != "." && seg != "..", "segment {seg:?} in {:?}", c.path);
+                    }
+                }
+                let again = canonicalize(&c.path).map(|c| c.path);
+                proptest::prop_assert_eq!(again, Ok(c.path.clone()));
+            }
+        }
+    }
 }

@@ -104,4 +104,23 @@ mod tests {
         assert_eq!(tag(&na), tag(&nb));
         assert_ne!(na, nb);
     }
+
+    proptest::proptest! {
+        /// Distinct descriptor tuples never share a counter.
+        #[test]
+        fn distinct_tuples_get_distinct_keys(
+            tuples in proptest::collection::vec(
+                ("[a-c:_]{0,3}", proptest::collection::vec(("[a-c:_=]{0,3}", "[a-c:_=]{0,3}"), 0..4)),
+                1..40,
+            )
+        ) {
+            let mut seen = std::collections::HashMap::new();
+            for (domain, entries) in tuples {
+                let key = CounterKey::new(&domain, &entries, "g");
+                if let Some(previous) = seen.insert(key, (domain.clone(), entries.clone())) {
+                    proptest::prop_assert_eq!(previous, (domain, entries));
+                }
+            }
+        }
+    }
 }
