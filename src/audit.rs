@@ -1,8 +1,9 @@
 //! The decision log: one structured line per decision, through `tracing`
 //! (target `tollgate::decision`; JSON when `log.format = "json"`).
 //!
-//! It carries who, what, the verdict and which policies decided — never a
-//! credential, a header value or a body.
+//! It carries who, what, the verdict, which policies decided and the quota
+//! outcome (the reporting rule and what remains) — never a credential, a
+//! header value or a body.
 
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ pub fn record(decision: &Decision, elapsed: Duration) {
         .iter()
         .map(|e| e.policy_id.as_str())
         .collect();
+    let quota_rule = decision.quota.as_ref().map(|q| q.rule.as_str());
+    let quota_remaining = decision.quota.as_ref().map(|q| q.remaining);
     tracing::info!(
         target: "tollgate::decision",
         request_id = %decision.request_id,
@@ -29,6 +32,8 @@ pub fn record(decision: &Decision, elapsed: Duration) {
         policies = %decision.policies.join(","),
         errored_policies = %errors.join(","),
         policy_version = %decision.policy_version,
+        quota_rule = quota_rule.unwrap_or("-"),
+        quota_remaining,
         latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         "decision"
     );
