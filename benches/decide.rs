@@ -52,13 +52,13 @@ fn benches(c: &mut Criterion) {
     let app = App::build(config.clone()).expect("app builds");
     let req = chat_request();
 
-    c.bench_function("map_request (path, route, body, context)", |b| {
+    c.bench_function("map_request (path, route, body, Cedar context)", |b| {
         let routes = config.route_table().expect("routes");
         b.iter(|| {
             let path = tollgate::path::canonicalize(black_box(&req.raw_path)).expect("path");
             let m = routes.find(&req.method, &path).expect("route");
             let facts = body::inspect(&req, 1 << 20).expect("body");
-            let ctx = context::build(
+            let ctx = context::build_cedar(
                 &config.context,
                 &context::ContextInputs {
                     request: &req,

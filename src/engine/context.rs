@@ -83,49 +83,78 @@ pub fn build(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Value {
     json!({ "http": http, "body": body, "route": route, "authn": inputs.authn })
 }
 
-/// Converts a context built by [`build`] into a Cedar [`Context`] without
-/// going through Cedar's JSON parser, which costs several times the whole
-/// rest of a decision. Only the forms [`build`] produces are handled: the
-/// loader has already checked them against the schema.
-pub fn to_cedar(value: &Value) -> Result<Context, String> {
-    let Value::Object(fields) = value else {
-        return Err("context must be a JSON object".into());
-    };
-    let pairs = fields
+/// Builds the same context as [`build`], directly as a Cedar [`Context`]:
+/// the request path's form, with no JSON in between (a unit test checks the
+/// two agree).
+pub fn build_cedar(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Result<Context, String> {
+    use RestrictedExpression as R;
+    let req = inputs.request;
+    let record = |pairs: Vec<(String, R)>| R::new_record(pairs).map_err(|e| e.to_string());
+    let headers: Vec<(String, R)> = config
+        .headers
         .iter()
-        .map(|(k, v)| Ok((k.clone(), restricted(v)?)))
-        .collect::<Result<Vec<_>, String>>()?;
-    Context::from_pairs(pairs).map_err(|e| e.to_string())
-}
-
-fn restricted(value: &Value) -> Result<RestrictedExpression, String> {
-    Ok(match value {
-        Value::Bool(b) => RestrictedExpression::new_bool(*b),
-        Value::String(s) => RestrictedExpression::new_string(s.clone()),
-        Value::Number(n) => {
-            RestrictedExpression::new_long(n.as_i64().ok_or_else(|| format!("{n} is not a Long"))?)
-        }
-        Value::Array(items) => RestrictedExpression::new_set(
-            items
-                .iter()
-                .map(restricted)
-                .collect::<Result<Vec<_>, _>>()?,
+        .filter_map(|name| {
+            req.header(name)
+                .map(|v| (name.clone(), R::new_string(v.to_string())))
+        })
+        .collect();
+    let query: Vec<(String, R)> = config
+        .query_params
+        .iter()
+        .filter_map(|name| {
+            inputs
+                .path
+                .query
+                .get(name)
+                .map(|v| (name.clone(), R::new_string(v.clone())))
+        })
+        .collect();
+    let mut http = vec![
+        ("method".to_string(), R::new_string(req.method.clone())),
+        ("path".to_string(), R::new_string(inputs.path.path.clone())),
+        ("host".to_string(), R::new_string(normalize_host(&req.host))),
+        ("tls".to_string(), R::new_bool(req.tls)),
+        ("headers".to_string(), record(headers)?),
+        ("query".to_string(), record(query)?),
+    ];
+    if let Some(ip) = req.source_ip {
+        http.push(("source_ip".to_string(), R::new_ip(ip.to_string())));
+    }
+    let b = inputs.body;
+    let mut body = vec![
+        ("present".to_string(), R::new_bool(b.present)),
+        ("complete".to_string(), R::new_bool(b.complete)),
+        (
+            "size".to_string(),
+            R::new_long(i64::try_from(b.size).unwrap_or(i64::MAX)),
         ),
-        Value::Object(fields) => match fields.get("__extn") {
-            Some(ext) if ext["fn"] == "ip" => {
-                RestrictedExpression::new_ip(ext["arg"].as_str().ok_or("ip() needs a string")?)
-            }
-            Some(ext) => return Err(format!("unsupported extension value {ext}")),
-            None => RestrictedExpression::new_record(
-                fields
-                    .iter()
-                    .map(|(k, v)| Ok((k.clone(), restricted(v)?)))
-                    .collect::<Result<Vec<_>, String>>()?,
-            )
-            .map_err(|e| e.to_string())?,
-        },
-        Value::Null => return Err("null has no Cedar form".into()),
-    })
+    ];
+    if let Some(m) = &b.model {
+        body.push(("model".to_string(), R::new_string(m.clone())));
+    }
+    if let Some(t) = b.max_tokens {
+        body.push(("max_tokens".to_string(), R::new_long(t)));
+    }
+    if let Some(s) = b.stream {
+        body.push(("stream".to_string(), R::new_bool(s)));
+    }
+    if let Some(t) = b.has_tools {
+        body.push(("has_tools".to_string(), R::new_bool(t)));
+    }
+    let mut route = Vec::new();
+    if let Some(n) = inputs.route_name {
+        route.push(("name".to_string(), R::new_string(n.to_string())));
+    }
+    if let Some(t) = inputs.route_tenant {
+        route.push(("tenant".to_string(), R::new_string(t.to_string())));
+    }
+    Context::from_pairs([
+        ("http".to_string(), record(http)?),
+        ("body".to_string(), record(body)?),
+        ("route".to_string(), record(route)?),
+        ("authn".to_string(), R::new_string(inputs.authn.to_string())),
+    ])
+    .map_err(|e| e.to_string())
 }
 
 /// Lowercase, without port and trailing dot.
@@ -203,11 +232,49 @@ mod tests {
     }
 
     #[test]
-    fn cedar_conversion_matches_cedar_json_parsing() {
-        for probe in probes(&ContextConfig::default()) {
-            let ours = to_cedar(&probe).expect("converts");
-            let theirs = Context::from_json_value(probe.clone(), None).expect("cedar parses");
-            assert_eq!(format!("{ours:?}"), format!("{theirs:?}"));
+    fn the_direct_builder_matches_the_json_form() {
+        use crate::engine::body::BodyFacts;
+        let config = ContextConfig::default();
+        let mut request = HttpRequest {
+            method: "POST".into(),
+            host: "API.example.com:443".into(),
+            tls: true,
+            source_ip: Some("10.1.2.3".parse().expect("ip")),
+            ..Default::default()
+        };
+        request.headers.insert("x-team".into(), "search".into());
+        request
+            .headers
+            .insert("content-type".into(), "application/json".into());
+        let path =
+            crate::path::canonicalize("/v1/chat/completions?api-version=1&other=2").expect("path");
+        let bodies = [
+            BodyFacts::default(),
+            BodyFacts {
+                present: true,
+                complete: true,
+                size: 90,
+                model: Some("m".into()),
+                max_tokens: Some(256),
+                stream: Some(true),
+                has_tools: Some(false),
+            },
+        ];
+        for body in &bodies {
+            for (route_name, route_tenant) in [(None, None), (Some("chat"), Some("acme"))] {
+                let inputs = ContextInputs {
+                    request: &request,
+                    path: &path,
+                    body,
+                    route_name,
+                    route_tenant,
+                    authn: "api_key",
+                };
+                let direct = build_cedar(&config, &inputs).expect("direct");
+                let via_json =
+                    Context::from_json_value(build(&config, &inputs), None).expect("json");
+                assert_eq!(format!("{direct:?}"), format!("{via_json:?}"));
+            }
         }
     }
 

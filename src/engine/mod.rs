@@ -15,8 +15,7 @@ pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cedar_policy::{Authorizer, Entities, EntityUid, Request};
-use serde_json::Value;
+use cedar_policy::{Authorizer, Entities, Request};
 
 use crate::config::{Config, ContextConfig, OnEvaluationError};
 use crate::decision::{Decision, Outcome, Reason};
@@ -210,7 +209,7 @@ impl Engine {
         };
         let uids = (
             principal::uid(&principal),
-            principal::entity_uid("Action", &action),
+            principal::action_uid(&action),
             principal::entity_uid(&template.type_name, &resource_id),
         );
         let (Ok(principal_uid), Ok(action_uid), Ok(resource_uid)) = uids else {
@@ -219,7 +218,7 @@ impl Engine {
         decision.action = Some(action_uid.to_string());
         decision.resource = Some(resource_uid.to_string());
 
-        let context_json = context::build(
+        let cedar_context = context::build_cedar(
             &self.context,
             &context::ContextInputs {
                 request,
@@ -230,8 +229,16 @@ impl Engine {
                 authn: principal.kind.authn(),
             },
         );
-        let cedar = build_request(principal_uid, action_uid, resource_uid, &context_json)
+        let cedar = cedar_context
+            .and_then(|ctx| {
+                Request::new(principal_uid, action_uid, resource_uid, ctx, None)
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|req| Ok((req, self.entities_with(snapshot, &principal)?)));
+        // No per-request schema validation: the loader checked that the
+        // schema accepts every context and principal shape Tollgate builds
+        // ([`expectations`]), and validating again here would cost more than
+        // the policy evaluation itself.
         let (cedar_request, entities) = match cedar {
             Ok(pair) => pair,
             Err(message) => {
@@ -323,18 +330,4 @@ impl Decision {
         self.outcome = outcome;
         self
     }
-}
-
-/// Builds the Cedar request for an HTTP request. No per-request schema
-/// validation: the loader checked that the schema accepts every context and
-/// principal shape Tollgate builds ([`expectations`]), and validating again
-/// here would cost more than the policy evaluation itself.
-fn build_request(
-    principal: EntityUid,
-    action: EntityUid,
-    resource: EntityUid,
-    context: &Value,
-) -> Result<Request, String> {
-    let context = context::to_cedar(context)?;
-    Request::new(principal, action, resource, context, None).map_err(|e| e.to_string())
 }

@@ -15,7 +15,36 @@ use crate::identity::{Principal, PrincipalKind};
 
 /// A principal's UID.
 pub fn uid(principal: &Principal) -> Result<EntityUid, String> {
-    entity_uid(principal.kind.entity_type(), &principal.id)
+    Ok(EntityUid::from_type_name_and_id(
+        known_type(principal.kind.entity_type())?,
+        EntityId::new(&principal.id),
+    ))
+}
+
+/// An `Action::"id"` UID.
+pub fn action_uid(id: &str) -> Result<EntityUid, String> {
+    Ok(EntityUid::from_type_name_and_id(
+        known_type("Action")?,
+        EntityId::new(id),
+    ))
+}
+
+/// The type names Tollgate itself produces, parsed once.
+fn known_type(name: &'static str) -> Result<EntityTypeName, String> {
+    use std::sync::OnceLock;
+    static TYPES: OnceLock<Vec<(&'static str, EntityTypeName)>> = OnceLock::new();
+    let types = TYPES.get_or_init(|| {
+        ["ApiKey", "User", "Service", "Anonymous", "Action"]
+            .into_iter()
+            .filter_map(|n| EntityTypeName::from_str(n).ok().map(|t| (n, t)))
+            .collect()
+    });
+    match types.iter().find(|(n, _)| *n == name) {
+        Some((_, t)) => Ok(t.clone()),
+        None => {
+            EntityTypeName::from_str(name).map_err(|e| format!("invalid entity type {name:?}: {e}"))
+        }
+    }
 }
 
 /// `Type::"id"` from parts.

@@ -13,6 +13,9 @@ use crate::quota::{FailureMode, QuotaDecision};
 impl Engine {
     /// Charges the quota rules that apply to an allowed decision.
     pub(super) async fn charge_rules(&self, decision: &mut Decision) {
+        if self.rules.is_empty() {
+            return;
+        }
         let (Some(principal), Some(action), Some(resource)) =
             (&decision.principal, &decision.action, &decision.resource)
         else {
