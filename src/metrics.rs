@@ -99,7 +99,7 @@ impl Metrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "reloads",
-            "Reload attempts by source (policies/keys) and result (swapped/unchanged/rejected)",
+            "Reload attempts by source (policies, keys, limits) and result (swapped, unchanged, rejected)",
             reloads.clone(),
         );
         let policy_version = Family::<VersionLabels, Gauge>::default();
