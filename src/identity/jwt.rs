@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -214,7 +213,6 @@ pub struct Issuer {
     /// Held during any fetch; holds the time of the last unknown-kid refresh.
     refresh: tokio::sync::Mutex<Option<Instant>>,
     http: reqwest::Client,
-    fetches: AtomicU64,
 }
 
 impl Issuer {
@@ -237,7 +235,6 @@ impl Issuer {
             keys: ArcSwapOption::empty(),
             refresh: tokio::sync::Mutex::new(None),
             http,
-            fetches: AtomicU64::new(0),
         })
     }
 
@@ -251,11 +248,6 @@ impl Issuer {
         Duration::from_secs(self.config.refresh_secs.max(1))
     }
 
-    /// How many times keys were fetched (or read).
-    pub fn fetches(&self) -> u64 {
-        self.fetches.load(Ordering::Relaxed)
-    }
-
     /// Whether the issuer has usable (not too stale) keys.
     pub fn ready(&self) -> bool {
         self.keys.load().as_ref().is_some_and(|k| {
@@ -264,7 +256,6 @@ impl Issuer {
     }
 
     async fn fetch(&self) -> Result<Keys, String> {
-        self.fetches.fetch_add(1, Ordering::Relaxed);
         if let Some(path) = &self.config.hs256_secret_file {
             let secret = tokio::fs::read(path)
                 .await

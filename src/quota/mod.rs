@@ -136,7 +136,8 @@ pub struct ChargeResult {
     pub usage: Vec<Usage>,
 }
 
-/// A store that could not answer.
+/// A store that could not answer. Every variant is transient: the next
+/// request may succeed, and meanwhile each limit's failure mode answers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("quota store did not answer within {0:?}")]
@@ -147,13 +148,6 @@ pub enum StoreError {
     Backend(String),
     #[error("quota store is full ({0} counters); raise quota.memory_max_keys")]
     Full(usize),
-}
-
-impl StoreError {
-    /// Whether trying again later may succeed (all of these may).
-    pub fn is_transient(&self) -> bool {
-        true
-    }
 }
 
 /// Where counters live. Implementations charge a group all-or-nothing:
