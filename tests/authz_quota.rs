@@ -44,6 +44,15 @@ fn outcome(resp: &CheckResponse) -> (u16, HashMap<String, String>, String) {
     }
 }
 
+/// Asks about `key` chatting with `model`.
+async fn ask(
+    c: &mut AuthorizationClient<tonic::transport::Channel>,
+    key: &str,
+    model: &str,
+) -> (u16, HashMap<String, String>, String) {
+    outcome(&c.check(chat(key, model)).await.expect("check").into_inner())
+}
+
 fn rules_config(toml_rules: &str) -> Config {
     #[derive(serde::Deserialize)]
     struct Rules {
@@ -70,15 +79,12 @@ tiers = { free = 3, paid = 100 }
     let mut c = AuthorizationClient::new(tg.channel().await);
     away_from_minute_boundary(std::time::Duration::from_secs(5)).await;
     for i in 0..3 {
-        let (status, headers, _) = outcome(
-            &c.check(chat(
-                "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
-                "llama-3-8b",
-            ))
-            .await
-            .expect("check")
-            .into_inner(),
-        );
+        let (status, headers, _) = ask(
+            &mut c,
+            "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+            "llama-3-8b",
+        )
+        .await;
         assert_eq!(status, 200, "request {i}");
         assert_eq!(
             headers.get("ratelimit-limit").map(String::as_str),
@@ -114,25 +120,19 @@ tiers = { free = 3, paid = 100 }
     assert_eq!(body["error"]["rule"], "key-per-minute");
 
     // A policy deny is not charged: a denied request never reaches the quota.
-    let (status, _, _) = outcome(
-        &c.check(chat(
-            "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
-            "globex-legal-ft",
-        ))
-        .await
-        .expect("check")
-        .into_inner(),
-    );
+    let (status, _, _) = ask(
+        &mut c,
+        "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+        "globex-legal-ft",
+    )
+    .await;
     assert_eq!(status, 403);
-    let (_, headers, _) = outcome(
-        &c.check(chat(
-            "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
-            "llama-3-8b",
-        ))
-        .await
-        .expect("check")
-        .into_inner(),
-    );
+    let (_, headers, _) = ask(
+        &mut c,
+        "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+        "llama-3-8b",
+    )
+    .await;
     assert_eq!(
         headers.get("ratelimit-remaining").map(String::as_str),
         Some("99"),
@@ -158,15 +158,12 @@ tiers = { free = 10, enterprise = 1000 }
     away_from_minute_boundary(std::time::Duration::from_secs(5)).await;
     let mut allowed = 0;
     for _ in 0..100 {
-        let (status, _, _) = outcome(
-            &c.check(chat(
-                "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
-                "llama-3-8b",
-            ))
-            .await
-            .expect("check")
-            .into_inner(),
-        );
+        let (status, _, _) = ask(
+            &mut c,
+            "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+            "llama-3-8b",
+        )
+        .await;
         if status == 200 {
             allowed += 1;
         } else {
@@ -174,15 +171,12 @@ tiers = { free = 10, enterprise = 1000 }
         }
     }
     assert_eq!(allowed, 10, "the free key gets exactly its tier's limit");
-    let (status, headers, _) = outcome(
-        &c.check(chat(
-            "tg_demo-admin_FAcFFpAJpY3Jny1toWZvGvb2HtbM43Ex2LoCQa",
-            "llama-3-70b",
-        ))
-        .await
-        .expect("check")
-        .into_inner(),
-    );
+    let (status, headers, _) = ask(
+        &mut c,
+        "tg_demo-admin_FAcFFpAJpY3Jny1toWZvGvb2HtbM43Ex2LoCQa",
+        "llama-3-70b",
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(
         headers.get("ratelimit-policy").map(String::as_str),

@@ -6,10 +6,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use support::{Tollgate, eventually, free_port, raw_http, start_upstream, test_config};
+use support::{Tollgate, free_port, raw_http, start_upstream, test_config};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -125,15 +124,6 @@ static_resources:
 
 const HCM: &str = r#"{ name: envoy.filters.network.http_connection_manager, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: gw, route_config: { virtual_hosts: [ { name: all, domains: ["*"], routes: [ { match: { prefix: "/v1/embeddings" }, route: { cluster: upstream }, typed_per_filter_config: { envoy.filters.http.ext_authz: { "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute, check_settings: { context_extensions: { identity: mtls } } } } }, { match: { prefix: "/" }, route: { cluster: upstream } } ] } ] }, http_filters: [ { name: envoy.filters.http.ext_authz, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz, transport_api_version: V3, failure_mode_allow: false, include_peer_certificate: true, include_tls_session: true, with_request_body: { max_request_bytes: 65536, allow_partial_message: true, pack_as_bytes: true }, grpc_service: { envoy_grpc: { cluster_name: tollgate }, timeout: 0.5s } } }, { name: envoy.filters.http.router, typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router } } ] } }"#;
 
-struct Envoy(Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `curl` over TLS; returns (status, body).
 fn curl(dir: &Path, port: u16, client_cert: bool) -> (u16, String) {
     let mut cmd = Command::new("curl");
@@ -180,31 +170,7 @@ async fn mtls_identity_through_envoy() {
         .replace("GRPC", &tg.grpc.port().to_string())
         .replace("UPSTREAM", &upstream.port().to_string())
         .replace("DIR", &dir.path().display().to_string());
-    let path = dir.path().join("envoy.yaml");
-    std::fs::write(&path, yaml).expect("write");
-    let _envoy = Envoy(
-        Command::new(support::envoy_bin())
-            .arg("-c")
-            .arg(&path)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("envoy"),
-    );
-    let admin_addr = format!("127.0.0.1:{admin}").parse().expect("addr");
-    let ready = eventually(Duration::from_secs(30), || async move {
-        tokio::net::TcpStream::connect(admin_addr).await.is_ok()
-            && raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200
-    })
-    .await;
-    assert!(ready, "envoy did not start");
+    let _envoy = support::Envoy::run(&yaml, tls, admin).await;
 
     let d = dir.path().to_path_buf();
     let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true))

@@ -65,6 +65,16 @@ fn config_with_limits(dir: &Path, limits: &str) -> Config {
     config
 }
 
+/// Tollgate on `LIMITS` with a Redis store, connected.
+async fn on_redis(dir: &Path, redis: &RedisServer) -> Tollgate {
+    let mut config = config_with_limits(dir, LIMITS);
+    config.quota.store = StoreKind::Redis;
+    config.quota.redis_url = redis.url();
+    let tg = Tollgate::start(config).await;
+    tg.wait_for_store().await;
+    tg
+}
+
 fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
         entries: entries
@@ -300,11 +310,7 @@ async fn reference_format_behaviours() {
 async fn garbage_gets_a_defined_answer_and_no_redis_call() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = config_with_limits(dir.path(), LIMITS);
-    config.quota.store = StoreKind::Redis;
-    config.quota.redis_url = redis.url();
-    let mut tg = Tollgate::start(config).await;
-    tg.wait_for_store().await;
+    let mut tg = on_redis(dir.path(), &redis).await;
     let mut c = RateLimitServiceClient::new(tg.channel().await);
     let many: Vec<RateLimitDescriptor> = (0..5000)
         .map(|i| descriptor(&[("tenant", &i.to_string())]))
@@ -423,11 +429,7 @@ async fn exact_on_a_redis_cluster() {
 async fn a_flood_from_one_key_stops_costing_redis_round_trips() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = config_with_limits(dir.path(), LIMITS);
-    config.quota.store = StoreKind::Redis;
-    config.quota.redis_url = redis.url();
-    let mut tg = Tollgate::start(config).await;
-    tg.wait_for_store().await;
+    let mut tg = on_redis(dir.path(), &redis).await;
     let mut c = RateLimitServiceClient::new(tg.channel().await);
     let mut over = 0;
     for _ in 0..200 {

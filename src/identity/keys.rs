@@ -353,11 +353,26 @@ impl RedisKeys {
     /// Every record.
     pub async fn list(&self) -> Result<Vec<KeyRecord>, SourceError> {
         let mut conn = self.conn()?;
-        let names: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}apikey:*", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| SourceError(e.to_string()))?;
+        // SCAN, not KEYS: KEYS blocks a shared Redis for the whole keyspace.
+        let pattern = format!("{}apikey:*", self.prefix);
+        let mut names = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| SourceError(e.to_string()))?;
+            names.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
         let mut out = Vec::new();
         for name in names {
             let id = name.rsplit(':').next().unwrap_or_default().to_string();

@@ -280,9 +280,15 @@ impl Envoy {
             .replace("port_value: 9901", &format!("port_value: {admin}"))
             .replace("port_value: 50051", &format!("port_value: {tollgate_grpc}"))
             .replace("port_value: 8080", &format!("port_value: {upstream}"));
+        Self::run(&config, listen, admin).await
+    }
+
+    /// Starts Envoy on `yaml`, whose listener and admin ports are given, and
+    /// waits until it is ready.
+    pub async fn run(yaml: &str, listen: u16, admin: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("envoy.yaml");
-        std::fs::write(&path, config).expect("write envoy.yaml");
+        std::fs::write(&path, yaml).expect("write envoy.yaml");
         let log = std::fs::File::create(dir.path().join("envoy.log")).expect("log");
         let child = Command::new(envoy_bin())
             .arg("-c")
