@@ -44,6 +44,7 @@ fn main() {
             algorithm: Algorithm::FixedWindow,
             cost: 1,
             shadow: false,
+            mode: tollgate::quota::ChargeMode::Admission,
         };
         let applied = rt
             .block_on(store.charge(std::slice::from_ref(&charge)))

@@ -24,6 +24,8 @@ pub struct AdminState {
     pub issuers: Vec<Arc<crate::identity::jwt::Issuer>>,
     /// Cleared when draining, so load balancers stop sending traffic.
     pub ready: Arc<AtomicBool>,
+    /// Readiness requires a connected quota store.
+    pub store_required: bool,
 }
 
 /// The admin routes.
@@ -58,7 +60,11 @@ fn policy_status(state: &AdminState) -> serde_json::Value {
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let issuers_ready = state.issuers.iter().all(|i| i.ready());
-    let ready = state.ready.load(Ordering::Relaxed) && issuers_ready;
+    // A Redis store without a writable connection (not yet connected and set
+    // up, or dropped after READONLY and the like) makes Tollgate unready
+    // unless `quota.ready_requires_store = false`.
+    let store_ready = !state.store_required || state.quota.store().connected();
+    let ready = state.ready.load(Ordering::Relaxed) && issuers_ready && store_ready;
     let code = if ready {
         StatusCode::OK
     } else {
@@ -66,8 +72,6 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     };
     let mut body = policy_status(&state);
     body["ready"] = json!(ready);
-    // A disconnected quota store does not make Tollgate unready: every limit
-    // has a failure mode that answers meanwhile. It is shown for operators.
     body["jwt_issuers"] = state
         .issuers
         .iter()
@@ -77,6 +81,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     body["quota_store"] = json!({
         "kind": state.quota.store().kind(),
         "connected": state.quota.store().connected(),
+        "clock_offset_ms": state.quota.store().clock_offset_ms(),
     });
     (code, Json(body))
 }

@@ -140,6 +140,12 @@ pub struct ResponseConfig {
     /// Remove the caller's credential (`authorization`, `x-api-key`) before
     /// the request reaches the upstream.
     pub strip_credentials: bool,
+    /// When set, an answer allowed only because the quota store failed (a
+    /// limit's `failure_mode = "allow"`) carries this response header with
+    /// the value `store_unavailable`, on ext_authz and rate limit answers.
+    /// Empty (the default): no header; the metric
+    /// `tollgate_quota_fail_open_total` counts them either way.
+    pub quota_fail_open_header: String,
 }
 
 /// Where quota counters live.
@@ -152,6 +158,9 @@ pub enum StoreKind {
     Redis,
     /// A Redis Cluster.
     RedisCluster,
+    /// A Redis master found through Redis Sentinel (`redis_sentinel_nodes`,
+    /// `redis_sentinel_master`); failovers are followed.
+    RedisSentinel,
 }
 
 /// Which rate limit response headers to send.
@@ -187,6 +196,16 @@ pub struct QuotaConfig {
     pub redis_url: String,
     /// Seed nodes for `store = "redis_cluster"`.
     pub redis_cluster_nodes: Vec<String>,
+    /// Sentinels (`redis://host:26379`) for `store = "redis_sentinel"`; the
+    /// master connection takes its database and credentials from
+    /// `redis_url` (whose host is then ignored).
+    pub redis_sentinel_nodes: Vec<String>,
+    /// The master name the sentinels monitor (`sentinel monitor <name> …`).
+    pub redis_sentinel_master: String,
+    /// `/readyz` and gRPC health report not ready while a Redis store has no
+    /// writable connection (default true). Set false to stay ready and let
+    /// each limit's failure mode answer during an outage.
+    pub ready_requires_store: bool,
     /// Prefix of every Redis key.
     pub key_prefix: String,
     /// Longest wait for the store per decision; past it the limits'
@@ -211,6 +230,9 @@ impl Default for QuotaConfig {
             store: StoreKind::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
             redis_cluster_nodes: Vec::new(),
+            redis_sentinel_nodes: Vec::new(),
+            redis_sentinel_master: "mymaster".into(),
+            ready_requires_store: true,
             key_prefix: "tg:".into(),
             deadline_ms: 50,
             max_inflight: 1024,
@@ -314,6 +336,7 @@ impl Default for ResponseConfig {
             strip_prefix: "x-tollgate-".into(),
             realm: "tollgate".into(),
             strip_credentials: false,
+            quota_fail_open_header: String::new(),
         }
     }
 }
@@ -407,6 +430,20 @@ impl Config {
         if self.quota.store == StoreKind::RedisCluster && self.quota.redis_cluster_nodes.is_empty()
         {
             return Err(invalid("quota.redis_cluster_nodes is empty; list at least one node for store = \"redis_cluster\"".into()));
+        }
+        if self.quota.store == StoreKind::RedisSentinel
+            && (self.quota.redis_sentinel_nodes.is_empty()
+                || self.quota.redis_sentinel_master.is_empty())
+        {
+            return Err(invalid("quota.redis_sentinel_nodes and quota.redis_sentinel_master must be set for store = \"redis_sentinel\"".into()));
+        }
+        if !self.response.quota_fail_open_header.is_empty()
+            && axum::http::HeaderName::from_bytes(self.response.quota_fail_open_header.as_bytes()).is_err()
+        {
+            return Err(invalid(format!(
+                "response.quota_fail_open_header {:?} is not a valid header name",
+                self.response.quota_fail_open_header
+            )));
         }
         if self.quota.deadline_ms == 0 {
             return Err(invalid("quota.deadline_ms must be at least 1".into()));

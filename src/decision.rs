@@ -149,6 +149,9 @@ pub struct Decision {
     pub policy_version: String,
     /// The quota counter to report, when quotas were charged or refused.
     pub quota: Option<QuotaReport>,
+    /// Allowed only because the quota store failed and the limit's failure
+    /// mode is `allow` (nothing was counted).
+    pub quota_fail_open: bool,
 }
 
 impl Decision {
@@ -164,6 +167,7 @@ impl Decision {
             errors: Vec::new(),
             policy_version,
             quota: None,
+            quota_fail_open: false,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod identity;
+pub mod invalidate;
 pub mod metrics;
 pub mod path;
 pub mod policy;

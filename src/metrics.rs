@@ -42,6 +42,42 @@ impl Api {
     }
 }
 
+/// Lets a log line through at most once per interval, so a value a caller
+/// controls cannot flood the log.
+#[derive(Debug)]
+pub struct Throttle {
+    interval_ms: u64,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// At most once per `interval`.
+    pub fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `log` unless it ran less than the interval ago.
+    pub fn warn(&self, log: impl FnOnce()) {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= self.interval_ms)
+            && self
+                .last_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log();
+        }
+    }
+}
+
 /// Every metric Tollgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +88,47 @@ pub struct Metrics {
     rate_limits: Family<OutcomeLabel, Counter>,
     shadow_over: Counter,
     store_errors: Family<StoreLabel, Counter>,
+    fail_open: Family<RuleLabel, Counter>,
+    unknown_domain: Counter,
+    invalidations: Family<KindLabel, Counter>,
+    store: std::sync::Arc<StoreMetrics>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Metrics a quota store records itself (connection health and clock), shared
+/// with the registry: `tollgate_quota_store_reconnects_total{reason}` and
+/// `tollgate_quota_store_clock_offset_seconds`.
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    reconnects: Family<ReasonLabel, Counter>,
+    clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl StoreMetrics {
+    /// Counts a connection dropped for `reason` (see
+    /// [`crate::redis_conn::PoisonReason::label`]).
+    pub fn reconnect(&self, reason: &'static str) {
+        self.reconnects.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Records the store clock minus the local clock, in milliseconds.
+    pub fn clock_offset_ms(&self, offset_ms: i64) {
+        self.clock_offset.set(offset_ms as f64 / 1000.0);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -126,7 +203,40 @@ impl Metrics {
             "Quota charges the store could not answer in time; failure modes decided",
             store_errors.clone(),
         );
+        let fail_open = Family::<RuleLabel, Counter>::default();
+        registry.register(
+            "quota_fail_open",
+            "Requests allowed because the quota store failed and the limit's failure mode is allow, by rule or limit",
+            fail_open.clone(),
+        );
+        let unknown_domain = Counter::default();
+        registry.register(
+            "rate_limit_unknown_domain",
+            "Rate limit requests for a domain no limits file defines (answered OK)",
+            unknown_domain.clone(),
+        );
+        let invalidations = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "invalidations",
+            "Invalidation messages applied, by kind (quota_reset, limits, key, all)",
+            invalidations.clone(),
+        );
+        let store = std::sync::Arc::new(StoreMetrics::default());
+        registry.register(
+            "quota_store_reconnects",
+            "Quota store connections dropped and remade, by reason (timeout, unattributed_reply, io, node_unavailable)",
+            store.reconnects.clone(),
+        );
+        registry.register(
+            "quota_store_clock_offset_seconds",
+            "The quota store's clock minus this replica's clock (Redis TIME); a warning is logged above 5 s",
+            store.clock_offset.clone(),
+        );
         Self {
+            fail_open,
+            unknown_domain,
+            invalidations,
+            store,
             registry,
             decisions,
             decision_seconds,
@@ -166,6 +276,30 @@ impl Metrics {
     /// Counts a quota store failure.
     pub fn quota_store_error(&self, store: &'static str) {
         self.store_errors.get_or_create(&StoreLabel { store }).inc();
+    }
+
+    /// Counts a request allowed only because the store failed (fail-open).
+    pub fn quota_fail_open(&self, rule: &str) {
+        self.fail_open
+            .get_or_create(&RuleLabel {
+                rule: rule.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a rate limit request for a domain without limits.
+    pub fn rate_limit_unknown_domain(&self) {
+        self.unknown_domain.inc();
+    }
+
+    /// Counts an applied invalidation of `kind`.
+    pub fn invalidation(&self, kind: &'static str) {
+        self.invalidations.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// The quota store's own metrics.
+    pub fn store(&self) -> std::sync::Arc<StoreMetrics> {
+        self.store.clone()
     }
 
     /// Counts a reload attempt of `source` (`policies`, `keys`).

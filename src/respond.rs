@@ -200,10 +200,18 @@ pub fn check_response(
                 }
             }
         }
+        let mut response_headers_to_add = quota_headers;
+        if decision.quota_fail_open && !config.quota_fail_open_header.is_empty() {
+            response_headers_to_add.push(header(
+                &config.quota_fail_open_header,
+                "store_unavailable",
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            ));
+        }
         HttpResponse::OkResponse(OkHttpResponse {
             headers,
             headers_to_remove,
-            response_headers_to_add: quota_headers,
+            response_headers_to_add,
             ..Default::default()
         })
     } else {
@@ -244,7 +252,17 @@ pub fn check_response(
 
 /// Envoy's answer to ShouldRateLimit. `overall_code` is always OK or
 /// OVER_LIMIT, never UNKNOWN: Envoy reads UNKNOWN as "not limited".
-pub fn rate_limit_response(answer: &RlsAnswer, style: HeaderStyle) -> RateLimitResponse {
+///
+/// A descriptor whose count the store did not report (it failed, or was not
+/// asked) gets no `current_limit` and no remaining count: Envoy would turn
+/// them into `x-ratelimit-remaining: 0` headers that nothing counted.
+/// `fail_open_header` (empty: none) marks answers allowed because the store
+/// failed.
+pub fn rate_limit_response(
+    answer: &RlsAnswer,
+    style: HeaderStyle,
+    fail_open_header: &str,
+) -> RateLimitResponse {
     let code = |over: bool| if over { RlsCode::OverLimit } else { RlsCode::Ok } as i32;
     let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
     let statuses = answer
@@ -252,15 +270,19 @@ pub fn rate_limit_response(answer: &RlsAnswer, style: HeaderStyle) -> RateLimitR
         .iter()
         .map(|s| DescriptorStatus {
             code: code(s.over),
-            current_limit: s.limit.as_ref().map(|l| EnvoyRateLimit {
-                name: l.name.clone().unwrap_or_default(),
-                requests_per_unit: clamp(l.requests_per_unit),
-                unit: l.unit.envoy_code(),
-            }),
+            current_limit: s
+                .limit
+                .as_ref()
+                .filter(|_| s.remaining.is_some())
+                .map(|l| EnvoyRateLimit {
+                    name: l.name.clone().unwrap_or_default(),
+                    requests_per_unit: clamp(l.requests_per_unit),
+                    unit: l.unit.envoy_code(),
+                }),
             limit_remaining: if s.unlimited {
                 u32::MAX
             } else {
-                clamp(s.remaining)
+                s.remaining.map_or(0, clamp)
             },
             duration_until_reset: s
                 .reset
@@ -271,18 +293,19 @@ pub fn rate_limit_response(answer: &RlsAnswer, style: HeaderStyle) -> RateLimitR
             ..Default::default()
         })
         .collect();
-    // Headers describe the most restrictive limited descriptor.
+    // Headers describe the limit that refused, else the most restrictive
+    // counted one; never a limit whose count is unknown.
     let tightest = answer
         .statuses
         .iter()
-        .filter_map(|s| s.limit.as_ref().map(|l| (s, l)))
-        .min_by_key(|(s, _)| s.remaining);
-    let response_headers_to_add = tightest
-        .map(|(s, l)| {
+        .filter_map(|s| Some((s, s.limit.as_ref()?, s.remaining?)))
+        .min_by_key(|(s, _, remaining)| (!s.over, *remaining));
+    let mut response_headers_to_add: Vec<HeaderValue> = tightest
+        .map(|(s, l, remaining)| {
             let report = QuotaReport {
                 rule: l.name.clone().unwrap_or_else(|| "limit".into()),
                 limit: l.requests_per_unit,
-                remaining: s.remaining,
+                remaining,
                 reset: s.reset.unwrap_or_default(),
                 unit_secs: l.unit.millis() / 1000,
             };
@@ -296,6 +319,13 @@ pub fn rate_limit_response(answer: &RlsAnswer, style: HeaderStyle) -> RateLimitR
             raw_value: Vec::new(),
         })
         .collect();
+    if answer.store_failed && !answer.over && !fail_open_header.is_empty() {
+        response_headers_to_add.push(HeaderValue {
+            key: fail_open_header.to_string(),
+            value: "store_unavailable".into(),
+            raw_value: Vec::new(),
+        });
+    }
     RateLimitResponse {
         overall_code: code(answer.over),
         statuses,

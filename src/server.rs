@@ -68,6 +68,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     keys: Option<KeysReload>,
     issuers: Vec<Arc<Issuer>>,
+    api_keys: Option<Arc<ApiKeyAuthenticator>>,
     config: Config,
 }
 
@@ -85,12 +86,12 @@ impl App {
             &config.resolve(&config.policy.dir),
             expect,
         )?);
-        let (sources, keys, issuers) = build_identity(&config)?;
+        let (sources, keys, issuers, api_keys) = build_identity(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
         let quota = engine::QuotaParts {
             engine: Arc::new(QuotaEngine::new(
-                build_store(&config)?,
+                build_store(&config, metrics.store())?,
                 Duration::from_millis(config.quota.deadline_ms),
                 config.quota.max_inflight,
             )),
@@ -116,6 +117,7 @@ impl App {
             metrics,
             keys,
             issuers,
+            api_keys,
             config,
         })
     }
@@ -139,6 +141,8 @@ impl App {
             Ok(true) => {
                 tracing::info!("rate limits reloaded");
                 metrics.reload("limits", "swapped");
+                // Answers cached under the old limits may be wrong now.
+                engine.quota().forget_known_over();
             }
             Err(e) => {
                 tracing::error!(error = %e, "limits reload rejected; still serving the last good set");
@@ -159,6 +163,39 @@ impl App {
                 }
             }
         }
+    }
+
+    /// Applies invalidations from other replicas and the CLI (see
+    /// [`crate::invalidate`]).
+    fn subscribe_invalidations(&self) -> Option<crate::invalidate::Subscription> {
+        use crate::invalidate::Invalidation;
+        let (target, channel) = crate::invalidate::target(&self.config)?;
+        let (quota, api_keys, metrics) = (
+            self.engine.quota().clone(),
+            self.api_keys.clone(),
+            self.metrics.clone(),
+        );
+        Some(crate::invalidate::subscribe(target, channel, move |what| {
+            metrics.invalidation(what.kind());
+            match &what {
+                Invalidation::QuotaReset | Invalidation::Limits => quota.forget_known_over(),
+                // A key's tier may have changed: its cached over-limit answers
+                // were computed under its old limits.
+                Invalidation::Key(id) => {
+                    tracing::info!(key_id = %id.escape_debug(), "api key changed elsewhere; cache dropped");
+                    quota.forget_known_over();
+                    if let Some(auth) = &api_keys {
+                        auth.invalidate();
+                    }
+                }
+                Invalidation::All => {
+                    quota.forget_known_over();
+                    if let Some(auth) = &api_keys {
+                        auth.invalidate();
+                    }
+                }
+            }
+        }))
     }
 
     /// Binds both listeners and starts serving.
@@ -244,6 +281,7 @@ impl App {
             self.engine.clone(),
             self.config.quota.headers,
             self.config.quota.on_invalid_request,
+            self.config.response.quota_fail_open_header.clone(),
         );
         let decision_api = DecisionApi::new(self.engine.clone());
         let mut grpc_stop = stop_rx.clone();
@@ -265,6 +303,7 @@ impl App {
             quota: self.engine.quota().clone(),
             issuers: self.issuers.clone(),
             ready: ready.clone(),
+            store_required: self.config.quota.ready_requires_store,
         };
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
@@ -299,6 +338,7 @@ impl App {
             admin,
             _watcher: watcher,
             refreshers,
+            _invalidations: self.subscribe_invalidations(),
         })
     }
 }
@@ -323,6 +363,7 @@ type Identity = (
     Vec<Arc<dyn Authenticator>>,
     Option<KeysReload>,
     Vec<Arc<Issuer>>,
+    Option<Arc<ApiKeyAuthenticator>>,
 );
 
 /// The identity sources, in the configured order.
@@ -331,6 +372,7 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
     let mut sources: Vec<Arc<dyn Authenticator>> = Vec::new();
     let mut keys = None;
     let mut issuers = Vec::new();
+    let mut api_keys = None;
     for kind in &id.sources {
         match kind {
             SourceKind::ApiKey => {
@@ -362,6 +404,7 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
                     Duration::from_millis(id.api_keys_cache_ms),
                     id.max_credential_bytes,
                 ));
+                api_keys = Some(auth.clone());
                 if let Some(file) = file {
                     keys = Some(KeysReload {
                         file,
@@ -391,12 +434,15 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
             }
         }
     }
-    Ok((sources, keys, issuers))
+    Ok((sources, keys, issuers, api_keys))
 }
 
 /// The configured quota store. Redis stores connect in the background, so
 /// this must run inside a Tokio runtime.
-pub fn build_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StartError> {
+pub fn build_store(
+    config: &Config,
+    metrics: Arc<crate::metrics::StoreMetrics>,
+) -> Result<Arc<dyn QuotaStore>, StartError> {
     let q = &config.quota;
     let timeout = Duration::from_millis(q.deadline_ms);
     Ok(match q.store {
@@ -405,11 +451,23 @@ pub fn build_store(config: &Config) -> Result<Arc<dyn QuotaStore>, StartError> {
             Target::Standalone(q.redis_url.clone()),
             &q.key_prefix,
             timeout,
+            metrics.clone(),
         )?),
         StoreKind::RedisCluster => Arc::new(RedisStore::connect(
             Target::Cluster(q.redis_cluster_nodes.clone()),
             &q.key_prefix,
             timeout,
+            metrics,
+        )?),
+        StoreKind::RedisSentinel => Arc::new(RedisStore::connect(
+            Target::Sentinel {
+                sentinels: q.redis_sentinel_nodes.clone(),
+                master: q.redis_sentinel_master.clone(),
+                master_url: Some(q.redis_url.clone()),
+            },
+            &q.key_prefix,
+            timeout,
+            metrics,
         )?),
     })
 }
@@ -439,6 +497,7 @@ pub struct Running {
     admin: JoinHandle<std::io::Result<()>>,
     _watcher: Option<reload::WatchHandle>,
     refreshers: Vec<JoinHandle<()>>,
+    _invalidations: Option<crate::invalidate::Subscription>,
 }
 
 impl Running {

@@ -10,7 +10,13 @@ use std::time::Duration;
 use support::{RedisCluster, RedisServer, eventually};
 use tollgate::quota::memory::{MemoryStore, SystemClock};
 use tollgate::quota::redis::{RedisStore, Target};
-use tollgate::quota::{Algorithm, Charge, CounterKey, QuotaStore, Unit};
+use tollgate::metrics::StoreMetrics;
+use tollgate::quota::{Algorithm, Charge, ChargeMode, CounterKey, QuotaStore, Unit, Usage};
+
+/// The usage a store reported for charge `i`.
+fn u(r: &tollgate::quota::ChargeResult, i: usize) -> Usage {
+    r.usage[i].expect("the store reported this counter")
+}
 
 /// Keeps whatever backs a store alive for the test.
 enum Backing {
@@ -46,6 +52,7 @@ async fn redis() -> (Arc<dyn QuotaStore>, Backing) {
         Target::Standalone(server.url()),
         "t:",
         Duration::from_millis(500),
+        Arc::new(StoreMetrics::default()),
     )
     .expect("store");
     (connected(store).await, Backing::Redis(server))
@@ -57,6 +64,7 @@ async fn cluster() -> (Arc<dyn QuotaStore>, Backing) {
         Target::Cluster(cluster.urls()),
         "t:",
         Duration::from_millis(500),
+        Arc::new(StoreMetrics::default()),
     )
     .expect("store");
     (connected(store).await, Backing::Cluster(cluster))
@@ -74,6 +82,7 @@ fn charge(k: &CounterKey, limit: u64, cost: u64) -> Charge {
         algorithm: Algorithm::FixedWindow,
         cost,
         shadow: false,
+        mode: ChargeMode::Admission,
     }
 }
 
@@ -82,7 +91,7 @@ async fn used(store: &dyn QuotaStore, k: &CounterKey) -> u64 {
         .charge(&[charge(k, u64::MAX >> 12, 0)])
         .await
         .expect("peek");
-    r.usage[0].used
+    u(&r, 0).used
 }
 
 async fn counts_exactly_to_the_limit(store: Arc<dyn QuotaStore>) {
@@ -90,17 +99,17 @@ async fn counts_exactly_to_the_limit(store: Arc<dyn QuotaStore>) {
     for i in 0..5 {
         let r = store.charge(&[charge(&k, 5, 1)]).await.expect("charge");
         assert!(r.applied, "charge {i} of 5");
-        assert_eq!(r.usage[0].used, i + 1);
-        assert_eq!(r.usage[0].remaining(5), 4 - i);
+        assert_eq!(u(&r, 0).used, i + 1);
+        assert_eq!(u(&r, 0).remaining(5), 4 - i);
     }
     let r = store.charge(&[charge(&k, 5, 1)]).await.expect("charge");
-    assert!(!r.applied && !r.usage[0].fits);
+    assert!(!r.applied && !u(&r, 0).fits);
     assert_eq!(
         used(&*store, &k).await,
         5,
         "a refused charge consumes nothing"
     );
-    assert!(r.usage[0].reset <= Duration::from_secs(3600));
+    assert!(u(&r, 0).reset <= Duration::from_secs(3600));
 }
 
 async fn all_or_nothing(store: Arc<dyn QuotaStore>) {
@@ -111,7 +120,7 @@ async fn all_or_nothing(store: Arc<dyn QuotaStore>) {
     assert!(store.charge(&group(1, 1)).await.expect("2").applied);
     let blocked = store.charge(&group(1, 1)).await.expect("3");
     assert!(!blocked.applied, "the tenant limit blocks");
-    assert!(!blocked.usage[0].fits && blocked.usage[1].fits);
+    assert!(!u(&blocked, 0).fits && u(&blocked, 1).fits);
     assert_eq!(
         used(&*store, &api_key).await,
         2,
@@ -228,6 +237,61 @@ async fn sliding_window_counts_within_the_window(store: Arc<dyn QuotaStore>) {
     );
 }
 
+/// Usage that already happened (`charge: always`) is counted in full past the
+/// limit, even when an admission limit of the same request refuses; the
+/// answer is over once the count passes the limit, and a check then refuses.
+async fn usage_is_recorded_past_the_limit(store: Arc<dyn QuotaStore>) {
+    let k = key("usage", "g");
+    let usage = |cost| Charge {
+        mode: ChargeMode::Always,
+        ..charge(&k, 1000, cost)
+    };
+    let r = store.charge(&[usage(900)]).await.expect("900");
+    assert!(r.applied && u(&r, 0).fits);
+    assert_eq!(u(&r, 0).remaining(1000), 100);
+    let r = store.charge(&[usage(500)]).await.expect("500");
+    assert!(!u(&r, 0).fits, "1400 of 1000 is over");
+    assert_eq!(used(&*store, &k).await, 1400, "all 500 were recorded");
+    let r = store.charge(&[usage(0)]).await.expect("check");
+    assert!(!u(&r, 0).fits, "a check after the budget is spent refuses");
+    // Beside a refusing admission limit, usage is still recorded.
+    let door = key("door", "g");
+    let r = store
+        .charge(&[charge(&door, 0, 1), usage(7)])
+        .await
+        .expect("mixed");
+    assert!(!r.applied);
+    assert_eq!(used(&*store, &k).await, 1407);
+    assert_eq!(used(&*store, &door).await, 0);
+}
+
+/// A limit of 0 refuses everything, checks included (a block list).
+async fn zero_limit_refuses_everything(store: Arc<dyn QuotaStore>) {
+    let k = key("blocked", "g");
+    for cost in [1, 0, 5] {
+        let r = store.charge(&[charge(&k, 0, cost)]).await.expect("charge");
+        assert!(!r.applied && !u(&r, 0).fits, "cost {cost}");
+    }
+    assert_eq!(used(&*store, &k).await, 0);
+}
+
+/// Week, month and year windows count like the others.
+async fn long_units_count(store: Arc<dyn QuotaStore>) {
+    for unit in [Unit::Week, Unit::Month, Unit::Year] {
+        let k = key(&format!("long-{unit:?}"), "g");
+        let c = Charge {
+            unit,
+            ..charge(&k, 2, 1)
+        };
+        let c = std::slice::from_ref(&c);
+        assert!(store.charge(c).await.expect("1").applied);
+        assert!(store.charge(c).await.expect("2").applied);
+        let r = store.charge(c).await.expect("3");
+        assert!(!r.applied, "{unit:?}");
+        assert!(u(&r, 0).reset <= Duration::from_millis(unit.millis()));
+    }
+}
+
 macro_rules! contract {
     ($($store:ident),*) => {
         mod contract {
@@ -249,6 +313,9 @@ macro_rules! contract {
                     case!(exact_under_concurrency);
                     case!(reset_forgets);
                     case!(sliding_window_counts_within_the_window);
+                    case!(usage_is_recorded_past_the_limit);
+                    case!(zero_limit_refuses_everything);
+                    case!(long_units_count);
                 }
             )*
         }
@@ -309,6 +376,14 @@ async fn cluster_group_shares_one_slot() {
     mixed.push(spread[5].clone());
     let blocked = store.charge(&mixed).await.expect("blocked");
     assert!(!blocked.applied);
+    for (i, r) in blocked.usage.iter().enumerate() {
+        // Each group is asked in turn until one refuses: what was asked is
+        // reported as it stands after the refund, what was not is unknown —
+        // never a made-up count.
+        if let Some(r) = r {
+            assert!(i == 5 || r.used == 0, "{i}: {r:?}");
+        }
+    }
     for c in &mixed[..5] {
         assert_eq!(
             used(&*store, &c.key).await,

@@ -6,7 +6,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
     Entry, RateLimitOverride,
 };
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus,
+};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tonic::{Request, Response, Status};
@@ -14,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::config::{HeaderStyle, OnInvalidRequest};
 use crate::engine::Engine;
 use crate::quota::Unit;
-use crate::quota::rls::{MAX_DESCRIPTORS, RlsDescriptor, RlsRequest};
+use crate::quota::rls::{LimitOverride, MAX_DESCRIPTORS, RlsDescriptor, RlsRequest};
 use crate::respond;
 
 /// The rate limit gRPC service.
@@ -22,15 +24,22 @@ pub struct Rls {
     engine: Arc<Engine>,
     headers: HeaderStyle,
     on_invalid: OnInvalidRequest,
+    fail_open_header: String,
 }
 
 impl Rls {
     /// Serves rate limit decisions from `engine`.
-    pub fn new(engine: Arc<Engine>, headers: HeaderStyle, on_invalid: OnInvalidRequest) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        headers: HeaderStyle,
+        on_invalid: OnInvalidRequest,
+        fail_open_header: String,
+    ) -> Self {
         Self {
             engine,
             headers,
             on_invalid,
+            fail_open_header,
         }
     }
 }
@@ -41,13 +50,23 @@ impl RateLimitService for Rls {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let asked = request.get_ref().descriptors.len();
         let request = to_request(request.into_inner());
         if let Err(e) = request.validate() {
             tracing::info!(error = %e, "malformed rate limit request");
             return match self.on_invalid {
                 OnInvalidRequest::Error => Err(Status::invalid_argument(e.to_string())),
+                // One status per descriptor asked, as Envoy and the reference
+                // service expect; each is OVER_LIMIT since none was judged.
                 OnInvalidRequest::OverLimit => Ok(Response::new(RateLimitResponse {
                     overall_code: Code::OverLimit as i32,
+                    statuses: vec![
+                        DescriptorStatus {
+                            code: Code::OverLimit as i32,
+                            ..Default::default()
+                        };
+                        asked
+                    ],
                     ..Default::default()
                 })),
             };
@@ -61,6 +80,7 @@ impl RateLimitService for Rls {
         Ok(Response::new(respond::rate_limit_response(
             &answer,
             self.headers,
+            &self.fail_open_header,
         )))
     }
 }
@@ -97,19 +117,16 @@ fn to_request(request: RateLimitRequest) -> RlsRequest {
                 } else {
                     hits_addend.map(|h| h.value)
                 },
-                limit_override: limit.and_then(
+                // Every unit Envoy defines is honoured, and 0 means "refuse
+                // all"; an override with a unit Tollgate cannot honour is
+                // never read as "unlimited".
+                limit_override: limit.map(
                     |RateLimitOverride {
                          requests_per_unit,
                          unit,
-                     }| {
-                        let unit = match unit {
-                            1 => Unit::Second,
-                            2 => Unit::Minute,
-                            3 => Unit::Hour,
-                            4 => Unit::Day,
-                            _ => return None,
-                        };
-                        (requests_per_unit > 0).then_some((u64::from(requests_per_unit), unit))
+                     }| match Unit::from_envoy_code(unit) {
+                        Some(unit) => LimitOverride::Limit(u64::from(requests_per_unit), unit),
+                        None => LimitOverride::Unusable,
                     },
                 ),
             }

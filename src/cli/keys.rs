@@ -21,6 +21,17 @@ pub enum KeysCommand {
     List,
 }
 
+impl KeysCommand {
+    /// The id of the key this command changes, if it changes one.
+    pub fn changed_key(&self) -> Option<String> {
+        match self {
+            Self::Create(c) => Some(c.id.clone()),
+            Self::Revoke { id } => Some(id.clone()),
+            Self::Hash { .. } | Self::List => None,
+        }
+    }
+}
+
 /// `tollgate keys create`.
 #[derive(Debug, clap::Args)]
 pub struct CreateKey {

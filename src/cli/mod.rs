@@ -110,8 +110,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             entities,
         ),
         Command::Test { dir } => Ok(test(config, dir)),
-        Command::Keys { command } => keys::run(config, command).await,
+        Command::Keys { command } => {
+            let changed = command.changed_key();
+            let code = keys::run(config.clone(), command).await?;
+            if let Some(id) = changed {
+                // Every serving replica drops its cached record now, rather
+                // than when the cache TTL runs out.
+                announce(&config, &crate::invalidate::Invalidation::Key(id)).await;
+            }
+            Ok(code)
+        }
         Command::Quota { command } => quota::run(config, command).await,
+    }
+}
+
+/// Publishes a change on the invalidation channel; a failure is reported but
+/// does not fail the command (the caches' own bounds still apply).
+pub(crate) async fn announce(config: &Config, what: &crate::invalidate::Invalidation) {
+    match crate::invalidate::publish(config, what).await {
+        Ok(true) => {}
+        Ok(false) => eprintln!(
+            "note: no shared Redis configured; running replicas see the change when their caches expire"
+        ),
+        Err(e) => eprintln!(
+            "warning: could not notify running replicas ({e}); they see the change when their caches expire"
+        ),
     }
 }
 

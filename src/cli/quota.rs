@@ -62,7 +62,7 @@ pub async fn run(config: Config, command: QuotaCommand) -> anyhow::Result<ExitCo
         );
     }
     let charge = counter_charge(&config, &args)?;
-    let store = crate::server::build_store(&config)?;
+    let store = crate::server::build_store(&config, Default::default())?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !store.connected() {
         if std::time::Instant::now() > deadline {
@@ -73,6 +73,8 @@ pub async fn run(config: Config, command: QuotaCommand) -> anyhow::Result<ExitCo
     let engine = QuotaEngine::new(store, std::time::Duration::from_secs(5), 1);
     if reset {
         engine.reset(&charge.key).await?;
+        // Running replicas drop over-limit answers cached before the reset.
+        super::announce(&config, &crate::invalidate::Invalidation::QuotaReset).await;
         println!("reset");
         return Ok(ExitCode::SUCCESS);
     }
@@ -80,11 +82,17 @@ pub async fn run(config: Config, command: QuotaCommand) -> anyhow::Result<ExitCo
     let usage = result
         .usage
         .first()
+        .copied()
+        .flatten()
         .ok_or_else(|| anyhow::anyhow!("no answer"))?;
-    println!("used: {}", usage.used);
-    println!("limit: {} per {:?}", charge.limit, charge.unit);
-    println!("remaining: {}", usage.remaining(charge.limit));
-    println!("reset in: {} s", usage.reset.as_secs());
+    // `writeln!` rather than `println!`: a closed pipe (`| head -1`) ends the
+    // output quietly instead of panicking.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "used: {}", usage.used)
+        .and_then(|()| writeln!(out, "limit: {} per {}", charge.limit, charge.unit.name()))
+        .and_then(|()| writeln!(out, "remaining: {}", usage.remaining(charge.limit)))
+        .and_then(|()| writeln!(out, "reset in: {} s", usage.reset.as_secs()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -108,6 +116,7 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
             algorithm: limit.algorithm,
             cost: 0,
             shadow: false,
+            mode: crate::quota::ChargeMode::Admission,
         });
     }
     let name = args

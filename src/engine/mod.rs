@@ -66,6 +66,7 @@ pub struct Engine {
     quota: Arc<QuotaEngine>,
     rules: Vec<QuotaRule>,
     limits: Arc<LimitsStore>,
+    unknown_domain_warning: crate::metrics::Throttle,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -99,6 +100,7 @@ impl Engine {
             quota: quota.engine,
             rules: config.quota.rules.clone(),
             limits: quota.limits,
+            unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(60)),
         }
     }
 

@@ -37,19 +37,27 @@ impl Engine {
                     .iter()
                     .zip(&usage)
                     .filter(|(p, _)| !p.charge.shadow)
+                    .filter_map(|(p, u)| u.as_ref().map(|u| (p, u)))
                     .min_by_key(|(p, u)| u.remaining(p.charge.limit))
                     .map(|(p, u)| report(p, u));
             }
             QuotaDecision::OverLimit { usage, blocking } => {
+                // The headers of a 429 are those of the limit that refused.
                 decision.quota = plans
                     .get(blocking)
-                    .zip(usage.get(blocking))
-                    .map(|(p, u)| report(p, u));
+                    .zip(usage.get(blocking).copied().flatten())
+                    .map(|(p, u)| report(p, &u));
                 decision.outcome = Outcome::OverQuota(Reason::OverQuota);
             }
             QuotaDecision::Failed { error, mode } => {
                 tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
                 self.metrics.quota_store_error(self.quota.store().kind());
+                if mode == FailureMode::Allow {
+                    for p in plans.iter().filter(|p| !p.charge.shadow) {
+                        self.metrics.quota_fail_open(&p.label);
+                    }
+                    decision.quota_fail_open = true;
+                }
                 decision.outcome = match mode {
                     FailureMode::Allow => Outcome::Allow,
                     FailureMode::Deny => Outcome::Unavailable(Reason::QuotaUnavailable),
@@ -63,9 +71,27 @@ impl Engine {
     pub async fn should_rate_limit(&self, request: &RlsRequest) -> RlsAnswer {
         let started = Instant::now();
         let limits = self.limits.current();
+        if !limits.has_domain(&request.domain) {
+            // The domain comes from the caller: counted without a label, and
+            // logged at most once a minute.
+            self.metrics.rate_limit_unknown_domain();
+            self.unknown_domain_warning.warn(|| {
+                tracing::warn!(
+                    domain = %request.domain.escape_debug(),
+                    "rate limit request for a domain no limits file defines; answered OK"
+                );
+            });
+        }
         let answer = crate::quota::rls::decide(&limits, &self.quota, request).await;
         if answer.store_failed {
             self.metrics.quota_store_error(self.quota.store().kind());
+            if !answer.over && !answer.defer {
+                for s in &answer.statuses {
+                    if let (Some(label), Some(_)) = (&s.label, &s.limit) {
+                        self.metrics.quota_fail_open(label);
+                    }
+                }
+            }
         }
         let outcome = if answer.defer {
             "defer"

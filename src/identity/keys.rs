@@ -266,7 +266,7 @@ impl KeySource for FileKeys {
 
 /// Key records in Redis: one hash per key at `<prefix>apikey:<id>`.
 pub struct RedisKeys {
-    conn: crate::redis_conn::Lazy<redis::aio::ConnectionManager>,
+    conn: crate::redis_conn::Link<redis::aio::MultiplexedConnection>,
     prefix: String,
 }
 
@@ -284,9 +284,10 @@ impl RedisKeys {
         format!("{}apikey:{id}", self.prefix)
     }
 
-    fn conn(&self) -> Result<redis::aio::ConnectionManager, SourceError> {
+    fn conn(&self) -> Result<redis::aio::MultiplexedConnection, SourceError> {
         self.conn
             .get()
+            .map(|(c, _)| c)
             .ok_or_else(|| SourceError("not connected to redis yet".into()))
     }
 

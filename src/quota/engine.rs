@@ -1,6 +1,15 @@
 //! What every store needs around it: a deadline, bounded in-flight work, a
 //! local cache of counters known to be over their limit, and each limit's
 //! failure mode.
+//!
+//! The over-limit cache answers only what the store itself said: an entry is
+//! keyed by the counter **and the limit it was refused under** (value, unit,
+//! algorithm), so a request under a different limit — a per-request
+//! override, a limit raised by reload, a key moved to another tier — asks the
+//! store. It never answers for usage that must be recorded
+//! ([`ChargeMode::Always`]), and it is emptied on every invalidation (quota
+//! reset, limits reload, key change; see [`crate::invalidate`]). Other
+//! counters of a cached answer are reported as unknown, not invented.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,17 +18,33 @@ use tokio::sync::Semaphore;
 
 use super::memory::{Clock, SystemClock};
 use super::rules::Planned;
-use super::{Algorithm, ChargeResult, CounterKey, FailureMode, QuotaStore, StoreError, Usage};
+use super::{
+    Algorithm, ChargeMode, ChargeResult, CounterKey, FailureMode, QuotaStore, StoreError, Unit,
+    Usage,
+};
+
+/// What an over-limit cache entry was computed under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct OverKey {
+    key: CounterKey,
+    limit: u64,
+    unit: Unit,
+    algorithm: Algorithm,
+}
 
 /// The outcome of charging a request's quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuotaDecision {
     /// Every counter was charged (or no limit applied). `usage` pairs with
-    /// the plans, in order.
-    Allowed { usage: Vec<Usage> },
-    /// A non-shadow counter had no room; nothing was charged. `blocking` is
-    /// the index of the first such plan.
-    OverLimit { usage: Vec<Usage>, blocking: usize },
+    /// the plans, in order; `None` where the store was not asked.
+    Allowed { usage: Vec<Option<Usage>> },
+    /// A non-shadow counter had no room; no admission charge was applied
+    /// (usage charges, [`ChargeMode::Always`], were). `blocking` is the index
+    /// of the first such plan.
+    OverLimit {
+        usage: Vec<Option<Usage>>,
+        blocking: usize,
+    },
     /// The store could not answer in time; `mode` is what the limits involved
     /// say to do about it.
     Failed {
@@ -36,7 +61,7 @@ pub struct QuotaEngine {
     /// Fixed-window counters known to be over their limit, until their window
     /// resets (ms since epoch): a flood from one key stops costing store
     /// round trips.
-    over: moka::sync::Cache<CounterKey, u64>,
+    over: moka::sync::Cache<OverKey, u64>,
     clock: Arc<dyn Clock>,
 }
 
@@ -93,15 +118,11 @@ impl QuotaEngine {
     }
 
     fn decide(&self, plans: &[Planned], result: ChargeResult) -> QuotaDecision {
-        if result.applied {
-            return QuotaDecision::Allowed {
-                usage: result.usage,
-            };
-        }
         let now = self.clock.now_ms();
         let mut blocking = None;
         for (i, (plan, usage)) in plans.iter().zip(&result.usage).enumerate() {
             let c = &plan.charge;
+            let Some(usage) = usage else { continue };
             if usage.fits || c.shadow {
                 continue;
             }
@@ -111,55 +132,77 @@ impl QuotaEngine {
             if c.algorithm == Algorithm::FixedWindow && usage.used >= c.limit {
                 let reset_ms = u64::try_from(usage.reset.as_millis()).unwrap_or(u64::MAX);
                 self.over
-                    .insert(c.key.clone(), now.saturating_add(reset_ms));
+                    .insert(over_key(&plan.charge), now.saturating_add(reset_ms));
             }
         }
-        QuotaDecision::OverLimit {
-            usage: result.usage,
-            blocking: blocking.unwrap_or(0),
+        match blocking {
+            // Usage recorded in full can leave a request over its limit
+            // although everything was applied.
+            None if result.applied => QuotaDecision::Allowed {
+                usage: result.usage,
+            },
+            blocking => QuotaDecision::OverLimit {
+                usage: result.usage,
+                blocking: blocking.unwrap_or(0),
+            },
         }
     }
 
     fn known_over(&self, plans: &[Planned]) -> Option<QuotaDecision> {
+        // Usage must reach the store whatever the answer.
+        if plans
+            .iter()
+            .any(|p| p.charge.mode == ChargeMode::Always && p.charge.cost > 0)
+        {
+            return None;
+        }
         let now = self.clock.now_ms();
-        let blocking = plans.iter().position(|p| {
-            !p.charge.shadow
-                && self
-                    .over
-                    .get(&p.charge.key)
-                    .is_some_and(|until| until > now)
-        })?;
+        let cached = |p: &Planned| {
+            self.over
+                .get(&over_key(&p.charge))
+                .filter(|&until| until > now)
+        };
+        let blocking = plans
+            .iter()
+            .position(|p| !p.charge.shadow && cached(p).is_some())?;
         let usage = plans
             .iter()
             .map(|p| {
-                let until = self.over.get(&p.charge.key).filter(|&u| u > now);
-                match until {
-                    Some(u) => Usage {
-                        fits: false,
-                        used: p.charge.limit,
-                        reset: Duration::from_millis(u - now),
-                    },
-                    // Not asked: unknown, reported as untouched.
-                    None => Usage {
-                        fits: true,
-                        used: 0,
-                        reset: Duration::from_millis(p.charge.unit.millis()),
-                    },
-                }
+                // Not asked: unknown, and reported as such.
+                cached(p).map(|until| Usage {
+                    fits: false,
+                    used: p.charge.limit,
+                    reset: Duration::from_millis(until - now),
+                })
             })
             .collect();
         Some(QuotaDecision::OverLimit { usage, blocking })
     }
 
+    /// Empties the over-limit cache (a reset, a limits reload or a key change
+    /// elsewhere may have made its answers wrong).
+    pub fn forget_known_over(&self) {
+        self.over.invalidate_all();
+    }
+
     /// Forgets a counter everywhere, the local over-limit cache included.
     pub async fn reset(&self, key: &CounterKey) -> Result<(), StoreError> {
-        self.over.invalidate(key);
+        self.forget_known_over();
         tokio::time::timeout(
             self.deadline.max(Duration::from_secs(1)),
             self.store.reset(key),
         )
         .await
         .map_err(|_| StoreError::Timeout(self.deadline))?
+    }
+}
+
+fn over_key(c: &super::Charge) -> OverKey {
+    OverKey {
+        key: c.key.clone(),
+        limit: c.limit,
+        unit: c.unit,
+        algorithm: c.algorithm,
     }
 }
 

@@ -13,13 +13,23 @@
 //! ```
 //!
 //! Additive fields the reference lacks, inside `rate_limit`: `algorithm`
-//! (`fixed_window`, the reference's, or `sliding_window`) and `failure_mode`
-//! (`deny`, `allow`, `gateway`).
+//! (`fixed_window`, the reference's, or `sliding_window`), `failure_mode`
+//! (`deny`, `allow`, `gateway`) and `charge` (`admission`, the default:
+//! all-or-nothing; `always`: hits are usage that already happened and are
+//! counted in full even past the limit — for limits charged after the
+//! response, such as tokens with Envoy's `apply_on_stream_done`).
+//!
+//! Units: `second`, `minute`, `hour`, `day`, `week`, `month` (30 days),
+//! `year` (365 days), any case. `requests_per_unit: 0` refuses every request
+//! (a block list, as in the reference's documentation).
 //!
 //! Matching follows the reference service: each request entry descends one
-//! level, trying `key_value`, then a wildcard `value: prefix*`, then the bare
-//! `key` (any value, one counter per value); a limit applies only when found
-//! at the request's last entry.
+//! level, trying the entry's key **and** value, then a wildcard
+//! `value: prefix*` of the same key, then the bare `key` (any value, one
+//! counter per value); a limit applies only when found at the request's last
+//! entry. Keys and values are matched as a pair, never joined into one
+//! string, so `(user, internal)` cannot reach a `user_internal` limit (the
+//! reference service joins them with `_` and can be fooled that way).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +39,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
-use super::{Algorithm, FailureMode, Unit};
+use super::{Algorithm, ChargeMode, FailureMode, Unit};
 
 /// A limits file that cannot be loaded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -82,6 +92,8 @@ struct YamlRateLimit {
     algorithm: Option<Algorithm>,
     #[serde(default)]
     failure_mode: Option<FailureMode>,
+    #[serde(default)]
+    charge: Option<ChargeMode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,15 +116,39 @@ pub struct LimitDef {
     pub detailed_metric: bool,
     pub algorithm: Algorithm,
     pub failure_mode: FailureMode,
+    /// How hits on this limit are charged.
+    pub charge: ChargeMode,
     pub replaces: Vec<String>,
 }
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<String, Node>,
-    /// Wildcard child keys (`key_prefix*`), in file order.
-    wildcards: Vec<String>,
+    /// Children with a value: key → value → node.
+    exact: HashMap<String, HashMap<String, Node>>,
+    /// Children with `value: "prefix*"`: (key, prefix, node), in file order.
+    wildcards: Vec<(String, String, Node)>,
+    /// Children without a value (any value of the key).
+    any: HashMap<String, Node>,
     limit: Option<Arc<LimitDef>>,
+}
+
+impl Node {
+    fn is_leaf(&self) -> bool {
+        self.exact.is_empty() && self.wildcards.is_empty() && self.any.is_empty()
+    }
+
+    fn child(&self, key: &str, value: &str) -> Option<&Node> {
+        self.exact
+            .get(key)
+            .and_then(|values| values.get(value))
+            .or_else(|| {
+                self.wildcards
+                    .iter()
+                    .find(|(k, prefix, _)| k == key && value.starts_with(prefix.as_str()))
+                    .map(|(_, _, node)| node)
+            })
+            .or_else(|| self.any.get(key))
+    }
 }
 
 /// Every domain's limits.
@@ -129,22 +165,13 @@ impl LimitSet {
         let mut node = self.domains.get(domain)?;
         let mut found = None;
         for (i, (key, value)) in entries.iter().enumerate() {
-            let exact = format!("{key}_{value}");
-            let next = node
-                .children
-                .get(&exact)
-                .or_else(|| {
-                    node.wildcards
-                        .iter()
-                        .find(|w| exact.starts_with(w.trim_end_matches('*')))
-                        .and_then(|w| node.children.get(w))
-                })
-                .or_else(|| node.children.get(key));
-            let Some(next) = next else { break };
+            let Some(next) = node.child(key, value) else {
+                break;
+            };
             if i + 1 == entries.len() {
                 found = next.limit.clone();
             }
-            if next.children.is_empty() {
+            if next.is_leaf() {
                 break;
             }
             node = next;
@@ -245,12 +272,23 @@ fn load_level(
         if d.key.value.is_empty() {
             return Err(at(&d.key.referenced, "descriptor has an empty key".into()));
         }
-        let map_key = match d.value.as_deref() {
-            Some(v) if !v.is_empty() => format!("{}_{v}", d.key.value),
-            _ => d.key.value.clone(),
+        let key = d.key.value.clone();
+        let value = d.value.clone().filter(|v| !v.is_empty());
+        let full_key = match &value {
+            Some(v) => format!("{parent}.{key}_{v}"),
+            None => format!("{parent}.{key}"),
         };
-        let full_key = format!("{parent}.{map_key}");
-        if node.children.contains_key(&map_key) {
+        let duplicate = match &value {
+            Some(v) => match v.strip_suffix('*') {
+                Some(prefix) => node
+                    .wildcards
+                    .iter()
+                    .any(|(k, p, _)| *k == key && p == prefix),
+                None => node.exact.get(&key).is_some_and(|m| m.contains_key(v)),
+            },
+            None => node.any.contains_key(&key),
+        };
+        if duplicate {
             return Err(at(
                 &d.key.referenced,
                 format!("duplicate descriptor {full_key:?}"),
@@ -266,10 +304,17 @@ fn load_level(
             ..Node::default()
         };
         load_level(&mut child, &full_key, &d.descriptors, at)?;
-        if map_key.ends_with('*') {
-            node.wildcards.push(map_key.clone());
+        match value {
+            Some(v) => match v.strip_suffix('*') {
+                Some(prefix) => node.wildcards.push((key, prefix.to_string(), child)),
+                None => {
+                    node.exact.entry(key).or_default().insert(v, child);
+                }
+            },
+            None => {
+                node.any.insert(key, child);
+            }
         }
-        node.children.insert(map_key, child);
     }
     Ok(())
 }
@@ -290,7 +335,7 @@ fn compile_limit(
             at(
                 &u.referenced,
                 format!(
-                    "unknown unit {:?}; use second, minute, hour or day",
+                    "unknown unit {:?}; use second, minute, hour, day, week, month or year",
                     u.value
                 ),
             )
@@ -298,17 +343,21 @@ fn compile_limit(
         (None, false) => {
             return Err(at(
                 &rl.referenced,
-                "rate_limit needs a unit (second, minute, hour, day)".into(),
+                "rate_limit needs a unit (second, minute, hour, day, week, month, year)".into(),
             ));
         }
     };
     let requests_per_unit = match (&r.requests_per_unit, r.unlimited) {
         (_, true) => 0,
-        (Some(n), false) if n.value > 0 => u64::try_from(n.value).unwrap_or(0),
+        // 0 is a block list: every request over the limit.
+        (Some(n), false) if n.value >= 0 => u64::try_from(n.value).unwrap_or(0),
         (Some(n), false) => {
             return Err(at(
                 &n.referenced,
-                format!("requests_per_unit must be at least 1, not {}", n.value),
+                format!(
+                    "requests_per_unit must be 0 (refuse all) or more, not {}",
+                    n.value
+                ),
             ));
         }
         (None, false) => {
@@ -339,6 +388,7 @@ fn compile_limit(
         detailed_metric: d.detailed_metric,
         algorithm: r.algorithm.unwrap_or_default(),
         failure_mode: r.failure_mode.unwrap_or_default(),
+        charge: r.charge.unwrap_or_default(),
         replaces: r.replaces.iter().map(|x| x.name.clone()).collect(),
     })
 }
@@ -467,14 +517,9 @@ descriptors:
                 "unknown unit",
             ),
             (
-                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 0 }\n",
-                4,
-                "at least 1",
-            ),
-            (
                 "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -5 }\n",
                 4,
-                "at least 1",
+                "0 (refuse all) or more",
             ),
             (
                 "domain: d\ndescriptors:\n  - key: a\n  - key: a\n",

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after,
-    sliding_used,
+    Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, fits,
+    reset_after, sliding_used,
 };
 
 /// A source of "now", injected so tests can move time.
@@ -147,36 +147,35 @@ impl MemoryStore {
                 Algorithm::FixedWindow => cur,
                 Algorithm::SlidingWindow => sliding_used(prev, cur, now, window_ms),
             };
-            let fits = used.saturating_add(charge.cost) <= charge.limit;
-            if !fits && !charge.shadow {
+            let fits = fits(used, charge.cost, charge.limit);
+            if !fits && !charge.shadow && charge.mode == ChargeMode::Admission {
                 all_fit = false;
             }
             *pending.entry(*id).or_default() += charge.cost;
             usage.push(Usage {
                 fits,
-                used: used.saturating_add(charge.cost),
+                used,
                 reset: reset_after(now, window_ms),
             });
         }
-        if !all_fit {
-            // Nothing is applied: report the counts as they stand.
-            for (u, c) in usage.iter_mut().zip(charges) {
-                u.used = u.used.saturating_sub(c.cost);
-            }
-            return Ok(ChargeResult {
-                applied: false,
-                usage,
-            });
-        }
+        // Admission charges apply only all together; usage is recorded always.
+        let apply: Vec<bool> = charges
+            .iter()
+            .map(|c| c.cost > 0 && (all_fit || c.mode == ChargeMode::Always))
+            .collect();
 
         // Make room for new counters before applying anything, so a full
         // store refuses the whole group rather than part of it.
-        let mut new_per_shard: HashMap<usize, usize> = HashMap::new();
-        for (id, &c) in &pending {
+        let mut new_ids: HashMap<[u8; 16], usize> = HashMap::new();
+        for (id, _) in ids.iter().zip(&apply).filter(|(_, a)| **a) {
             let shard = Self::shard_of(id);
-            if c > 0 && !guards.get(&shard).is_some_and(|m| m.contains_key(id)) {
-                *new_per_shard.entry(shard).or_default() += 1;
+            if !guards.get(&shard).is_some_and(|m| m.contains_key(id)) {
+                new_ids.insert(*id, shard);
             }
+        }
+        let mut new_per_shard: HashMap<usize, usize> = HashMap::new();
+        for shard in new_ids.values() {
+            *new_per_shard.entry(*shard).or_default() += 1;
         }
         for (shard, needed) in new_per_shard {
             let map = guards
@@ -191,10 +190,11 @@ impl MemoryStore {
         }
 
         // Phase 2: apply.
-        for (charge, id) in charges.iter().zip(&ids) {
-            if charge.cost == 0 {
+        for ((charge, id), (apply, u)) in charges.iter().zip(&ids).zip(apply.iter().zip(&mut usage)) {
+            if !apply {
                 continue;
             }
+            u.used = u.used.saturating_add(charge.cost);
             let window_ms = charge.unit.millis();
             let w = now / window_ms;
             let keep = match charge.algorithm {
@@ -214,8 +214,8 @@ impl MemoryStore {
             };
         }
         Ok(ChargeResult {
-            applied: true,
-            usage,
+            applied: all_fit,
+            usage: usage.into_iter().map(Some).collect(),
         })
     }
 }
@@ -250,6 +250,7 @@ mod tests {
             algorithm,
             cost,
             shadow: false,
+            mode: ChargeMode::Admission,
         }
     }
 

@@ -22,7 +22,13 @@ use serde::Deserialize;
 pub use engine::{QuotaDecision, QuotaEngine};
 pub use key::CounterKey;
 
-/// The unit of a limit's window.
+/// The unit of a limit's window: every unit of Envoy's
+/// `RateLimitResponse.RateLimit.Unit` (`envoy.service.ratelimit.v3`) and of
+/// the reference service's limits format.
+///
+/// Windows are aligned to the Unix epoch, as the reference service aligns
+/// them: a week is 7 days, a month 30 days and a year 365 days, so a "month"
+/// window does not follow the calendar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {
@@ -30,39 +36,92 @@ pub enum Unit {
     Minute,
     Hour,
     Day,
+    Week,
+    Month,
+    Year,
 }
 
 impl Unit {
+    /// Every unit, shortest first.
+    pub const ALL: [Unit; 7] = [
+        Self::Second,
+        Self::Minute,
+        Self::Hour,
+        Self::Day,
+        Self::Week,
+        Self::Month,
+        Self::Year,
+    ];
+
     /// Window length in milliseconds.
     pub fn millis(self) -> u64 {
+        const DAY: u64 = 86_400_000;
         match self {
             Self::Second => 1_000,
             Self::Minute => 60_000,
             Self::Hour => 3_600_000,
-            Self::Day => 86_400_000,
+            Self::Day => DAY,
+            Self::Week => 7 * DAY,
+            Self::Month => 30 * DAY,
+            Self::Year => 365 * DAY,
         }
     }
 
-    /// Envoy's `RateLimitResponse.RateLimit.Unit` number.
+    /// Envoy's `RateLimitResponse.RateLimit.Unit` number (note that Envoy
+    /// numbers `WEEK` after `YEAR`).
     pub fn envoy_code(self) -> i32 {
         match self {
             Self::Second => 1,
             Self::Minute => 2,
             Self::Hour => 3,
             Self::Day => 4,
+            Self::Month => 5,
+            Self::Year => 6,
+            Self::Week => 7,
         }
+    }
+
+    /// The unit of Envoy's number; `None` for `UNKNOWN` (0) and numbers Envoy
+    /// does not define.
+    pub fn from_envoy_code(code: i32) -> Option<Self> {
+        Self::ALL.into_iter().find(|u| u.envoy_code() == code)
     }
 
     /// Parses `second`, `MINUTE`, … (the reference format is case-insensitive).
     pub fn parse(text: &str) -> Option<Self> {
-        match text.to_ascii_lowercase().as_str() {
-            "second" => Some(Self::Second),
-            "minute" => Some(Self::Minute),
-            "hour" => Some(Self::Hour),
-            "day" => Some(Self::Day),
-            _ => None,
+        Self::ALL
+            .into_iter()
+            .find(|u| u.name().eq_ignore_ascii_case(text))
+    }
+
+    /// The lowercase name, as the limits file spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Second => "second",
+            Self::Minute => "minute",
+            Self::Hour => "hour",
+            Self::Day => "day",
+            Self::Week => "week",
+            Self::Month => "month",
+            Self::Year => "year",
         }
     }
+}
+
+/// How a charge that does not fit is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeMode {
+    /// All-or-nothing admission: a request whose charges do not all fit is
+    /// refused and nothing is counted. For limits that admit requests.
+    #[default]
+    Admission,
+    /// The hits are usage that already happened (tokens of a finished
+    /// response, say): they are counted in full even when they cross the
+    /// limit, and even when another limit of the request refuses. The answer
+    /// is still OVER_LIMIT once the count passes the limit, so the next
+    /// request is refused.
+    Always,
 }
 
 /// How a window is counted.
@@ -106,6 +165,23 @@ pub struct Charge {
     pub cost: u64,
     /// Counted and reported, never denies.
     pub shadow: bool,
+    /// Admission (all-or-nothing) or usage recorded in full.
+    pub mode: ChargeMode,
+}
+
+/// Whether `cost` more fits under `limit` when `used` are counted. A check
+/// that costs nothing fits only while something is left (`used < limit`),
+/// so a limit of 0 refuses everything and a spent budget refuses even a
+/// check. (Envoy's reference service answers OK to a zero-cost check at
+/// exactly the limit; Tollgate does not, because the post-hoc charging
+/// pattern — check with `hits_addend` 0, charge the usage later — would
+/// otherwise admit a request when nothing is left.)
+pub fn fits(used: u64, cost: u64, limit: u64) -> bool {
+    if cost == 0 {
+        used < limit
+    } else {
+        used.saturating_add(cost) <= limit
+    }
 }
 
 /// A counter's state after a charge attempt.
@@ -129,11 +205,12 @@ impl Usage {
 /// The answer to a group of charges.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeResult {
-    /// Every non-shadow charge fitted, so every charge was applied. When
-    /// false, nothing was applied.
+    /// Every non-shadow admission charge fitted, so every charge was applied.
+    /// When false, only `ChargeMode::Always` charges were applied.
     pub applied: bool,
-    /// One per charge, in order.
-    pub usage: Vec<Usage>,
+    /// One per charge, in order; `None` where the store was not asked (a
+    /// later Redis Cluster slot group after an earlier one refused).
+    pub usage: Vec<Option<Usage>>,
 }
 
 /// A store that could not answer. Every variant is transient: the next
@@ -161,9 +238,15 @@ pub trait QuotaStore: Send + Sync {
     async fn reset(&self, key: &CounterKey) -> Result<(), StoreError>;
     /// A short name for logs and metrics.
     fn kind(&self) -> &'static str;
-    /// Whether the store is connected (always, for stores in process).
+    /// Whether the store is connected and can write (always, for stores in
+    /// process).
     fn connected(&self) -> bool {
         true
+    }
+    /// The store's clock minus this process's clock, in milliseconds, when
+    /// known (stores whose time comes from a server).
+    fn clock_offset_ms(&self) -> Option<i64> {
+        None
     }
 }
 

@@ -16,71 +16,106 @@
 //! counts, but not atomic: a concurrent request may briefly see the charge.
 //! Keep limits that must be exact together under one group.
 //!
-//! Connections: redis-rs `ConnectionManager` (standalone) and the async
-//! cluster connection both reconnect by themselves; no request sets up a
-//! connection. Until the first connection succeeds a background task keeps
-//! trying, and requests fail fast (each limit's failure mode applies).
-//! Nothing is retried after a timeout or I/O error: the script may have
-//! committed, and replaying it would count twice (the cluster client is built
-//! with zero retries for that reason).
+//! Every key a script touches is passed in `KEYS` (Redis Cluster's key
+//! declaration rule): the caller names the window keys from its estimate of
+//! the Redis clock (local time plus the offset seen in earlier replies), and
+//! the script, which reads `TIME`, refuses to act on a stale estimate and
+//! returns the server time instead; the caller then retries once with it.
+//! Nothing was written, so that retry cannot count twice.
+//!
+//! Every script echoes a per-call nonce (`ARGV[1]`) as the first element of
+//! its reply. A multiplexed connection pairs replies with calls by order
+//! only; a reply whose nonce is not the caller's proves the stream is out of
+//! step, and the connection is dropped ([`crate::redis_conn`]) rather than
+//! answering anyone from it. A call that times out or is abandoned drops its
+//! connection too, for the same reason.
+//!
+//! Connections: made in the background by [`crate::redis_conn::Link`]; on
+//! connect the store checks the node is a master (`ROLE`), loads the scripts
+//! and reads `TIME`, so a connected store is one that can write. Nothing is
+//! retried after a timeout or I/O error: the script may have committed, and
+//! replaying it would count twice (the cluster client is built with zero
+//! retries for that reason).
+//!
+//! Sentinel: every (re)connection asks the sentinels for the current master,
+//! so after a failover the first `READONLY` (or a broken connection) leads to
+//! the new master within a reconnect.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{RedisError, Script};
+use redis::{RedisError, Script, Value};
 
-use crate::redis_conn::Lazy;
+use crate::metrics::StoreMetrics;
+pub use crate::redis_conn::Target;
+use crate::redis_conn::{Link, PoisonReason};
 
+use super::memory::{Clock, SystemClock};
 use super::{
-    Algorithm, Charge, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, reset_after,
+    Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError, Unit, Usage,
+    reset_after,
 };
 
 /// Largest count or limit handled exactly (Lua numbers are doubles).
 pub const MAX_COUNT: u64 = 1 << 53;
 
+/// Offsets beyond this between a replica's clock and Redis are logged.
+const SKEW_WARN_MS: i64 = 5_000;
+
 /// The charge script (public for the benchmark that compares it with
 /// `redis-benchmark`).
 pub const CHARGE_LUA: &str = r"
--- KEYS[i]: counter base names, all with one hash tag.
--- ARGV per key (5 each): limit, window_ms, algorithm (0 fixed, 1 sliding), cost, shadow.
--- Returns {applied, now_ms, used_1, fits_1, used_2, fits_2, ...}; used is before this charge.
+-- KEYS: two per charge, all with one hash tag: the current window's key and
+--   the previous window's (read by sliding windows only).
+-- ARGV[1]: nonce, echoed first in the reply. Then 7 per charge: window index,
+--   limit, window_ms, algorithm (0 fixed, 1 sliding), cost, shadow, always
+--   (1: usage recorded in full even over the limit).
+-- Returns {nonce, status, now_ms, used_1, fits_1, ...}: status 1 applied,
+--   0 refused (only always-charges applied), -1 stale window index (nothing
+--   done; the caller retries with now_ms). used is before this charge.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS
+local n = #KEYS / 2
+for i = 1, n do
+  local a = 1 + (i - 1) * 7
+  if math.floor(now / tonumber(ARGV[a + 3])) ~= tonumber(ARGV[a + 1]) then
+    return {ARGV[1], -1, now}
+  end
+end
 local used, fits, pending = {}, {}, {}
 local ok = true
 for i = 1, n do
-  local a = (i - 1) * 5
-  local limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local algo, cost, shadow = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local w = math.floor(now / window)
-  local cur_key = KEYS[i] .. ':' .. string.format('%d', w)
-  local cur = tonumber(redis.call('GET', cur_key) or '0') + (pending[cur_key] or 0)
-  local u = cur
+  local a = 1 + (i - 1) * 7
+  local w, limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local algo, cost = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local shadow, always = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  local cur_key = KEYS[2 * i - 1]
+  local u = tonumber(redis.call('GET', cur_key) or '0') + (pending[cur_key] or 0)
   if algo == 1 then
-    local prev = tonumber(redis.call('GET', KEYS[i] .. ':' .. string.format('%d', w - 1)) or '0')
-    local elapsed = now - w * window
-    u = math.ceil(prev * (window - elapsed) / window) + cur
+    local prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+    u = math.ceil(prev * (window - (now - w * window)) / window) + u
   end
-  local f = (u + cost) <= limit
-  if (not f) and shadow == 0 then ok = false end
+  local f
+  if cost == 0 then f = u < limit else f = (u + cost) <= limit end
+  if (not f) and shadow == 0 and always == 0 then ok = false end
   pending[cur_key] = (pending[cur_key] or 0) + cost
   used[i] = u
   fits[i] = f and 1 or 0
 end
-local out = {ok and 1 or 0, now}
+local out = {ARGV[1], ok and 1 or 0, now}
 for i = 1, n do
-  local a = (i - 1) * 5
-  local window, algo, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  if ok and cost > 0 then
-    local w = math.floor(now / window)
-    local cur_key = KEYS[i] .. ':' .. string.format('%d', w)
-    redis.call('INCRBY', cur_key, cost)
+  local a = 1 + (i - 1) * 7
+  local w, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3])
+  local algo, cost, always = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 7])
+  if cost > 0 and (ok or always == 1) then
+    redis.call('INCRBY', KEYS[2 * i - 1], cost)
     local keep = 1
     if algo == 1 then keep = 2 end
-    redis.call('PEXPIREAT', cur_key, (w + keep) * window + 1000)
+    redis.call('PEXPIREAT', KEYS[2 * i - 1], (w + keep) * window + 1000)
   end
   out[#out + 1] = used[i]
   out[#out + 1] = fits[i]
@@ -89,77 +124,201 @@ return out
 ";
 
 const REFUND_LUA: &str = r"
--- KEYS[i]: counter base names; ARGV per key (2 each): window_ms, cost.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- KEYS[i]: window keys that were charged; ARGV[1]: nonce; ARGV[i + 1]: cost.
 for i = 1, #KEYS do
-  local window, cost = tonumber(ARGV[(i - 1) * 2 + 1]), tonumber(ARGV[(i - 1) * 2 + 2])
-  local k = KEYS[i] .. ':' .. string.format('%d', math.floor(now / window))
-  if cost > 0 and redis.call('EXISTS', k) == 1 then redis.call('DECRBY', k, cost) end
+  local cost = tonumber(ARGV[i + 1])
+  if cost > 0 and redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], cost) end
 end
-return 1
+return {ARGV[1]}
 ";
 
 const RESET_LUA: &str = r"
--- KEYS[1]: a counter base name. Deletes its current and previous window for every unit.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _, window in ipairs({1000, 60000, 3600000, 86400000}) do
-  local w = math.floor(now / window)
-  redis.call('DEL', KEYS[1] .. ':' .. string.format('%d', w), KEYS[1] .. ':' .. string.format('%d', w - 1))
-end
-return 1
+-- KEYS: every window key of a counter that can hold a count; ARGV[1]: nonce.
+redis.call('DEL', unpack(KEYS))
+return {ARGV[1]}
 ";
 
 #[derive(Clone)]
 enum Conn {
-    Single(ConnectionManager),
+    Single(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
 
-/// Where the store connects.
-#[derive(Debug, Clone)]
-pub enum Target {
-    /// `redis://host:port/db`.
-    Standalone(String),
-    /// Seed nodes of a cluster.
-    Cluster(Vec<String>),
+/// Clock offset bookkeeping shared with the connecting task.
+struct Clocks {
+    /// Redis time minus local time, ms; `i64::MIN` until first seen.
+    offset_ms: AtomicI64,
+    last_warn_ms: AtomicU64,
+    local: SystemClock,
+    metrics: Arc<StoreMetrics>,
+}
+
+impl Clocks {
+    fn observe(&self, redis_now_ms: u64) {
+        let local = self.local.now_ms();
+        let offset = i64::try_from(redis_now_ms).unwrap_or(i64::MAX)
+            - i64::try_from(local).unwrap_or(i64::MAX);
+        self.offset_ms.store(offset, Ordering::Relaxed);
+        self.metrics.clock_offset_ms(offset);
+        if offset.abs() > SKEW_WARN_MS {
+            let last = self.last_warn_ms.load(Ordering::Relaxed);
+            if local.saturating_sub(last) > 60_000 {
+                self.last_warn_ms.store(local, Ordering::Relaxed);
+                tracing::warn!(
+                    offset_ms = offset,
+                    "this replica's clock and the quota store's (Redis TIME) differ by more than 5 s; \
+                     windows follow Redis, but token expiry and logs use the local clock — fix NTP"
+                );
+            }
+        }
+    }
+
+    /// Best estimate of the Redis clock now, ms.
+    fn redis_now_ms(&self) -> u64 {
+        let local = self.local.now_ms();
+        match self.offset_ms.load(Ordering::Relaxed) {
+            i64::MIN => local,
+            o => local.saturating_add_signed(o),
+        }
+    }
+
+    fn known(&self) -> Option<i64> {
+        Some(self.offset_ms.load(Ordering::Relaxed)).filter(|&o| o != i64::MIN)
+    }
 }
 
 /// The Redis [`QuotaStore`].
 pub struct RedisStore {
-    conn: Lazy<Conn>,
+    link: Arc<Link<Conn>>,
     charge: Script,
     refund: Script,
     reset: Script,
     prefix: String,
     kind: &'static str,
+    clocks: Arc<Clocks>,
+    nonce: AtomicU64,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.ticker.abort();
+    }
+}
+
+/// Checks a fresh standalone connection can serve writes, loads the scripts
+/// and reads the server clock.
+async fn set_up(conn: &mut MultiplexedConnection, clocks: &Clocks) -> Result<(), RedisError> {
+    let role: Vec<Value> = redis::cmd("ROLE").query_async(conn).await?;
+    if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
+        return Err(RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "node is not a master",
+        )));
+    }
+    for lua in [CHARGE_LUA, REFUND_LUA, RESET_LUA] {
+        Script::new(lua).prepare_invoke().load_async(conn).await?;
+    }
+    read_time(conn, clocks).await
+}
+
+async fn read_time<C: ConnectionLike + Send>(conn: &mut C, clocks: &Clocks) -> Result<(), RedisError> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    clocks.observe(secs.saturating_mul(1000).saturating_add(micros / 1000));
+    Ok(())
 }
 
 impl RedisStore {
     /// Starts connecting in the background; `timeout` bounds connection set-up
     /// and each response. Must be called inside a Tokio runtime.
-    pub fn connect(target: Target, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let (conn, kind) = match target {
+    pub fn connect(
+        target: Target,
+        prefix: &str,
+        timeout: Duration,
+        metrics: Arc<StoreMetrics>,
+    ) -> Result<Self, StoreError> {
+        let clocks = Arc::new(Clocks {
+            offset_ms: AtomicI64::new(i64::MIN),
+            last_warn_ms: AtomicU64::new(0),
+            local: SystemClock,
+            metrics: metrics.clone(),
+        });
+        let on_poison: crate::redis_conn::OnPoison = {
+            let metrics = metrics.clone();
+            Arc::new(move |reason: PoisonReason| metrics.reconnect(reason.label()))
+        };
+        let config = crate::redis_conn::async_config(timeout);
+        let (link, kind) = match target {
             Target::Standalone(url) => {
-                let client = redis::Client::open(url.as_str())
-                    .map_err(|e| StoreError::Backend(format!("redis url {url:?}: {e}")))?;
-                let config = crate::redis_conn::manager_config(timeout);
+                let client = redis::Client::open(
+                    crate::redis_conn::connection_info(&url).map_err(StoreError::Backend)?,
+                )
+                .map_err(|e| StoreError::Backend(format!("redis url: {e}")))?;
+                let clocks = clocks.clone();
                 (
-                    Lazy::spawn("redis quota store", move || {
-                        let (client, config) = (client.clone(), config.clone());
-                        async move {
-                            ConnectionManager::new_with_config(client, config)
-                                .await
-                                .map(Conn::Single)
-                        }
+                    Link::spawn("redis quota store", Some(on_poison), move || {
+                        let (client, config, clocks) =
+                            (client.clone(), config.clone(), clocks.clone());
+                        Box::pin(async move {
+                            let mut conn = client
+                                .get_multiplexed_async_connection_with_config(&config)
+                                .await?;
+                            set_up(&mut conn, &clocks).await?;
+                            Ok(Conn::Single(conn))
+                        })
                     }),
                     "redis",
                 )
             }
+            Target::Sentinel {
+                sentinels,
+                master,
+                master_url,
+            } => {
+                let clocks = clocks.clone();
+                (
+                    Link::spawn("redis sentinel quota store", Some(on_poison), move || {
+                        let (sentinels, master, master_url, config, clocks) = (
+                            sentinels.clone(),
+                            master.clone(),
+                            master_url.clone(),
+                            config.clone(),
+                            clocks.clone(),
+                        );
+                        Box::pin(async move {
+                            let client = tokio::time::timeout(
+                                timeout.max(Duration::from_millis(200)) * 2,
+                                crate::redis_conn::sentinel_master(
+                                    &sentinels,
+                                    &master,
+                                    master_url.as_deref(),
+                                ),
+                            )
+                            .await
+                            .map_err(|_| {
+                                RedisError::from((
+                                    redis::ErrorKind::Io,
+                                    "sentinels did not answer in time",
+                                ))
+                            })??;
+                            let mut conn = client
+                                .get_multiplexed_async_connection_with_config(&config)
+                                .await?;
+                            set_up(&mut conn, &clocks).await?;
+                            Ok(Conn::Single(conn))
+                        })
+                    }),
+                    "redis_sentinel",
+                )
+            }
             Target::Cluster(nodes) => {
                 let timeout = timeout.max(Duration::from_millis(200));
-                let client = ClusterClient::builder(nodes.clone())
+                let infos = nodes
+                    .iter()
+                    .map(|n| crate::redis_conn::connection_info(n))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StoreError::Backend)?;
+                let client = ClusterClient::builder(infos)
                     .retries(0)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
@@ -167,89 +326,231 @@ impl RedisStore {
                     .map_err(|e| {
                         StoreError::Backend(format!("redis cluster nodes {nodes:?}: {e}"))
                     })?;
+                let clocks = clocks.clone();
                 (
-                    Lazy::spawn("redis cluster quota store", move || {
-                        let client = client.clone();
-                        async move { client.get_async_connection().await.map(Conn::Cluster) }
+                    Link::spawn("redis cluster quota store", Some(on_poison), move || {
+                        let (client, clocks) = (client.clone(), clocks.clone());
+                        Box::pin(async move {
+                            let mut conn = client.get_async_connection().await?;
+                            read_time(&mut conn, &clocks).await?;
+                            Ok(Conn::Cluster(conn))
+                        })
                     }),
                     "redis_cluster",
                 )
             }
         };
+        let link = Arc::new(link);
+        let ticker = {
+            let (link, clocks) = (link.clone(), clocks.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    // Errors are counted by the poisoning; the next request
+                    // or tick sees the new connection.
+                    let _ = check_clock(&link, &clocks).await;
+                }
+            })
+        };
         Ok(Self {
-            conn,
+            link,
             charge: Script::new(CHARGE_LUA),
             refund: Script::new(REFUND_LUA),
             reset: Script::new(RESET_LUA),
             prefix: prefix.to_string(),
             kind,
+            clocks,
+            nonce: AtomicU64::new(seed()),
+            ticker,
         })
     }
 
-    /// Whether a connection has been established.
-    pub fn connected(&self) -> bool {
-        self.conn.connected()
+    /// Reads the server clock now. Every 10 s a background task does the
+    /// same, so the offset stays current and a dead or paused server is
+    /// noticed before a request needs it.
+    pub async fn check_clock(&self) -> Result<(), StoreError> {
+        check_clock(&self.link, &self.clocks).await
     }
 
-    fn conn(&self) -> Result<Conn, StoreError> {
-        self.conn
+    /// Whether a connection is up and can write.
+    pub fn connected(&self) -> bool {
+        self.link.connected()
+    }
+
+    fn conn(&self) -> Result<(Conn, u64), StoreError> {
+        self.link
             .get()
-            .ok_or_else(|| StoreError::Backend("not connected to redis yet".into()))
+            .ok_or_else(|| StoreError::Backend("not connected to redis".into()))
+    }
+
+    fn next_nonce(&self) -> String {
+        self.nonce.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+
+    /// Runs `inv` and returns its reply after the nonce, or an error. The
+    /// connection is poisoned on any doubt.
+    async fn call(
+        &self,
+        conn: &mut Conn,
+        generation: u64,
+        inv: &redis::ScriptInvocation<'_>,
+        nonce: &str,
+    ) -> Result<Vec<Value>, StoreError> {
+        let guard = self.link.guard(generation);
+        let reply: Result<Vec<Value>, RedisError> = inv.invoke_async(conn).await;
+        let mut reply = match reply {
+            Ok(r) => r,
+            Err(e) => return Err(failed(guard, &e)),
+        };
+        let echoed = matches!(reply.first(), Some(Value::BulkString(b)) if b == nonce.as_bytes());
+        if !echoed {
+            guard.poison(PoisonReason::Unattributed);
+            return Err(StoreError::Backend(
+                "a redis reply did not belong to its call; connection dropped".into(),
+            ));
+        }
+        guard.disarm();
+        reply.remove(0);
+        Ok(reply)
+    }
+
+    fn window_key(&self, c: &Charge, w: u64) -> String {
+        format!("{}:{w}", c.key.redis_base(&self.prefix))
     }
 
     async fn charge_group(
         &self,
         conn: &mut Conn,
+        generation: u64,
         charges: &[&Charge],
-    ) -> Result<(bool, u64, Vec<(u64, bool)>), StoreError> {
-        let mut inv = self.charge.prepare_invoke();
-        for c in charges {
-            inv.key(c.key.redis_base(&self.prefix))
-                .arg(c.limit.min(MAX_COUNT))
-                .arg(c.unit.millis())
-                .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
-                .arg(c.cost.min(MAX_COUNT))
-                .arg(u8::from(c.shadow));
+    ) -> Result<GroupAnswer, StoreError> {
+        // A stale window estimate costs one more round trip; two are enough
+        // unless the clock sits exactly on a boundary twice.
+        for _ in 0..3 {
+            let now = self.clocks.redis_now_ms();
+            let nonce = self.next_nonce();
+            let mut inv = self.charge.prepare_invoke();
+            inv.arg(&nonce);
+            let mut windows = Vec::with_capacity(charges.len());
+            for c in charges {
+                let window_ms = c.unit.millis();
+                let w = now / window_ms;
+                windows.push(w);
+                inv.key(self.window_key(c, w))
+                    .key(self.window_key(c, w.saturating_sub(1)))
+                    .arg(w)
+                    .arg(c.limit.min(MAX_COUNT))
+                    .arg(window_ms)
+                    .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
+                    .arg(c.cost.min(MAX_COUNT))
+                    .arg(u8::from(c.shadow))
+                    .arg(u8::from(c.mode == ChargeMode::Always));
+            }
+            let out = self.call(conn, generation, &inv, &nonce).await?;
+            let ints: Vec<i64> = out
+                .iter()
+                .map(|v| match v {
+                    Value::Int(i) => Some(*i),
+                    _ => None,
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(|| StoreError::Backend("unexpected script reply".into()))?;
+            let (Some(&status), Some(&server_now)) = (ints.first(), ints.get(1)) else {
+                return Err(StoreError::Backend("unexpected script reply".into()));
+            };
+            let server_now = u64::try_from(server_now).unwrap_or(0);
+            self.clocks.observe(server_now);
+            if status == -1 {
+                continue;
+            }
+            let per: Vec<(u64, bool)> = ints[2..]
+                .chunks(2)
+                .map(|p| (u64::try_from(p[0]).unwrap_or(0), p.get(1) == Some(&1)))
+                .collect();
+            if per.len() != charges.len() {
+                return Err(StoreError::Backend("unexpected script reply length".into()));
+            }
+            return Ok(GroupAnswer {
+                applied: status == 1,
+                now: server_now,
+                per,
+                windows,
+            });
         }
-        let out: Vec<i64> = invoke(&inv, conn).await?;
-        let (Some(&applied), Some(&now)) = (out.first(), out.get(1)) else {
-            return Err(StoreError::Backend("unexpected script reply".into()));
-        };
-        let per: Vec<(u64, bool)> = out[2..]
-            .chunks(2)
-            .map(|p| (u64::try_from(p[0]).unwrap_or(0), p.get(1) == Some(&1)))
-            .collect();
-        if per.len() != charges.len() {
-            return Err(StoreError::Backend("unexpected script reply length".into()));
-        }
-        Ok((applied == 1, u64::try_from(now).unwrap_or(0), per))
+        Err(StoreError::Backend(
+            "redis clock kept crossing window boundaries; try again".into(),
+        ))
     }
 
-    async fn refund_group(&self, conn: &mut Conn, charges: &[&Charge]) {
+    async fn refund_group(
+        &self,
+        conn: &mut Conn,
+        generation: u64,
+        charges: &[&Charge],
+        windows: &[u64],
+    ) {
+        let nonce = self.next_nonce();
         let mut inv = self.refund.prepare_invoke();
-        for c in charges {
-            inv.key(c.key.redis_base(&self.prefix))
-                .arg(c.unit.millis())
-                .arg(c.cost.min(MAX_COUNT));
+        inv.arg(&nonce);
+        for (c, &w) in charges.iter().zip(windows) {
+            // Usage recorded in full stays recorded.
+            let cost = if c.mode == ChargeMode::Always {
+                0
+            } else {
+                c.cost
+            };
+            inv.key(self.window_key(c, w)).arg(cost.min(MAX_COUNT));
         }
-        if let Err(e) = invoke::<i64>(&inv, conn).await {
+        if let Err(e) = self.call(conn, generation, &inv, &nonce).await {
             tracing::error!(error = %e, "could not refund a cross-slot charge; counts may be high until the window resets");
         }
     }
 }
 
-async fn invoke<T: redis::FromRedisValue>(
-    inv: &redis::ScriptInvocation<'_>,
-    conn: &mut Conn,
-) -> Result<T, StoreError> {
-    let result: Result<T, RedisError> = inv.invoke_async(conn).await;
-    result.map_err(|e| StoreError::Backend(e.to_string()))
+/// Poisons the connection when `e` says it cannot be trusted; the error for
+/// the caller.
+fn failed(guard: crate::redis_conn::Guard<'_, Conn>, e: &RedisError) -> StoreError {
+    match PoisonReason::of(e) {
+        Some(reason) => guard.poison(reason),
+        None => guard.disarm(),
+    }
+    StoreError::Backend(e.to_string())
+}
+
+async fn check_clock(link: &Link<Conn>, clocks: &Clocks) -> Result<(), StoreError> {
+    let (mut conn, generation) = link
+        .get()
+        .ok_or_else(|| StoreError::Backend("not connected to redis".into()))?;
+    let guard = link.guard(generation);
+    match read_time(&mut conn, clocks).await {
+        Ok(()) => {
+            guard.disarm();
+            Ok(())
+        }
+        Err(e) => Err(failed(guard, &e)),
+    }
+}
+
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // A fixed start is still unique per call within this process; the random
+    // start only makes nonces of two processes unlikely to meet.
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes) >> 1
+}
+
+struct GroupAnswer {
+    applied: bool,
+    now: u64,
+    per: Vec<(u64, bool)>,
+    windows: Vec<u64>,
 }
 
 #[tonic::async_trait]
 impl QuotaStore for RedisStore {
     async fn charge(&self, charges: &[Charge]) -> Result<ChargeResult, StoreError> {
-        let mut conn = self.conn()?;
+        let (mut conn, generation) = self.conn()?;
         // Group by hash tag; standalone Redis takes everything in one call.
         let mut groups: Vec<([u8; 8], Vec<usize>)> = Vec::new();
         for (i, c) in charges.iter().enumerate() {
@@ -263,48 +564,46 @@ impl QuotaStore for RedisStore {
                 None => groups.push((g, vec![i])),
             }
         }
-        let mut usage = vec![None; charges.len()];
-        let mut applied_groups: Vec<Vec<&Charge>> = Vec::new();
+        let mut usage: Vec<Option<Usage>> = vec![None; charges.len()];
+        let mut applied_groups: Vec<(Vec<usize>, Vec<u64>)> = Vec::new();
         let mut all_applied = true;
         for (_, idx) in &groups {
             let group: Vec<&Charge> = idx.iter().map(|&i| &charges[i]).collect();
-            let (applied, now, per) = self.charge_group(&mut conn, &group).await?;
-            for (&i, (used, fits)) in idx.iter().zip(per) {
+            let answer = self.charge_group(&mut conn, generation, &group).await?;
+            for (&i, &(used, fits)) in idx.iter().zip(&answer.per) {
                 let c = &charges[i];
+                let counted = answer.applied || c.mode == ChargeMode::Always;
                 usage[i] = Some(Usage {
                     fits,
-                    used: if applied {
+                    used: if counted {
                         used.saturating_add(c.cost)
                     } else {
                         used
                     },
-                    reset: reset_after(now, c.unit.millis()),
+                    reset: reset_after(answer.now, c.unit.millis()),
                 });
             }
-            if applied {
-                applied_groups.push(group);
+            if answer.applied {
+                applied_groups.push((idx.clone(), answer.windows));
             } else {
                 all_applied = false;
                 break;
             }
         }
         if !all_applied {
-            for group in &applied_groups {
-                self.refund_group(&mut conn, group).await;
+            for (idx, windows) in &applied_groups {
+                let group: Vec<&Charge> = idx.iter().map(|&i| &charges[i]).collect();
+                self.refund_group(&mut conn, generation, &group, windows)
+                    .await;
+                // Refunded: report the counts as they stand again.
+                for &i in idx {
+                    let c = &charges[i];
+                    if let Some(u) = usage[i].as_mut().filter(|_| c.mode == ChargeMode::Admission) {
+                        u.used = u.used.saturating_sub(c.cost);
+                    }
+                }
             }
         }
-        // Groups after a refusal were not asked; report them as untouched.
-        let usage = usage
-            .into_iter()
-            .zip(charges)
-            .map(|(u, c)| {
-                u.unwrap_or(Usage {
-                    fits: true,
-                    used: 0,
-                    reset: Duration::from_millis(c.unit.millis()),
-                })
-            })
-            .collect();
         Ok(ChargeResult {
             applied: all_applied,
             usage,
@@ -312,10 +611,23 @@ impl QuotaStore for RedisStore {
     }
 
     async fn reset(&self, key: &CounterKey) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
+        let (mut conn, generation) = self.conn()?;
+        let now = self.clocks.redis_now_ms();
+        let base = key.redis_base(&self.prefix);
+        let nonce = self.next_nonce();
         let mut inv = self.reset.prepare_invoke();
-        inv.key(key.redis_base(&self.prefix));
-        invoke::<i64>(&inv, &mut conn).await.map(|_| ())
+        inv.arg(&nonce);
+        // Every window that can hold a count now, for every unit, with one
+        // either side of the estimate in case the clocks disagree slightly.
+        for unit in Unit::ALL {
+            let w = now / unit.millis();
+            for window in [w.saturating_sub(1), w, w + 1] {
+                inv.key(format!("{base}:{window}"));
+            }
+        }
+        self.call(&mut conn, generation, &inv, &nonce)
+            .await
+            .map(|_| ())
     }
 
     fn kind(&self) -> &'static str {
@@ -324,6 +636,10 @@ impl QuotaStore for RedisStore {
 
     fn connected(&self) -> bool {
         RedisStore::connected(self)
+    }
+
+    fn clock_offset_ms(&self) -> Option<i64> {
+        self.clocks.known()
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::engine::QuotaDecision;
 use super::limits::{LimitDef, LimitSet};
 use super::rules::Planned;
-use super::{Algorithm, Charge, CounterKey, FailureMode, QuotaEngine, Unit};
+use super::{Algorithm, Charge, ChargeMode, CounterKey, FailureMode, QuotaEngine, Unit};
 
 /// Bounds on what one request may ask, so garbage costs bounded work and
 /// never a store call.
@@ -25,7 +25,17 @@ pub struct RlsDescriptor {
     /// Per-descriptor hits; `Some(0)` only checks.
     pub hits_addend: Option<u64>,
     /// A limit the gateway supplies instead of the configured one.
-    pub limit_override: Option<(u64, Unit)>,
+    pub limit_override: Option<LimitOverride>,
+}
+
+/// A per-request limit from the gateway (`RateLimitDescriptor.limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitOverride {
+    /// `requests_per_unit` per `unit`; 0 refuses every request.
+    Limit(u64, Unit),
+    /// An override Tollgate cannot honour (`UNKNOWN` or an undefined unit):
+    /// the descriptor is answered OVER_LIMIT, never treated as unlimited.
+    Unusable,
 }
 
 /// A rate limit request in domain terms.
@@ -96,7 +106,11 @@ pub struct ShownLimit {
 pub struct DescriptorAnswer {
     pub over: bool,
     pub limit: Option<ShownLimit>,
-    pub remaining: u64,
+    /// The limit's path in the limits file (`llm.tenant`), for metrics.
+    pub label: Option<String>,
+    /// What the store said is left; `None` when the store was not asked or
+    /// failed (then no number is reported, rather than an invented one).
+    pub remaining: Option<u64>,
     pub reset: Option<Duration>,
     /// Matched an `unlimited` limit.
     pub unlimited: bool,
@@ -132,20 +146,34 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
     let mut found: Vec<Option<Arc<LimitDef>>> = request
         .descriptors
         .iter()
-        .map(|d| match d.limit_override {
-            Some((rpu, unit)) => Some(Arc::new(LimitDef {
-                full_key: format!("{}.override", request.domain),
-                name: None,
-                unit,
-                requests_per_unit: rpu,
-                unlimited: false,
-                shadow: false,
-                detailed_metric: false,
-                algorithm: Algorithm::FixedWindow,
-                failure_mode: FailureMode::Deny,
-                replaces: Vec::new(),
-            })),
-            None => limits.lookup(&request.domain, &d.entries),
+        .map(|d| {
+            let configured = limits.lookup(&request.domain, &d.entries);
+            match d.limit_override {
+                None => configured,
+                // An override keeps the configured limit's way of charging and
+                // failing; its value and unit replace the configured ones.
+                Some(o) => {
+                    let (requests_per_unit, unit) = match o {
+                        LimitOverride::Limit(rpu, unit) => (rpu, unit),
+                        LimitOverride::Unusable => (0, Unit::Second),
+                    };
+                    Some(Arc::new(LimitDef {
+                        full_key: format!("{}.override", request.domain),
+                        name: None,
+                        unit,
+                        requests_per_unit,
+                        unlimited: false,
+                        shadow: false,
+                        detailed_metric: false,
+                        algorithm: Algorithm::FixedWindow,
+                        failure_mode: configured
+                            .as_ref()
+                            .map_or(FailureMode::Deny, |c| c.failure_mode),
+                        charge: configured.as_ref().map_or(ChargeMode::Admission, |c| c.charge),
+                        replaces: Vec::new(),
+                    }))
+                }
+            }
         })
         .collect();
     // `replaces`: a limit named by another applying limit is dropped.
@@ -179,6 +207,7 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
                 algorithm: limit.algorithm,
                 cost: d.hits_addend.unwrap_or(request.hits_addend),
                 shadow: limit.shadow,
+                mode: limit.charge,
             },
             failure_mode: limit.failure_mode,
             label: limit.full_key.clone(),
@@ -191,6 +220,7 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
         let mut status = DescriptorAnswer::default();
         if let Some(l) = limit {
             status.unlimited = l.unlimited;
+            status.label = Some(l.full_key.clone());
             if !l.unlimited {
                 status.limit = Some(ShownLimit {
                     name: l.name.clone(),
@@ -203,14 +233,15 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
             let plan = &plans[p];
             match &decision {
                 QuotaDecision::Allowed { usage } | QuotaDecision::OverLimit { usage, .. } => {
-                    let u = usage[p];
-                    status.remaining = u.remaining(plan.charge.limit);
-                    status.reset = Some(u.reset);
-                    if !u.fits {
-                        if plan.charge.shadow {
-                            status.shadow_over = true;
-                        } else {
-                            status.over = true;
+                    if let Some(u) = usage.get(p).copied().flatten() {
+                        status.remaining = Some(u.remaining(plan.charge.limit));
+                        status.reset = Some(u.reset);
+                        if !u.fits {
+                            if plan.charge.shadow {
+                                status.shadow_over = true;
+                            } else {
+                                status.over = true;
+                            }
                         }
                     }
                 }

@@ -88,12 +88,6 @@ impl QuotaRule {
                 self.name
             ));
         }
-        if self.requests_per_unit == Some(0) || self.tiers.values().any(|&v| v == 0) {
-            return Err(format!(
-                "quota.rules {:?}: limits must be at least 1",
-                self.name
-            ));
-        }
         Ok(())
     }
 
@@ -142,6 +136,7 @@ impl QuotaRule {
                 algorithm: self.algorithm,
                 cost: 1,
                 shadow: self.shadow,
+                mode: super::ChargeMode::Admission,
             },
             failure_mode: self.failure_mode,
             label: self.name.clone(),
@@ -208,7 +203,8 @@ mod tests {
         let mut r = rule();
         r.tiers.clear();
         assert!(r.validate().expect_err("no limits").contains("per-key"));
+        // 0 is a valid limit: it refuses every request (a blocked tier).
         r.requests_per_unit = Some(0);
-        assert!(r.validate().is_err());
+        assert!(r.validate().is_ok());
     }
 }
