@@ -438,7 +438,8 @@ impl Config {
             return Err(invalid("quota.redis_sentinel_nodes and quota.redis_sentinel_master must be set for store = \"redis_sentinel\"".into()));
         }
         if !self.response.quota_fail_open_header.is_empty()
-            && axum::http::HeaderName::from_bytes(self.response.quota_fail_open_header.as_bytes()).is_err()
+            && axum::http::HeaderName::from_bytes(self.response.quota_fail_open_header.as_bytes())
+                .is_err()
         {
             return Err(invalid(format!(
                 "response.quota_fail_open_header {:?} is not a valid header name",

@@ -152,10 +152,11 @@ where
         loop {
             let subscribed = async {
                 let client = client_for(&target, attempt).await?;
-                let mut pubsub = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
-                    .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map_err(|e| e.to_string())?;
+                let mut pubsub =
+                    tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
+                        .await
+                        .map_err(|_| "connect timed out".to_string())?
+                        .map_err(|e| e.to_string())?;
                 pubsub
                     .subscribe(&channel)
                     .await
@@ -178,10 +179,12 @@ where
                 }
                 Err(e) => {
                     attempt += 1;
-                    if attempt == 1 || attempt % 20 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(20) {
                         tracing::warn!(%channel, error = %e, "cannot subscribe to the invalidation channel; retrying");
                     }
-                    backoff = (backoff * 2).max(Duration::from_millis(25)).min(MAX_BACKOFF);
+                    backoff = (backoff * 2)
+                        .max(Duration::from_millis(25))
+                        .min(MAX_BACKOFF);
                     tokio::time::sleep(backoff).await;
                 }
             }

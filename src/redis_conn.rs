@@ -142,7 +142,7 @@ impl<C: Clone + Send + Sync + 'static> Link<C> {
                         failures += 1;
                         // First failure and then every 20th (about 5 s at the
                         // cap), so an outage does not flood the log.
-                        if failures == 1 || failures % 20 == 0 {
+                        if failures == 1 || failures.is_multiple_of(20) {
                             tracing::warn!(what = state.what, error = %e, failures, "not reachable; retrying");
                         }
                         backoff = (backoff * 2)
@@ -318,8 +318,9 @@ pub async fn sentinel_master(
     let infos = sentinels
         .iter()
         .map(|s| {
-            connection_info(s)
-                .map_err(|e| RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad url", e)))
+            connection_info(s).map_err(|e| {
+                RedisError::from((redis::ErrorKind::InvalidClientConfig, "bad url", e))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut client = SentinelClient::build(

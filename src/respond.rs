@@ -270,15 +270,13 @@ pub fn rate_limit_response(
         .iter()
         .map(|s| DescriptorStatus {
             code: code(s.over),
-            current_limit: s
-                .limit
-                .as_ref()
-                .filter(|_| s.remaining.is_some())
-                .map(|l| EnvoyRateLimit {
+            current_limit: s.limit.as_ref().filter(|_| s.remaining.is_some()).map(|l| {
+                EnvoyRateLimit {
                     name: l.name.clone().unwrap_or_default(),
                     requests_per_unit: clamp(l.requests_per_unit),
                     unit: l.unit.envoy_code(),
-                }),
+                }
+            }),
             limit_remaining: if s.unlimited {
                 u32::MAX
             } else {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{RedisCluster, RedisServer, eventually};
+use tollgate::metrics::StoreMetrics;
 use tollgate::quota::memory::{MemoryStore, SystemClock};
 use tollgate::quota::redis::{RedisStore, Target};
-use tollgate::metrics::StoreMetrics;
 use tollgate::quota::{Algorithm, Charge, ChargeMode, CounterKey, QuotaStore, Unit, Usage};
 
 /// The usage a store reported for charge `i`.

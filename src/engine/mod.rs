@@ -100,7 +100,9 @@ impl Engine {
             quota: quota.engine,
             rules: config.quota.rules.clone(),
             limits: quota.limits,
-            unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(60)),
+            unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(
+                60,
+            )),
         }
     }
 

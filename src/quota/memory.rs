@@ -190,7 +190,8 @@ impl MemoryStore {
         }
 
         // Phase 2: apply.
-        for ((charge, id), (apply, u)) in charges.iter().zip(&ids).zip(apply.iter().zip(&mut usage)) {
+        for ((charge, id), (apply, u)) in charges.iter().zip(&ids).zip(apply.iter().zip(&mut usage))
+        {
             if !apply {
                 continue;
             }

@@ -222,7 +222,10 @@ async fn set_up(conn: &mut MultiplexedConnection, clocks: &Clocks) -> Result<(),
     read_time(conn, clocks).await
 }
 
-async fn read_time<C: ConnectionLike + Send>(conn: &mut C, clocks: &Clocks) -> Result<(), RedisError> {
+async fn read_time<C: ConnectionLike + Send>(
+    conn: &mut C,
+    clocks: &Clocks,
+) -> Result<(), RedisError> {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
     clocks.observe(secs.saturating_mul(1000).saturating_add(micros / 1000));
     Ok(())
@@ -386,7 +389,6 @@ impl RedisStore {
     fn next_nonce(&self) -> String {
         self.nonce.fetch_add(1, Ordering::Relaxed).to_string()
     }
-
 
     /// Runs `inv` and returns its reply after the nonce, or an error. The
     /// connection is poisoned on any doubt.
@@ -598,7 +600,10 @@ impl QuotaStore for RedisStore {
                 // Refunded: report the counts as they stand again.
                 for &i in idx {
                     let c = &charges[i];
-                    if let Some(u) = usage[i].as_mut().filter(|_| c.mode == ChargeMode::Admission) {
+                    if let Some(u) = usage[i]
+                        .as_mut()
+                        .filter(|_| c.mode == ChargeMode::Admission)
+                    {
                         u.used = u.used.saturating_sub(c.cost);
                     }
                 }

@@ -169,7 +169,9 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
                         failure_mode: configured
                             .as_ref()
                             .map_or(FailureMode::Deny, |c| c.failure_mode),
-                        charge: configured.as_ref().map_or(ChargeMode::Admission, |c| c.charge),
+                        charge: configured
+                            .as_ref()
+                            .map_or(ChargeMode::Admission, |c| c.charge),
                         replaces: Vec::new(),
                     }))
                 }

@@ -537,3 +537,178 @@ pub fn check_request(
         }),
     }
 }
+
+/// A TCP proxy between a client and a server on loopback that forwards both
+/// ways and, on demand, drops exactly one chunk the server sends (one reply,
+/// for a request-reply protocol used one call at a time).
+pub struct FaultProxy {
+    pub port: u16,
+    drop_next_reply: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Proxies 127.0.0.1:`port` (a free port) to 127.0.0.1:`upstream`.
+    pub async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let drop_next_reply = std::sync::Arc::new(AtomicBool::new(false));
+        let dropped = std::sync::Arc::new(AtomicU64::new(0));
+        let (flag, count) = (drop_next_reply.clone(), dropped.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let (flag, count) = (flag.clone(), count.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if flag.swap(false, Ordering::SeqCst) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            drop_next_reply,
+            dropped,
+            task,
+        }
+    }
+
+    /// The next chunk any server connection sends is dropped.
+    pub fn drop_next_reply(&self) {
+        self.drop_next_reply
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many chunks were dropped.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A Tollgate's `/metrics` text.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    raw_http(admin, "GET", "/metrics", &[], "").await.body
+}
+
+/// The value of the first metric line starting with `prefix` (0 if none).
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl RedisServer {
+    /// Starts on a given (free) port.
+    pub fn start_with_port(port: u16) -> Self {
+        let mut s = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            extra: Vec::new(),
+        };
+        s.spawn();
+        s
+    }
+}
+
+/// A Redis Sentinel (quorum 1) watching one master, stopped on drop.
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(master_name: &str, master_port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {master_name} 1000\n\
+                 sentinel failover-timeout {master_name} 5000\n",
+                dir.path().display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis_cli(port, &["sentinel", "get-master-addr-by-name", master_name])
+            .contains(&master_port.to_string())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "sentinel on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `SENTINEL FAILOVER name`: promotes a replica.
+    pub fn failover(&self, master_name: &str) {
+        let out = redis_cli(self.port, &["sentinel", "failover", master_name]);
+        assert!(out.trim() == "OK", "sentinel failover: {out}");
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
