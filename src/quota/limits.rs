@@ -545,4 +545,65 @@ descriptors:
             assert!(err.message.contains(want), "{want:?} not in {err}");
         }
     }
+
+    #[test]
+    fn key_and_value_never_join_into_another_key() {
+        let mut s = LimitSet::default();
+        s.add(
+            "domain: d\ndescriptors:\n  - key: user\n    rate_limit: { unit: hour, requests_per_unit: 2 }\n  - key: user_internal\n    rate_limit: { unlimited: true }\n  - key: a\n    value: \"b_c\"\n    rate_limit: { unit: hour, requests_per_unit: 7 }\n",
+            "l.yaml",
+        )
+        .expect("loads");
+        let rpu = |p: &[(&str, &str)]| {
+            s.lookup("d", &e(p))
+                .map(|l| (l.requests_per_unit, l.unlimited))
+        };
+        assert_eq!(rpu(&[("user", "internal")]), Some((2, false)));
+        assert_eq!(rpu(&[("user_internal", "x")]), Some((0, true)));
+        assert_eq!(rpu(&[("a_b", "c")]), None);
+        assert_eq!(rpu(&[("a", "b_c")]), Some((7, false)));
+    }
+
+    proptest::proptest! {
+        /// Over generated one-level files and requests whose keys and values
+        /// hold `_`, `:`, `.`, `*`, `=` and non-ASCII, the limit found is
+        /// exactly the reference's rule applied to (key, value) pairs: the
+        /// exact pair, else the first wildcard of that key whose prefix the
+        /// value has, else the bare key.
+        #[test]
+        fn lookup_matches_pairs_exactly(
+            limits in proptest::collection::vec(("[ab_:.é]{1,3}", proptest::option::of("[ab_:.=é]{1,3}\\*?")), 1..12),
+            requests in proptest::collection::vec(("[ab_:.é]{1,3}", "[ab_:.=*é]{0,4}"), 1..20),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let limits: Vec<(String, Option<String>)> = limits.into_iter().filter(|l| seen.insert(l.clone())).collect();
+            let mut yaml = String::from("domain: d\ndescriptors:\n");
+            for (i, (k, v)) in limits.iter().enumerate() {
+                yaml.push_str(&format!("  - key: {}\n", serde_json::to_string(k).unwrap_or_default()));
+                if let Some(v) = v {
+                    yaml.push_str(&format!("    value: {}\n", serde_json::to_string(v).unwrap_or_default()));
+                }
+                yaml.push_str(&format!("    rate_limit: {{ unit: hour, requests_per_unit: {} }}\n", i + 1));
+            }
+            let mut set = LimitSet::default();
+            set.add(&yaml, "gen.yaml").map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            for (k, v) in requests {
+                let want = limits
+                    .iter()
+                    .position(|(lk, lv)| lk == &k && lv.as_deref() == Some(v.as_str()) && !v.ends_with('*'))
+                    .or_else(|| limits.iter().position(|(lk, lv)| {
+                        lk == &k && lv.as_deref().and_then(|lv| lv.strip_suffix('*')).is_some_and(|p| v.starts_with(p))
+                    }))
+                    .or_else(|| limits.iter().position(|(lk, lv)| lk == &k && lv.is_none()))
+                    .map(|i| i as u64 + 1);
+                let exact_literal_star = limits.iter().any(|(lk, lv)| lk == &k && lv.as_deref() == Some(v.as_str()));
+                let got = set.lookup("d", &[(k.clone(), v.clone())]).map(|l| l.requests_per_unit);
+                // A request value that itself ends in `*` equals a wildcard
+                // entry's text; both rules agree it matches that entry.
+                if !exact_literal_star {
+                    proptest::prop_assert_eq!(got, want, "request ({:?}, {:?}) in {}", k, v, yaml);
+                }
+            }
+        }
+    }
 }
