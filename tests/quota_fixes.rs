@@ -311,6 +311,39 @@ async fn over_limit_cache_answers_only_what_the_store_said() {
     );
 }
 
+/// Issue 15.2(b): a limit raised by hot reload takes effect at once, though
+/// the counter was cached as over under the old limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_raised_by_reload_takes_effect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config_on(&dir, None);
+    config.policy.watch = true;
+    config.policy.reload_debounce_ms = 50;
+    let tg = Tollgate::start(config).await;
+    let mut c = client(&tg).await;
+    for _ in 0..3 {
+        assert_eq!(overall(&mut c, "small", "raise").await, OK);
+    }
+    assert_eq!(overall(&mut c, "small", "raise").await, OVER);
+    assert_eq!(overall(&mut c, "small", "raise").await, OVER, "cached");
+    write_limits(
+        &dir,
+        &LIMITS.replace(
+            "rate_limit: { unit: hour, requests_per_unit: 3 }",
+            "rate_limit: { unit: hour, requests_per_unit: 100 }",
+        ),
+    );
+    let cc = c.clone();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut c = cc.clone();
+            async move { overall(&mut c, "small", "raise").await == OK }
+        })
+        .await,
+        "still OVER_LIMIT under the raised limit"
+    );
+}
+
 /// Issues 7.5 and 15.3: every unit, zero limits, and overrides that cannot
 /// be honoured never become "unlimited".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
