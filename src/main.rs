@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
     match tollgate::cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tollgate: {e:#}");
+            eprintln!("tollgate: {}", tollgate::cli::error_message(&e));
             ExitCode::FAILURE
         }
     }

@@ -273,5 +273,56 @@ async fn quota_get_and_reset_against_redis() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&get()).contains("used: 0"));
+    // Issue 7.11: a reader that closes the pipe early (`| head -1`) ends the
+    // output quietly; nothing panics.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "--config",
+            c,
+            "quota",
+            "get",
+            "--domain",
+            "llm",
+            "--entry",
+            "tenant=acme",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
     tg.stop().await;
+}
+
+/// Issue 7.11: errors name their cause once.
+#[test]
+fn errors_say_their_cause_once() {
+    let out = tollgate(&["--config", "/nonexistent/tollgate.toml", "validate"]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("limits.yaml"),
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n",
+    )
+    .expect("write");
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[policy]\ndir = {:?}\n[identity]\napi_keys_file = {:?}\n[quota]\nlimits_file = \"limits.yaml\"\n",
+            support::repo().join("policies"),
+            support::repo().join("examples/keys.toml"),
+        ),
+    )
+    .expect("write");
+    let out = tollgate(&["--config", config.to_str().expect("utf8"), "serve"]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert_eq!(t.matches("unknown unit").count(), 1, "{t}");
+    assert!(t.contains("limits.yaml:4:"), "{t}");
 }

@@ -124,6 +124,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// An error and its causes on one line, each cause once: library errors
+/// often quote their source in their own message already, and printing the
+/// chain as well would say the same thing twice.
+pub fn error_message(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
 /// Publishes a change on the invalidation channel; a failure is reported but
 /// does not fail the command (the caches' own bounds still apply).
 pub(crate) async fn announce(config: &Config, what: &crate::invalidate::Invalidation) {
