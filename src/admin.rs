@@ -56,9 +56,44 @@ fn policy_status(state: &AdminState) -> serde_json::Value {
     })
 }
 
+/// What `/readyz` answers: serving (not draining) and every JWT issuer has
+/// usable keys.
+pub fn is_ready(state: &AdminState) -> bool {
+    state.ready.load(Ordering::Relaxed) && state.issuers.iter().all(|i| i.ready())
+}
+
+/// How often gRPC health re-reads readiness.
+const HEALTH_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Keeps gRPC health (`grpc.health.v1`, the overall `""` service and each of
+/// `services`) saying what `/readyz` says: a load balancer or Envoy health
+/// check on either sees the same answer. Sets it once now, then follows
+/// changes until aborted.
+pub async fn follow_readiness(
+    state: AdminState,
+    health: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+) {
+    let mut last = None;
+    loop {
+        let ready = is_ready(&state);
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in std::iter::once("").chain(services.iter().copied()) {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(ready);
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let issuers_ready = state.issuers.iter().all(|i| i.ready());
-    let ready = state.ready.load(Ordering::Relaxed) && issuers_ready;
+    let ready = is_ready(&state);
     let code = if ready {
         StatusCode::OK
     } else {

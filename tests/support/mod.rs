@@ -537,3 +537,6 @@ pub fn check_request(
         }),
     }
 }
+
+/// JWT keys, tokens and a changeable identity provider.
+pub mod jwt;
