@@ -467,8 +467,11 @@ impl Issuer {
     }
 
     fn install(&self, next: KeySet) -> Result<(), JwksError> {
+        // Files are the operator's own edits: installed as they are. Sets
+        // fetched over the network must keep a key in use.
+        let fetched = self.config.jwks_url.is_some() || self.config.discovery_url.is_some();
         if let Some(old) = self.keys.load_full() {
-            if old.drops_every_key_in_use(&next, self.config.key_in_use_secs) {
+            if fetched && old.drops_every_key_in_use(&next, self.config.key_in_use_secs) {
                 return Err(JwksError::DropsKeysInUse);
             }
             old.carry_usage_to(&next);
