@@ -151,16 +151,24 @@ impl KeySet {
         ))
     }
 
-    /// The keys that may verify a token with this `kid` and `alg`: same kid
-    /// (any key when the token has none), a key type that can do `alg`, and
-    /// the key's own `alg` if it states one. At most [`MAX_CANDIDATES`].
+    /// The keys that may verify a token with this `kid` and `alg`: a key
+    /// type that can do `alg` and the key's own `alg` if it states one; of
+    /// those, the keys with the token's `kid` first, then keys without a
+    /// `kid` (as Envoy's `jwt_authn` matches them), or every such key when
+    /// the token has no `kid`. At most [`MAX_CANDIDATES`].
     pub fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<&Key> {
-        self.keys
+        let fits = |k: &&Key| k.family.verifies(alg) && k.alg.is_none_or(|a| a == alg);
+        let named = self
+            .keys
             .iter()
-            .filter(|k| k.any_kid || kid.is_none() || k.kid.as_deref() == kid)
-            .filter(|k| k.family.verifies(alg) && k.alg.is_none_or(|a| a == alg))
-            .take(MAX_CANDIDATES)
-            .collect()
+            .filter(fits)
+            .filter(|k| kid.is_none() || (k.kid.is_some() && k.kid.as_deref() == kid));
+        let unnamed = self
+            .keys
+            .iter()
+            .filter(fits)
+            .filter(|k| kid.is_some() && (k.any_kid || k.kid.is_none()));
+        named.chain(unnamed).take(MAX_CANDIDATES).collect()
     }
 
     /// Whether replacing `self` by `next` would drop every key that verified
@@ -383,5 +391,24 @@ mod tests {
         assert_eq!(keys.candidates(None, Algorithm::PS256).len(), 1);
         assert_eq!(keys.candidates(Some("other"), Algorithm::RS256).len(), 0);
         assert_eq!(keys.candidates(Some("k"), Algorithm::EdDSA).len(), 0);
+        // A key without kid may verify a token with one; named keys first.
+        let (keys, _) = set(json!([
+            {"kty": "RSA", "n": rsa_n(2048), "e": "AQAB"},
+            {"kty": "RSA", "kid": "k", "n": rsa_n(3072), "e": "AQAB"},
+        ]))
+        .expect("keys");
+        let c = keys.candidates(Some("k"), Algorithm::RS256);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].kid.as_deref(), Some("k"));
+        assert_eq!(keys.candidates(Some("x"), Algorithm::RS256).len(), 1);
+        // A token without kid is bounded however many keys fit.
+        let many: Vec<Value> = (0..10)
+            .map(|i| json!({"kty": "RSA", "kid": format!("k{i}"), "n": rsa_n(2048), "e": "AQAB"}))
+            .collect();
+        let (keys, _) = set(Value::Array(many)).expect("keys");
+        assert_eq!(
+            keys.candidates(None, Algorithm::RS256).len(),
+            MAX_CANDIDATES
+        );
     }
 }
