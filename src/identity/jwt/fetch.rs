@@ -39,6 +39,8 @@ pub fn checked_url(text: &str) -> Result<Url, String> {
 pub enum GetError {
     #[error("{url}: {message}")]
     Transport { url: String, message: String },
+    #[error("{url}: no complete answer within fetch_timeout_ms")]
+    Timeout { url: String },
     #[error("{url}: HTTP {status}")]
     Status { url: String, status: u16 },
     #[error("{url}: body larger than {max} bytes; raise max_jwks_bytes if it is genuine")]
@@ -52,9 +54,17 @@ pub async fn get_bounded(
     url: &Url,
     max: usize,
 ) -> Result<Vec<u8>, GetError> {
-    let transport = |e: reqwest::Error| GetError::Transport {
-        url: url.to_string(),
-        message: e.to_string(),
+    let transport = |e: reqwest::Error| {
+        if e.is_timeout() {
+            GetError::Timeout {
+                url: url.to_string(),
+            }
+        } else {
+            GetError::Transport {
+                url: url.to_string(),
+                message: e.to_string(),
+            }
+        }
     };
     let mut resp = http.get(url.clone()).send().await.map_err(transport)?;
     if !resp.status().is_success() {

@@ -48,7 +48,7 @@ impl JwksError {
     /// The `result` label of `tollgate_jwks_fetches_total`.
     fn label(&self) -> &'static str {
         match self {
-            Self::Timeout(_) => "timeout",
+            Self::Timeout(_) | Self::Get(fetch::GetError::Timeout { .. }) => "timeout",
             Self::Get(fetch::GetError::TooLarge { .. }) => "too_large",
             Self::KeySet(_) => "unparsable",
             Self::IssuerMismatch { .. } => "issuer_mismatch",
