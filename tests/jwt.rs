@@ -722,3 +722,48 @@ async fn plain_http_key_urls_need_a_loopback_host() {
     );
     tg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_jwks_answers_401_through_envoy_within_its_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, old_jwk) = keypair(dir.path(), "rsa", 2048, "old");
+    let (new, new_jwk) = keypair(dir.path(), "ec", 0, "new");
+    let idp = Idp::start().await;
+    idp.jwks(&[&old_jwk]);
+    let (mut tg, _) = start(&idp.url("/jwks"), "min_refresh_interval_secs = 0", true).await;
+    let (upstream, _task) = support::start_upstream().await;
+    // The example Envoy: ext_authz timeout 0.5 s, failure_mode_allow false.
+    let envoy = support::Envoy::start(tg.grpc.port(), upstream.port()).await;
+    let ask = |token: String| {
+        let gw = envoy.listener;
+        async move {
+            let auth = format!("Bearer {token}");
+            support::raw_http(
+                gw,
+                "POST",
+                "/v1/chat/completions",
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", &auth),
+                ],
+                r#"{"model":"llama-3-8b","messages":[]}"#,
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(ask(mint(&old, &claims())).await, 200);
+    // 3 s for a set with the new key: far beyond Envoy's 0.5 s.
+    idp.answer(
+        "/jwks",
+        json!({"keys": [old_jwk, new_jwk]}).to_string(),
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        ask(mint(&new, &claims())).await,
+        401,
+        "an unknown kid must be Tollgate's 401, not Envoy's timeout 403"
+    );
+    assert_eq!(ask(mint(&old, &claims())).await, 200);
+    tg.stop().await;
+}
