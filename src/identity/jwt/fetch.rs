@@ -12,12 +12,14 @@ use url::{Host, Url};
 /// `evil.example`). The host is taken from the parsed URL, never a string
 /// prefix. The error says what to fix.
 pub fn checked_url(text: &str) -> Result<Url, String> {
-    let url = Url::parse(text).map_err(|e| format!("{text:?} is not a valid URL: {e}"))?;
+    let url = Url::parse(text).map_err(|e| format!("{:?} is not a valid URL: {e}", shown(text)))?;
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "{text:?} has userinfo (user:password@); put no credentials in a key URL"
-        ));
+        // Not echoed: the userinfo may be a credential.
+        return Err(
+            "a key URL has userinfo (user:password@ before the host); remove it".to_string(),
+        );
     }
+    let text = shown(text);
     let loopback = match url.host() {
         Some(Host::Ipv4(ip)) => ip.is_loopback(),
         Some(Host::Ipv6(ip)) => ip.is_loopback(),
@@ -32,6 +34,14 @@ pub fn checked_url(text: &str) -> Result<Url, String> {
         )),
         other => Err(format!("{text:?}: scheme {other:?} is not https")),
     }
+}
+
+/// At most 200 characters of a URL for a message: a discovery document is
+/// remote input and may hold anything.
+fn shown(text: &str) -> &str {
+    text.char_indices()
+        .nth(200)
+        .map_or(text, |(i, _)| &text[..i])
 }
 
 /// Why one GET failed.
