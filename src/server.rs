@@ -221,13 +221,6 @@ impl App {
             .await;
         health.set_serving::<RateLimitServiceServer<Rls>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
-        let admin_state = crate::admin::AdminState {
-            policies: self.engine.policies().clone(),
-            metrics: self.metrics.clone(),
-            quota: self.engine.quota().clone(),
-            issuers: self.issuers.clone(),
-            ready: ready.clone(),
-        };
         // gRPC health follows /readyz (JWKS down at boot, draining): set now,
         // before the listener serves, then kept in step.
         let health_names = vec![
@@ -235,18 +228,13 @@ impl App {
             <RateLimitServiceServer<Rls> as tonic::server::NamedService>::NAME,
             <DecisionServiceServer<DecisionApi> as tonic::server::NamedService>::NAME,
         ];
-        if !crate::admin::is_ready(&admin_state) {
+        if !self.issuers.iter().all(|i| i.ready()) {
             for name in std::iter::once("").chain(health_names.iter().copied()) {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
         }
-        let health_follower = tokio::spawn(crate::admin::follow_readiness(
-            admin_state.clone(),
-            health.clone(),
-            health_names,
-        ));
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -288,6 +276,18 @@ impl App {
                     let _ = grpc_stop.wait_for(|stop| *stop).await;
                 }),
         );
+        let admin_state = crate::admin::AdminState {
+            policies: self.engine.policies().clone(),
+            metrics: self.metrics.clone(),
+            quota: self.engine.quota().clone(),
+            issuers: self.issuers.clone(),
+            ready: ready.clone(),
+        };
+        let health_follower = tokio::spawn(crate::admin::follow_readiness(
+            admin_state.clone(),
+            health.clone(),
+            health_names,
+        ));
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
             axum::serve(admin_listener, crate::admin::router(admin_state))
