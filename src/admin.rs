@@ -58,13 +58,47 @@ fn policy_status(state: &AdminState) -> serde_json::Value {
     })
 }
 
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let issuers_ready = state.issuers.iter().all(|i| i.ready());
-    // A Redis store without a writable connection (not yet connected and set
-    // up, or dropped after READONLY and the like) makes Tollgate unready
-    // unless `quota.ready_requires_store = false`.
+/// What `/readyz` answers: serving (not draining), every JWT issuer has
+/// usable keys, and a Redis quota store has a writable connection (not yet
+/// connected and set up, or dropped after `READONLY` and the like, is not
+/// ready) unless `quota.ready_requires_store = false`.
+pub fn is_ready(state: &AdminState) -> bool {
     let store_ready = !state.store_required || state.quota.store().connected();
-    let ready = state.ready.load(Ordering::Relaxed) && issuers_ready && store_ready;
+    state.ready.load(Ordering::Relaxed) && state.issuers.iter().all(|i| i.ready()) && store_ready
+}
+
+/// How often gRPC health re-reads readiness.
+const HEALTH_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Keeps gRPC health (`grpc.health.v1`, the overall `""` service and each of
+/// `services`) saying what `/readyz` says: a load balancer or Envoy health
+/// check on either sees the same answer. Sets it once now, then follows
+/// changes until aborted.
+pub async fn follow_readiness(
+    state: AdminState,
+    health: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+) {
+    let mut last = None;
+    loop {
+        let ready = is_ready(&state);
+        if last != Some(ready) {
+            let status = if ready {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in std::iter::once("").chain(services.iter().copied()) {
+                health.set_service_status(name, status).await;
+            }
+            last = Some(ready);
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let ready = is_ready(&state);
     let code = if ready {
         StatusCode::OK
     } else {

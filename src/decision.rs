@@ -42,6 +42,11 @@ pub enum Reason {
     OverQuota,
     /// The quota store could not answer in time.
     QuotaUnavailable,
+    /// A bearer token whose `nbf` is still in the future (beyond the leeway).
+    NotYetValid,
+    /// A JWT that is not an access token: a `typ` the issuer does not accept,
+    /// or an ID / refresh / logout token (RFC 8725 §3.11, RFC 9068).
+    WrongTokenType,
 }
 
 impl Reason {
@@ -65,6 +70,8 @@ impl Reason {
             Self::Unavailable => "unavailable",
             Self::OverQuota => "over_quota",
             Self::QuotaUnavailable => "quota_unavailable",
+            Self::NotYetValid => "not_yet_valid",
+            Self::WrongTokenType => "wrong_token_type",
         }
     }
 }

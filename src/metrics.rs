@@ -88,6 +88,8 @@ pub struct Metrics {
     rate_limits: Family<OutcomeLabel, Counter>,
     shadow_over: Counter,
     store_errors: Family<StoreLabel, Counter>,
+    jwks_fetches: Family<JwksLabels, Counter>,
+    jwks_keys_refused: Family<IssuerLabel, Counter>,
     fail_open: Family<RuleLabel, Counter>,
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
@@ -129,6 +131,17 @@ impl StoreMetrics {
     pub fn clock_offset_ms(&self, offset_ms: i64) {
         self.clock_offset.set(offset_ms as f64 / 1000.0);
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwksLabels {
+    issuer: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerLabel {
+    issuer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,6 +245,18 @@ impl Metrics {
             "The quota store's clock minus this replica's clock (Redis TIME); a warning is logged above 5 s",
             store.clock_offset.clone(),
         );
+        let jwks_fetches = Family::<JwksLabels, Counter>::default();
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches by issuer and result (swapped, timeout, too_large, unparsable, issuer_mismatch, drops_keys_in_use, failed); only swapped installs keys",
+            jwks_fetches.clone(),
+        );
+        let jwks_keys_refused = Family::<IssuerLabel, Counter>::default();
+        registry.register(
+            "jwks_keys_refused",
+            "JWKS members skipped as malformed or too weak (RSA under 2048 bits), by issuer",
+            jwks_keys_refused.clone(),
+        );
         Self {
             fail_open,
             unknown_domain,
@@ -245,6 +270,8 @@ impl Metrics {
             rate_limits,
             shadow_over,
             store_errors,
+            jwks_fetches,
+            jwks_keys_refused,
         }
     }
 
@@ -317,6 +344,25 @@ impl Metrics {
                 version: version.to_string(),
             })
             .set(1);
+    }
+
+    /// Counts one JWKS fetch of `issuer` (its configured name) by result.
+    pub fn jwks_fetch(&self, issuer: &str, result: &'static str) {
+        self.jwks_fetches
+            .get_or_create(&JwksLabels {
+                issuer: issuer.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Counts `n` JWKS members of `issuer` skipped as malformed or too weak.
+    pub fn jwks_keys_refused(&self, issuer: &str, n: u64) {
+        self.jwks_keys_refused
+            .get_or_create(&IssuerLabel {
+                issuer: issuer.to_string(),
+            })
+            .inc_by(n);
     }
 
     /// Prometheus text exposition.

@@ -89,6 +89,9 @@ impl App {
         let (sources, keys, issuers, api_keys) = build_identity(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
+        for issuer in &issuers {
+            issuer.report_to(metrics.clone());
+        }
         let quota = engine::QuotaParts {
             engine: Arc::new(QuotaEngine::new(
                 build_store(&config, metrics.store())?,
@@ -255,6 +258,20 @@ impl App {
             .await;
         health.set_serving::<RateLimitServiceServer<Rls>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
+        // gRPC health follows /readyz (JWKS down at boot, draining): set now,
+        // before the listener serves, then kept in step.
+        let health_names = vec![
+            <AuthorizationServer<ExtAuthz> as tonic::server::NamedService>::NAME,
+            <RateLimitServiceServer<Rls> as tonic::server::NamedService>::NAME,
+            <DecisionServiceServer<DecisionApi> as tonic::server::NamedService>::NAME,
+        ];
+        if !self.issuers.iter().all(|i| i.ready()) {
+            for name in std::iter::once("").chain(health_names.iter().copied()) {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -305,6 +322,11 @@ impl App {
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
         };
+        let health_follower = tokio::spawn(crate::admin::follow_readiness(
+            admin_state.clone(),
+            health.clone(),
+            health_names,
+        ));
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
             axum::serve(admin_listener, crate::admin::router(admin_state))
@@ -313,20 +335,14 @@ impl App {
                 })
                 .await
         });
-        // Each issuer's keys: fetched now, then refreshed periodically.
-        let refreshers = self
+        // Each issuer's keys: fetched now (retried with a capped backoff
+        // while that fails), then refreshed periodically.
+        let mut refreshers: Vec<JoinHandle<()>> = self
             .issuers
             .iter()
-            .map(|issuer| {
-                let issuer = issuer.clone();
-                tokio::spawn(async move {
-                    loop {
-                        issuer.refresh_now().await;
-                        tokio::time::sleep(issuer.refresh_interval()).await;
-                    }
-                })
-            })
+            .map(|issuer| tokio::spawn(issuer.clone().keep_fresh()))
             .collect();
+        refreshers.push(health_follower);
         tracing::info!(%grpc_addr, %admin_addr, policy_version = %self.engine.policies().snapshot().version, "tollgate serving");
         Ok(Running {
             grpc_addr,

@@ -367,7 +367,7 @@ async fn jwt_matrix() {
             "not yet valid",
             mint(&rsa, &with(json!({"nbf": now() + 600}))),
             401,
-            "invalid_credential",
+            "not_yet_valid",
         ),
         (
             "wrong iss",

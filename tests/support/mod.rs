@@ -712,3 +712,6 @@ impl Drop for Sentinel {
         let _ = self.child.wait();
     }
 }
+
+/// JWT keys, tokens and a changeable identity provider.
+pub mod jwt;
