@@ -348,6 +348,27 @@ mod tests {
         KeySet::from_jwks(json!({ "keys": members }).to_string().as_bytes())
     }
 
+    proptest::proptest! {
+        /// Any JWKS-shaped document: a key set or an error, never a panic.
+        #[test]
+        fn any_jwks_is_answered(
+            kty in "(RSA|EC|OKP|oct|x)",
+            n in "[A-Za-z0-9_=-]{0,400}",
+            field in "(kid|use|key_ops|alg|crv|x|y|e)",
+            value in proptest::prop_oneof![
+                proptest::strategy::Just(json!(7)),
+                proptest::strategy::Just(json!("verify")),
+                proptest::strategy::Just(json!(["verify"])),
+                proptest::strategy::Just(json!(null)),
+                proptest::strategy::Just(json!({})),
+            ],
+        ) {
+            let mut member = json!({"kty": kty, "n": n, "e": "AQAB", "x": n, "y": n, "crv": "P-256"});
+            member[field] = value;
+            let _ = set(json!([member]));
+        }
+    }
+
     #[test]
     fn modulus_bits() {
         assert_eq!(rsa_bits(&[0, 0x01, 0]), 9);

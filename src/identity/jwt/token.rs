@@ -223,6 +223,29 @@ mod tests {
         assert!(Parts::decode(&format!("{}.{}.s", b64("[]"), b64("{}"))).is_err());
     }
 
+    proptest::proptest! {
+        /// Any token text: an answer, never a panic.
+        #[test]
+        fn any_token_text_is_answered(raw in "[A-Za-z0-9_.=-]{0,300}") {
+            let _ = Parts::decode(&raw);
+        }
+
+        /// Any JSON object with one member name repeated is refused, and the
+        /// same object without the repeat parses to what serde_json reads.
+        #[test]
+        fn a_repeated_name_is_always_refused(
+            members in proptest::collection::btree_map("[a-z\\u{e9}]{0,6}", 0i64..1000, 1..6),
+            pick in 0usize..6,
+        ) {
+            let plain = serde_json::to_string(&members).expect("json");
+            let parsed = parse_strict(plain.as_bytes()).expect("no repeat");
+            proptest::prop_assert_eq!(parsed, serde_json::from_str::<Value>(&plain).expect("json"));
+            let (name, _) = members.iter().nth(pick % members.len()).expect("member");
+            let repeated = format!("{},{}:1}}", &plain[..plain.len() - 1], serde_json::to_string(name).expect("json"));
+            proptest::prop_assert!(parse_strict(repeated.as_bytes()).is_err(), "{}", repeated);
+        }
+    }
+
     #[test]
     fn types_normalize() {
         assert_eq!(normalize_type("application/AT+JWT"), "at+jwt");
