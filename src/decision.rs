@@ -42,6 +42,23 @@ pub enum Reason {
     OverQuota,
     /// The quota store could not answer in time.
     QuotaUnavailable,
+    /// The request names its host more than once with different values
+    /// (`Host: a,b`, or an absolute-form target disagreeing with `Host`).
+    AmbiguousHost,
+    /// A value from the credential (a claim, a key record field, a SPIFFE
+    /// id) that Tollgate would pass on in a header is not a valid HTTP field
+    /// value (RFC 9110 §5.5): CR, LF, NUL or another control character.
+    InvalidClaim,
+    /// The request names its model in several places (body, query, path,
+    /// header) with different values.
+    AmbiguousModel,
+    /// A numeric request parameter (`max_tokens` and its aliases, `n`) is
+    /// outside its documented range, not an integer, or given twice with
+    /// different values.
+    InvalidParameter,
+    /// The stored API key record has a field that does not parse; the key
+    /// is refused until the record is fixed.
+    InvalidKeyRecord,
 }
 
 impl Reason {
@@ -65,6 +82,11 @@ impl Reason {
             Self::Unavailable => "unavailable",
             Self::OverQuota => "over_quota",
             Self::QuotaUnavailable => "quota_unavailable",
+            Self::AmbiguousHost => "ambiguous_host",
+            Self::InvalidClaim => "invalid_claim",
+            Self::AmbiguousModel => "ambiguous_model",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::InvalidKeyRecord => "invalid_key_record",
         }
     }
 }
