@@ -73,7 +73,13 @@ pub fn rate_limit_headers(style: HeaderStyle, q: &QuotaReport) -> Vec<(&'static 
             ("ratelimit-reset", reset.to_string()),
         ],
         HeaderStyle::Ietf => {
-            let name = q.rule.replace(['"', '\\'], "");
+            // A quoted string (RFC 9651): no quote, backslash or control
+            // character may end or break it.
+            let name: String = q
+                .rule
+                .chars()
+                .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+                .collect();
             vec![
                 (
                     "ratelimit-policy",

@@ -97,6 +97,15 @@ async fn two_different_credentials_are_ambiguous() {
             "ambiguous_credential",
         ),
         (
+            "x-api-key + an Azure-style api-key header naming another key",
+            chat(
+                &[("x-api-key", DEMO_PAID_KEY), ("api-key", DEMO_FREE_KEY)],
+                body,
+            ),
+            401,
+            "ambiguous_credential",
+        ),
+        (
             "two bearer values merged",
             chat(
                 &[("authorization", &format!("{bearer_paid},{bearer_free}"))],

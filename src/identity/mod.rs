@@ -178,16 +178,24 @@ impl IdentityChain {
     }
 }
 
+/// Headers in which upstreams take an API key: Tollgate's own `x-api-key`,
+/// Azure OpenAI's `api-key`, Google's `x-goog-api-key`. Tollgate
+/// authenticates only `x-api-key` (and `Authorization`), but an upstream
+/// may honour any of them, so each counts as a credential here.
+const KEY_HEADERS: [&str; 3] = ["x-api-key", "api-key", "x-goog-api-key"];
+
 /// Whether the request carries more than one caller credential: the
 /// upstream might then act for another caller than the one Tollgate
-/// decided on. Counted as several: `x-api-key` beside an `Authorization`
-/// header that is not `Bearer` with the very same key; a bearer value with
-/// ',' (merged duplicate headers); an API key (in either header) beside a
-/// JWT that Envoy's `jwt_authn` verified; payloads of more than one
-/// verified JWT. The mTLS peer identity is the connection's, not a second
-/// caller, and is not counted.
+/// decided on. Counted as several: different values among the API key
+/// headers ([`KEY_HEADERS`]) and the `Authorization` header (its `Bearer`
+/// value, or the whole header for another scheme — so an API key beside a
+/// JWT or Basic credentials is several); a bearer value with ',' (merged
+/// duplicate headers); an API key beside a JWT that Envoy's `jwt_authn`
+/// verified; payloads of more than one verified JWT. The same key in
+/// `x-api-key` and `Authorization: Bearer` is one caller. The mTLS peer
+/// identity belongs to the connection, not a second caller, and is not
+/// counted.
 pub fn several_credentials(request: &HttpRequest) -> bool {
-    let api_key = request.header("x-api-key").map(str::trim);
     let authorization = request.header("authorization").map(str::trim);
     let bearer = authorization
         .and_then(|a| a.split_once(' '))
@@ -196,11 +204,22 @@ pub fn several_credentials(request: &HttpRequest) -> bool {
     if bearer.is_some_and(|b| b.contains(',')) {
         return true;
     }
-    if api_key.is_some() && authorization.is_some() && bearer != api_key {
+    let keys: Vec<&str> = KEY_HEADERS
+        .iter()
+        .filter_map(|h| request.header(h))
+        .map(str::trim)
+        .collect();
+    let mut values: Vec<&str> = keys.clone();
+    if let Some(a) = authorization {
+        values.push(bearer.unwrap_or(a));
+    }
+    values.sort_unstable();
+    values.dedup();
+    if values.len() > 1 {
         return true;
     }
     let key_presented =
-        api_key.is_some() || bearer.is_some_and(|b| b.starts_with(key_format::PREFIX));
+        !keys.is_empty() || bearer.is_some_and(|b| b.starts_with(key_format::PREFIX));
     let verified_jwts = request.jwt_authn_payloads.len();
     verified_jwts > 1 || (verified_jwts == 1 && key_presented)
 }
@@ -251,6 +270,14 @@ mod tests {
             (vec![("x-api-key", a)], 1, true),
             (vec![("authorization", "Bearer tg_a_1")], 1, true),
             (vec![], 2, true),
+            (vec![("x-api-key", a), ("api-key", b)], 0, true),
+            (vec![("x-api-key", a), ("api-key", a)], 0, false),
+            (
+                vec![("authorization", "Bearer tg_a_1"), ("x-goog-api-key", b)],
+                0,
+                true,
+            ),
+            (vec![("api-key", b)], 0, false),
         ] {
             assert_eq!(
                 several_credentials(&req(&headers, jwts)),
