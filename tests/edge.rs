@@ -927,6 +927,9 @@ async fn numeric_parameters_outside_their_range_are_refused() {
         r#""max_tokens":256,"n":0"#,
         r#""max_tokens":256,"n":-1"#,
         r#""max_tokens":256,"n":100000"#,
+        r#""generationConfig":{"maxOutputTokens":-1}"#,
+        r#""options":{"num_predict":-1}"#,
+        r#""max_tokens_to_sample":0"#,
     ] {
         for (who, key) in [("free", &free), ("paid", &paid)] {
             rows.push((
