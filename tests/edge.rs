@@ -974,3 +974,49 @@ async fn numeric_parameters_outside_their_range_are_refused() {
     }
     tg.stop().await;
 }
+
+/// Sends raw request bytes and returns the response's status line and body.
+async fn raw_request(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("response within 10 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Issue 8.16 through Envoy: a Host with a comma, and two Host lines (which
+/// Envoy merges into one comma-joined authority), are refused by Tollgate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_several_values_is_refused_through_envoy() {
+    let mut tg = Tollgate::start(test_config()).await;
+    let (upstream, _task) = start_upstream().await;
+    let envoy = Envoy::start(tg.grpc.port(), upstream.port()).await;
+    let body = r#"{"model":"llama-3-8b"}"#;
+    for host_lines in [
+        "Host: a.example.com,b.example.com\r\n",
+        "Host: a.example.com\r\nHost: b.example.com\r\n",
+    ] {
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\n{host_lines}x-api-key: {DEMO_PAID_KEY}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, reply) = raw_request(envoy.listener, &request).await;
+        assert_eq!(status, 400, "{host_lines:?}: {reply}");
+        assert!(reply.contains("ambiguous_host"), "{host_lines:?}: {reply}");
+    }
+    tg.stop().await;
+}
