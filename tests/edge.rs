@@ -269,6 +269,23 @@ async fn keys_file_and_redis_agree_and_a_revocation_anywhere_wins() {
     assert!(!ok, "create with a file id succeeded");
     assert!(err.contains("keys file"), "{err}");
 
+    // Values the server would refuse to read back are refused up front.
+    for (flag, value) in [
+        ("--tier", "paid\r\nx: y"),
+        ("--tenant", ""),
+        ("--scope", "a,b"),
+    ] {
+        let mut args = vec!["keys", "create", "--id", "fresh-1"];
+        for (f, v) in [("--tenant", "acme"), ("--tier", "paid")] {
+            if f != flag {
+                args.extend([f, v]);
+            }
+        }
+        args.extend([flag, value]);
+        let (ok, _, err) = tollgate_cli(&config, &args);
+        assert!(!ok && err.contains("use "), "{flag} {value:?}: {err}");
+    }
+
     // Revoking a file key works, and wins over the file.
     let (ok, out, err) = tollgate_cli(&config, &["keys", "revoke", "demo-paid"]);
     assert!(ok, "{err}");

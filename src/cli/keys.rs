@@ -73,6 +73,34 @@ async fn redis_keys(config: &Config) -> anyhow::Result<Option<RedisKeys>> {
     Ok(Some(keys))
 }
 
+/// Refuses values the server would refuse when reading the record back
+/// (they become header values and comma-separated lists).
+fn check_fields(c: &CreateKey) -> anyhow::Result<()> {
+    for (flag, value) in [("--tenant", &c.tenant), ("--tier", &c.tier)] {
+        if value.is_empty() || !crate::respond::is_field_value(value) {
+            anyhow::bail!(
+                "{flag} {value:?}: use non-empty text without control characters or leading/trailing spaces"
+            );
+        }
+    }
+    for (flag, items) in [
+        ("--scope", &c.scopes),
+        ("--group", &c.groups),
+        ("--model", &c.models),
+    ] {
+        if let Some(bad) = items.iter().find(|i| {
+            i.is_empty()
+                || i.chars()
+                    .any(|ch| ch == ',' || ch.is_whitespace() || ch.is_control())
+        }) {
+            anyhow::bail!(
+                "{flag} {bad:?}: use a non-empty value without ',', spaces or control characters"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The keys file's records, when one is configured.
 fn file_index(config: &Config) -> anyhow::Result<Option<KeyIndex>> {
     match &config.identity.api_keys_file {
@@ -112,6 +140,7 @@ pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCod
                 })
                 .transpose()?;
             let grace_until = c.replaces.as_ref().map(|_| now_secs() + c.grace_secs);
+            check_fields(&c)?;
             let record = KeyRecord {
                 id: c.id.clone(),
                 hash: sha256(&key),
