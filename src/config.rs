@@ -426,6 +426,21 @@ impl Config {
                 "identity.max_credential_bytes must be at least 1".into(),
             ));
         }
+        for domain in &self.identity.mtls_trust_domains {
+            let id = format!("spiffe://{domain}");
+            if domain.contains('/') || !crate::identity::mtls::valid_spiffe_id(&id) {
+                return Err(invalid(format!(
+                    "identity.mtls_trust_domains: {domain:?} is not a SPIFFE trust domain; use lowercase letters, digits, '.', '-', '_' (e.g. \"acme.example\")"
+                )));
+            }
+        }
+        for name in &self.context.model_headers {
+            if !is_header_name(name) {
+                return Err(invalid(format!(
+                    "context.model_headers: {name:?} is not a lowercase HTTP header name"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -506,6 +521,27 @@ mod tests {
             config.resolve(Path::new("keys.toml")),
             path.with_file_name("keys.toml")
         );
+    }
+
+    #[test]
+    fn trust_domains_and_model_headers_are_checked() {
+        for (text, key) in [
+            (
+                "[identity]\nmtls_trust_domains = [\"Acme.example\"]\n",
+                "mtls_trust_domains",
+            ),
+            (
+                "[identity]\nmtls_trust_domains = [\"acme.example/ns\"]\n",
+                "mtls_trust_domains",
+            ),
+            (
+                "[context]\nmodel_headers = [\"X Model\"]\n",
+                "model_headers",
+            ),
+        ] {
+            let err = Config::from_toml(text, "t.toml").expect_err(text);
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]
