@@ -1037,3 +1037,54 @@ async fn a_host_with_several_values_is_refused_through_envoy() {
     }
     tg.stop().await;
 }
+
+/// Issue 15.4 end to end: arbitrary claim strings in a signed token never
+/// yield an allow with an invalid header value, and never fail the RPC.
+#[test]
+fn arbitrary_claims_through_ext_authz_never_yield_an_invalid_header() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as RunnerConfig, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (issuer, key) = hs256_issuer(dir.path());
+    let mut config = test_config();
+    config.identity.jwt_issuers = vec![issuer];
+    let mut tg = rt.block_on(Tollgate::start(config));
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases: 128,
+        ..RunnerConfig::default()
+    });
+    let claim = prop_oneof![
+        any::<String>(),
+        "[a-z]{1,8}[\\r\\n\\x00\\x7f\\t ][ -~]{0,8}",
+        Just("paid".to_string()),
+    ];
+    runner
+        .run(&(claim.clone(), claim), |(tenant, tier)| {
+            let token = token(&key, &tenant, &tier);
+            let auth = format!("Bearer {token}");
+            let v = rt.block_on(ext_authz(
+                &tg,
+                chat(&[("authorization", &auth)], r#"{"model":"llama-3-8b"}"#),
+            ));
+            for (name, value) in &v.upstream_headers {
+                prop_assert!(
+                    tollgate::respond::is_field_value(value),
+                    "{name}: {value:?}"
+                );
+            }
+            let expressible = [&tenant, &tier]
+                .iter()
+                .all(|s| tollgate::respond::is_field_value(s));
+            if !expressible {
+                prop_assert_eq!(v.code.as_str(), "invalid_claim");
+            }
+            Ok(())
+        })
+        .expect("property holds");
+    rt.block_on(tg.stop());
+}
