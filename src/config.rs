@@ -106,6 +106,10 @@ pub struct IdentityConfig {
     pub mtls: bool,
     /// SPIFFE trust domains accepted over mTLS (exact); empty accepts any.
     pub mtls_trust_domains: Vec<String>,
+    /// Accept a peer without a SPIFFE id (a certificate subject such as
+    /// `CN=…`) as a `Service`. Off by default: only a valid SPIFFE id
+    /// identifies a workload.
+    pub mtls_subject_names: bool,
     /// Trusted JWT / OAuth 2.0 issuers.
     pub jwt_issuers: Vec<crate::identity::jwt::IssuerConfig>,
     /// Longest API key accepted; longer ones are rejected unread.
@@ -123,6 +127,10 @@ pub struct ContextConfig {
     pub query_params: Vec<String>,
     /// Largest body Tollgate parses for `model`, `max_tokens`, ….
     pub max_body_bytes: usize,
+    /// Request headers that name a model (lowercase). Like the body's
+    /// `model`, `?model=` and a model in the path, each is compared with
+    /// the others: different values are refused (`ambiguous_model`).
+    pub model_headers: Vec<String>,
 }
 
 /// Headers Tollgate sets on allowed requests for the upstream.
@@ -311,6 +319,7 @@ impl Default for IdentityConfig {
             api_keys_cache_ms: 2000,
             mtls: true,
             mtls_trust_domains: Vec::new(),
+            mtls_subject_names: false,
             jwt_issuers: Vec::new(),
             max_credential_bytes: 4096,
         }
@@ -323,6 +332,7 @@ impl Default for ContextConfig {
             headers: vec!["content-type".into(), "x-team".into()],
             query_params: vec!["api-version".into()],
             max_body_bytes: 1024 * 1024,
+            model_headers: vec!["x-model".into()],
         }
     }
 }
@@ -454,6 +464,21 @@ impl Config {
                 "identity.max_credential_bytes must be at least 1".into(),
             ));
         }
+        for domain in &self.identity.mtls_trust_domains {
+            let id = format!("spiffe://{domain}");
+            if domain.contains('/') || !crate::identity::mtls::valid_spiffe_id(&id) {
+                return Err(invalid(format!(
+                    "identity.mtls_trust_domains: {domain:?} is not a SPIFFE trust domain; use lowercase letters, digits, '.', '-', '_' (e.g. \"acme.example\")"
+                )));
+            }
+        }
+        for name in &self.context.model_headers {
+            if !is_header_name(name) {
+                return Err(invalid(format!(
+                    "context.model_headers: {name:?} is not a lowercase HTTP header name"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -534,6 +559,27 @@ mod tests {
             config.resolve(Path::new("keys.toml")),
             path.with_file_name("keys.toml")
         );
+    }
+
+    #[test]
+    fn trust_domains_and_model_headers_are_checked() {
+        for (text, key) in [
+            (
+                "[identity]\nmtls_trust_domains = [\"Acme.example\"]\n",
+                "mtls_trust_domains",
+            ),
+            (
+                "[identity]\nmtls_trust_domains = [\"acme.example/ns\"]\n",
+                "mtls_trust_domains",
+            ),
+            (
+                "[context]\nmodel_headers = [\"X Model\"]\n",
+                "model_headers",
+            ),
+        ] {
+            let err = Config::from_toml(text, "t.toml").expect_err(text);
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -47,6 +47,23 @@ pub enum Reason {
     /// A JWT that is not an access token: a `typ` the issuer does not accept,
     /// or an ID / refresh / logout token (RFC 8725 §3.11, RFC 9068).
     WrongTokenType,
+    /// The request names its host more than once with different values
+    /// (`Host: a,b`, or an absolute-form target disagreeing with `Host`).
+    AmbiguousHost,
+    /// A value from the credential (a claim, a key record field, a SPIFFE
+    /// id) that Tollgate would pass on in a header is not a valid HTTP field
+    /// value (RFC 9110 §5.5): CR, LF, NUL or another control character.
+    InvalidClaim,
+    /// The request names its model in several places (body, query, path,
+    /// header) with different values.
+    AmbiguousModel,
+    /// A numeric request parameter (`max_tokens` and its aliases, `n`) is
+    /// outside its documented range, not an integer, or given twice with
+    /// different values.
+    InvalidParameter,
+    /// The stored API key record has a field that does not parse; the key
+    /// is refused until the record is fixed.
+    InvalidKeyRecord,
 }
 
 impl Reason {
@@ -72,6 +89,11 @@ impl Reason {
             Self::QuotaUnavailable => "quota_unavailable",
             Self::NotYetValid => "not_yet_valid",
             Self::WrongTokenType => "wrong_token_type",
+            Self::AmbiguousHost => "ambiguous_host",
+            Self::InvalidClaim => "invalid_claim",
+            Self::AmbiguousModel => "ambiguous_model",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::InvalidKeyRecord => "invalid_key_record",
         }
     }
 }

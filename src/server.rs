@@ -443,9 +443,10 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
             }
             SourceKind::Mtls => {
                 if id.mtls {
-                    sources.push(Arc::new(MtlsAuthenticator::new(
-                        id.mtls_trust_domains.clone(),
-                    )));
+                    sources.push(Arc::new(
+                        MtlsAuthenticator::new(id.mtls_trust_domains.clone())
+                            .with_subject_names(id.mtls_subject_names),
+                    ));
                 }
             }
         }

@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{Tollgate, free_port, raw_http, start_upstream, test_config};
+use support::{Envoy, Tollgate, free_port, raw_http, start_upstream, test_config};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -24,8 +24,8 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate whose
-/// URI SAN is `spiffe`.
-fn certificates(dir: &Path, spiffe: &str) {
+/// subjectAltName is `client_san` (`URI:spiffe://…`, several, or none).
+fn certificates(dir: &Path, client_san: &str) {
     let ec = [
         "-newkey",
         "ec",
@@ -52,7 +52,7 @@ fn certificates(dir: &Path, spiffe: &str) {
             "localhost",
             "subjectAltName=DNS:localhost,IP:127.0.0.1".to_string(),
         ),
-        ("client", "indexer", format!("subjectAltName=URI:{spiffe}")),
+        ("client", "indexer", format!("subjectAltName={client_san}")),
     ] {
         let mut req = vec!["req"];
         req.extend(ec);
@@ -156,7 +156,7 @@ fn curl(dir: &Path, port: u16, client_cert: bool) -> (u16, String) {
 async fn mtls_identity_through_envoy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spiffe = "spiffe://acme.example/ns/batch/sa/indexer";
-    certificates(dir.path(), spiffe);
+    certificates(dir.path(), &format!("URI:{spiffe}"));
     let mut config = test_config();
     config.identity.mtls_trust_domains = vec!["acme.example".into()];
     let mut tg = Tollgate::start(config).await;
@@ -211,5 +211,50 @@ async fn mtls_identity_through_envoy() {
         forged.status, 401,
         "a forged XFCC header is not an identity"
     );
+    tg.stop().await;
+}
+
+/// Starts Envoy with TLS certificates from `dir` in front of `tg`; returns
+/// Envoy and its TLS port.
+async fn tls_envoy(dir: &Path, tg: &Tollgate, upstream: u16) -> (Envoy, u16) {
+    let (admin, tls, plain) = (free_port(), free_port(), free_port());
+    let yaml = ENVOY
+        .replace("HCM", HCM)
+        .replace("ADMIN", &admin.to_string())
+        .replace("PLAIN", &plain.to_string())
+        .replace("TLS", &tls.to_string())
+        .replace("GRPC", &tg.grpc.port().to_string())
+        .replace("UPSTREAM", &upstream.to_string())
+        .replace("DIR", &dir.display().to_string());
+    (Envoy::run(&yaml, tls, admin).await, tls)
+}
+
+/// Issue 8.12: with the default (empty) trust domains, a client certificate
+/// with two URI SANs, or with no URI SAN (a subject only), is no workload
+/// identity; exactly one valid SPIFFE URI SAN is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_valid_spiffe_uri_san_is_a_workload_through_envoy() {
+    let mut tg = Tollgate::start(test_config()).await;
+    let (upstream, _task) = start_upstream().await;
+    for (san, want) in [
+        ("URI:spiffe://acme.example/ns/batch/sa/indexer", 200),
+        (
+            "URI:spiffe://acme.example/ns/batch/sa/indexer,URI:spiffe://acme.example/ns/batch/sa/other",
+            401,
+        ),
+        ("DNS:indexer.example", 401),
+        ("URI:spiffe://acme.example/ns/batch/sa/indexer/", 401),
+        ("URI:spiffe://acme.example/ns/../sa/indexer", 401),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        certificates(dir.path(), san);
+        let (envoy, tls) = tls_envoy(dir.path(), &tg, upstream.port()).await;
+        let d = dir.path().to_path_buf();
+        let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true))
+            .await
+            .expect("curl");
+        assert_eq!(status, want, "{san}: {body}");
+        drop(envoy);
+    }
     tg.stop().await;
 }

@@ -715,3 +715,94 @@ impl Drop for Sentinel {
 
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
+/// What an ext_authz answer means for the client: the HTTP status Envoy
+/// would send (200 for OK), the reason code of a deny body ("allowed" for
+/// OK), and the headers an allow sets for the upstream.
+pub struct Verdict {
+    pub status: u16,
+    pub code: String,
+    pub upstream_headers: Vec<(String, String)>,
+}
+
+/// Sends one CheckRequest to Tollgate's ext_authz service over loopback.
+pub async fn ext_authz(
+    tollgate: &Tollgate,
+    request: envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+) -> Verdict {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    let mut client = AuthorizationClient::new(tollgate.channel().await);
+    let resp = client.check(request).await.expect("check").into_inner();
+    match resp
+        .http_response
+        .expect("every CheckResponse has an http_response")
+    {
+        HttpResponse::OkResponse(ok) => Verdict {
+            status: 200,
+            code: "allowed".into(),
+            upstream_headers: ok
+                .headers
+                .into_iter()
+                .filter_map(|h| h.header)
+                .map(|h| (h.key, h.value))
+                .collect(),
+        },
+        HttpResponse::DeniedResponse(d) => {
+            let body: serde_json::Value = serde_json::from_str(&d.body).expect("deny body is JSON");
+            Verdict {
+                status: d.status.map_or(0, |s| s.code as u16),
+                code: body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                upstream_headers: Vec::new(),
+            }
+        }
+        HttpResponse::ErrorResponse(e) => panic!("unexpected error response {e:?}"),
+    }
+}
+
+/// Mutable access to the HTTP part of a CheckRequest built by
+/// [`check_request`].
+pub fn http_of(
+    request: &mut envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+) -> &mut envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest {
+    request
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("built by check_request")
+}
+
+/// Sets the downstream peer of a CheckRequest: its socket address (or none),
+/// principal and URL-encoded PEM certificate, as Envoy reports them.
+pub fn set_source(
+    request: &mut envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+    address: Option<&str>,
+    principal: &str,
+    certificate_pem: &str,
+) {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
+    let attributes = request.attributes.as_mut().expect("attributes");
+    attributes.source = Some(Peer {
+        address: address.map(|a| Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: a.to_string(),
+                ..Default::default()
+            })),
+        }),
+        principal: principal.to_string(),
+        certificate: percent_encoding::utf8_percent_encode(
+            certificate_pem,
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string(),
+        ..Default::default()
+    });
+}
+
+/// The demo keys of `examples/keys.toml` (README, "Quick start").
+pub const DEMO_PAID_KEY: &str = "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen";
+pub const DEMO_FREE_KEY: &str = "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY";
