@@ -472,12 +472,44 @@ impl KeySource for RedisKeys {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Stored>, SourceError> {
-        let mut conn = self.conn()?;
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        use crate::redis_conn::PoisonReason;
+        let (mut conn, generation) = self
+            .conn
+            .get()
+            .ok_or_else(|| SourceError("not connected to redis yet".into()))?;
+        // The record and an echoed nonce in one pipeline: a multiplexed
+        // connection pairs replies with calls by order only, so a reply that
+        // does not end with this call's nonce proves the stream is out of
+        // step and the connection is dropped (see `crate::redis_conn`). A
+        // caller that gives up mid-call drops it too (the guard).
+        let nonce = format!("{:016x}", rand_u64());
+        let guard = self.conn.guard(generation);
+        let reply: Result<(HashMap<String, String>, String), redis::RedisError> = redis::pipe()
+            .cmd("HGETALL")
             .arg(self.redis_key(id))
+            .cmd("ECHO")
+            .arg(&nonce)
             .query_async(&mut conn)
-            .await
-            .map_err(|e| SourceError(e.to_string()))?;
+            .await;
+        let fields = match reply {
+            Ok((fields, echoed)) if echoed == nonce => {
+                guard.disarm();
+                fields
+            }
+            Ok(_) => {
+                guard.poison(PoisonReason::Unattributed);
+                return Err(SourceError(
+                    "a redis reply did not belong to its call; connection dropped".into(),
+                ));
+            }
+            Err(e) => {
+                match PoisonReason::of(&e) {
+                    Some(reason) => guard.poison(reason),
+                    None => guard.disarm(),
+                }
+                return Err(SourceError(e.to_string()));
+            }
+        };
         if fields.is_empty() {
             return Ok(None);
         }
@@ -486,6 +518,15 @@ impl KeySource for RedisKeys {
             Err(message) => Stored::Invalid(message),
         }))
     }
+}
+
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Uniqueness per call is what matters; a failed read leaves zeros, and
+    // a zero nonce still cannot match another call's reply by accident
+    // unless that call also drew zeros.
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
 }
 
 /// Latest time accepted in `expires_at`, `grace_until` and `revoked_at`:
