@@ -258,3 +258,78 @@ async fn only_one_valid_spiffe_uri_san_is_a_workload_through_envoy() {
     }
     tg.stop().await;
 }
+
+/// Issue 8.13: `context.http.tls` follows the connection, through a real
+/// Envoy with `include_tls_session: true` on both listeners: true over TLS
+/// (also without a client certificate or SNI: curl to an IP sends none),
+/// false over plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_http_tls_follows_the_connection_through_envoy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certificates(dir.path(), "URI:spiffe://acme.example/ns/batch/sa/indexer");
+    let policies = support::copy_policies();
+    std::fs::write(
+        policies.path().join("tls_probe.cedar"),
+        "@id(\"tls-probe\")\nforbid (principal, action, resource) when { context.http.tls };\n",
+    )
+    .expect("write policy");
+    let mut config = test_config();
+    config.policy.dir = policies.path().to_path_buf();
+    let mut tg = Tollgate::start(config).await;
+    let (upstream, _task) = start_upstream().await;
+    let (admin, tls, plain) = (free_port(), free_port(), free_port());
+    let yaml = ENVOY
+        .replace("HCM", HCM)
+        .replace("ADMIN", &admin.to_string())
+        .replace("PLAIN", &plain.to_string())
+        .replace("TLS", &tls.to_string())
+        .replace("GRPC", &tg.grpc.port().to_string())
+        .replace("UPSTREAM", &upstream.port().to_string())
+        .replace("DIR", &dir.path().display().to_string());
+    let _envoy = Envoy::run(&yaml, tls, admin).await;
+    let body = r#"{"model":"llama-3-8b"}"#;
+    let d = dir.path().to_path_buf();
+    let over_tls = tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .current_dir(&d)
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+                "ca.crt",
+            ])
+            .args(["-H", "content-type: application/json"])
+            .args(["-H", &format!("x-api-key: {}", support::DEMO_PAID_KEY)])
+            .args(["-d", body])
+            .arg(format!("https://127.0.0.1:{tls}/v1/chat/completions"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    })
+    .await
+    .expect("curl");
+    assert!(
+        over_tls.ends_with("\n403") && over_tls.contains("policy_denied"),
+        "TLS not seen as TLS: {over_tls}"
+    );
+    let plaintext = raw_http(
+        format!("127.0.0.1:{plain}").parse().expect("addr"),
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-api-key", support::DEMO_PAID_KEY),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(
+        plaintext.status, 200,
+        "plaintext seen as TLS: {}",
+        plaintext.body
+    );
+    tg.stop().await;
+}
