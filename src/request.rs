@@ -65,4 +65,6 @@ pub enum MalformedRequest {
     MissingAttributes,
     #[error("header {0:?} is not valid UTF-8")]
     HeaderNotUtf8(String),
+    #[error("metadata_context nests deeper than {0} levels")]
+    MetadataTooDeep(usize),
 }

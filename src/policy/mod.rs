@@ -3,6 +3,8 @@
 //! it, hot reload, and user-written policy tests.
 
 pub mod evaluate;
+pub mod guard;
+pub mod manifest;
 pub mod reload;
 pub mod slice;
 pub mod store;
@@ -13,8 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
+use sha2::Digest;
 
-pub use store::{Diagnostic, Expectations, LoadError, Snapshot};
+pub use store::{Diagnostic, Expectations, LoadError, Snapshot, Sources};
 
 /// The outcome of one reload attempt.
 #[derive(Debug)]
@@ -25,6 +28,9 @@ pub enum Reload {
     Swapped { version: String },
     /// The files are broken; the previous snapshot keeps serving.
     Rejected(LoadError),
+    /// The files are the same broken content as the last rejected attempt:
+    /// not a new failure, and the previous snapshot keeps serving.
+    StillRejected,
 }
 
 /// What operators see about reloads (`/readyz`, `/policy`).
@@ -43,6 +49,9 @@ pub struct PolicyStore {
     expect: Expectations,
     current: ArcSwap<Snapshot>,
     status: Mutex<ReloadStatus>,
+    /// Content version of the last rejected files, so that one bad save is
+    /// one failure however many file events (or polls) follow it.
+    last_rejected: Mutex<Option<String>>,
 }
 
 impl PolicyStore {
@@ -54,6 +63,7 @@ impl PolicyStore {
             expect,
             current: ArcSwap::from_pointee(snapshot),
             status: Mutex::new(ReloadStatus::default()),
+            last_rejected: Mutex::new(None),
         })
     }
 
@@ -68,22 +78,51 @@ impl PolicyStore {
     }
 
     /// Re-reads the directory and swaps in the result if it is valid.
+    ///
+    /// Besides everything [`Snapshot::load`] checks, a reload without a
+    /// manifest is refused when a policy file that held policies is now
+    /// present but holds none (a writer that truncated it and has not yet
+    /// written it again); removing the file is how its policies are dropped.
+    /// The same broken content is reported once, as [`Reload::StillRejected`]
+    /// afterwards.
     pub fn reload(&self) -> Reload {
-        let result = Snapshot::load(&self.dir, &self.expect);
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(fresh) if fresh.version == self.current.load().version => {
-                status.last_error = None;
-                Reload::Unchanged
+        let (result, key) = match Sources::read(&self.dir) {
+            Ok(sources) => {
+                if sources.version() == self.current.load().version {
+                    self.clear_error();
+                    return Reload::Unchanged;
+                }
+                // The manifest is part of what was tried: writing it after a
+                // rejected edit is a new attempt.
+                let manifest = std::fs::read(self.dir.join(manifest::MANIFEST_FILE))
+                    .map(|bytes| hex::encode(&sha2::Sha256::digest(&bytes)[..6]))
+                    .unwrap_or_default();
+                let key = format!("{}/{manifest}", sources.version());
+                if self.is_last_rejected(&key) {
+                    return Reload::StillRejected;
+                }
+                let result = Snapshot::build(&self.dir, sources, &self.expect)
+                    .and_then(|fresh| self.refuse_emptied_files(fresh));
+                (result, key)
             }
+            Err(e) => {
+                let key = format!("unreadable:{e}");
+                (Err(e), key)
+            }
+        };
+        match result {
             Ok(fresh) => {
                 let version = fresh.version.clone();
                 self.current.store(Arc::new(fresh));
+                self.clear_error();
+                let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 status.reloads += 1;
-                status.last_error = None;
                 Reload::Swapped { version }
             }
+            Err(_) if self.is_last_rejected(&key) => Reload::StillRejected,
             Err(e) => {
+                *self.last_rejected.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+                let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 status.failed_reloads += 1;
                 status.last_error = Some(e.to_string());
                 status.last_error_at = SystemTime::now()
@@ -92,6 +131,52 @@ impl PolicyStore {
                     .map(|d| d.as_secs());
                 Reload::Rejected(e)
             }
+        }
+    }
+
+    fn is_last_rejected(&self, key: &str) -> bool {
+        self.last_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(key)
+    }
+
+    fn clear_error(&self) {
+        *self.last_rejected.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error = None;
+    }
+
+    /// Without a manifest, a file that held policies and now is present but
+    /// holds none is taken for a partial write.
+    fn refuse_emptied_files(&self, fresh: Snapshot) -> Result<Snapshot, LoadError> {
+        if self.dir.join(manifest::MANIFEST_FILE).exists() {
+            return Ok(fresh);
+        }
+        let current = self.current.load();
+        let diagnostics: Vec<Diagnostic> = fresh
+            .file_policies
+            .iter()
+            .filter(|&(_, &now)| now == 0)
+            .filter_map(|(name, _)| {
+                let before = current.file_policies.get(name).copied().unwrap_or(0);
+                (before > 0).then(|| Diagnostic {
+                    file: self.dir.join(name).display().to_string(),
+                    line: 1,
+                    col: 1,
+                    message: format!(
+                        "the file held {before} policies and now holds none; refused as a possibly partial write (delete the file to drop its policies, or use a manifest)"
+                    ),
+                })
+            })
+            .collect();
+        if diagnostics.is_empty() {
+            Ok(fresh)
+        } else {
+            Err(LoadError { diagnostics })
         }
     }
 
