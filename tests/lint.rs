@@ -240,3 +240,31 @@ fn unreadable_or_unparsable_files_fail() {
     let out = lint(&dir.path().join("missing.yaml"));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
+
+#[test]
+fn json_configs_are_linted_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, yaml, fails) in [
+        ("good", example("envoy-mtls.yaml"), false),
+        (
+            "bad",
+            replaced(
+                &example("envoy-mtls.yaml"),
+                "forward_client_cert_details: SANITIZE_SET",
+                "forward_client_cert_details: FORWARD_ONLY",
+            ),
+            true,
+        ),
+    ] {
+        let value: serde_json::Value = serde_saphyr::from_str(&yaml).expect("yaml");
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&value).expect("json")).expect("write");
+        let out = lint(&path);
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(fails)),
+            "{name}: {}",
+            text(&out)
+        );
+    }
+}

@@ -187,21 +187,43 @@ pub fn check_expression_depth(policy: &cedar_policy::Policy) -> Result<(), Strin
     Ok(())
 }
 
-/// Runs `work` on a thread with [`LOAD_STACK_BYTES`] of stack and waits for
-/// it. A thread that cannot start, or that panics, is an error, never a
-/// crash of the caller.
+/// The start of the message when no loading thread could be started: a
+/// transient failure (memory), not a property of the files.
+pub const NO_LOAD_THREAD: &str = "cannot start the policy loading thread";
+
+/// Runs `work` on a thread with [`LOAD_STACK_BYTES`] of stack (a quarter of
+/// it where the system refuses that much) and waits for it. A thread that
+/// cannot start, or that panics, is an error, never a crash of the caller.
 pub fn on_load_thread<T, F>(work: F) -> Result<T, String>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    std::thread::Builder::new()
-        .name("policy-load".into())
-        .stack_size(LOAD_STACK_BYTES)
-        .spawn(work)
-        .map_err(|e| format!("cannot start the policy loading thread: {e}"))?
-        .join()
-        .map_err(|_| "loading panicked; the previous policy set is kept".to_string())
+    let work = std::sync::Arc::new(std::sync::Mutex::new(Some(work)));
+    let mut last = None;
+    for stack in [LOAD_STACK_BYTES, LOAD_STACK_BYTES / 4] {
+        let job = work.clone();
+        let spawned = std::thread::Builder::new()
+            .name("policy-load".into())
+            .stack_size(stack)
+            .spawn(move || {
+                let work = job.lock().ok().and_then(|mut w| w.take());
+                work.map(|w| w())
+            });
+        match spawned {
+            Ok(handle) => {
+                return handle
+                    .join()
+                    .map_err(|_| "loading panicked; the previous policy set is kept".to_string())?
+                    .ok_or_else(|| "loading did not run".to_string());
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(format!(
+        "{NO_LOAD_THREAD}: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 #[cfg(test)]

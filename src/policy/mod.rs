@@ -121,7 +121,13 @@ impl PolicyStore {
             }
             Err(_) if self.is_last_rejected(&key) => Reload::StillRejected,
             Err(e) => {
-                *self.last_rejected.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+                // A failure of this process, not of the files, is retried.
+                let transient = e
+                    .diagnostics
+                    .iter()
+                    .any(|d| d.message.starts_with(guard::NO_LOAD_THREAD));
+                *self.last_rejected.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (!transient).then_some(key);
                 let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 status.failed_reloads += 1;
                 status.last_error = Some(e.to_string());
