@@ -137,6 +137,15 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
             "no ext_authz filter",
         ),
         (
+            "half-enabled",
+            replaced(
+                &plain,
+                "failure_mode_allow: false",
+                "failure_mode_allow: false\n              filter_enabled: { default_value: { numerator: 50 } }",
+            ),
+            "on only 50.0000% of requests",
+        ),
+        (
             "optional-client-cert",
             replaced(
                 &mtls,

@@ -404,6 +404,15 @@ async fn one_broken_save_is_one_failure_however_many_events_follow() {
     })
     .await;
     assert!(counted, "{}", policy_status(admin).await);
+    // Going back to the first broken content is not a third failure.
+    let before = attempts().await;
+    save(&tenant, broken);
+    let seen = eventually(Duration::from_secs(10), || async move {
+        attempts().await > before
+    })
+    .await;
+    assert!(seen, "the save did not cause a reload");
+    assert_eq!(policy_status(admin).await["failed_reloads"], 2);
     let m = raw_http(admin, "GET", "/metrics", &[], "").await.body;
     assert_eq!(
         metric(

@@ -4,8 +4,9 @@
 //! problem names the listener, filter chain or route it is in.
 //!
 //! What is checked, per HTTP connection manager:
-//! - an ext_authz filter is present, not `disabled`, and `failure_mode_allow`
-//!   is not true (fail closed);
+//! - an ext_authz filter is present, not `disabled`, not enabled for only a
+//!   share of requests (`filter_enabled`, `filter_enabled_metadata`), and
+//!   `failure_mode_allow` is not true (fail closed);
 //! - `with_request_body` states `max_request_bytes` and
 //!   `allow_partial_message` (what happens to a longer body is a choice);
 //! - a rate limit filter states `failure_mode_deny` (Envoy's default lets
@@ -238,6 +239,20 @@ fn lint_hcm(hcm: &Value, place: &str, out: &mut Vec<Finding>) {
                     "ext_authz is disabled; remove disabled: true".into(),
                 );
             }
+            if let Some(share) = enabled_share(typed.get("filter_enabled"))
+                && share < 1.0
+            {
+                error(
+                    here.clone(),
+                    format!(
+                        "filter_enabled runs ext_authz on only {:.4}% of requests; remove filter_enabled",
+                        share * 100.0
+                    ),
+                );
+            }
+            if typed.get("filter_enabled_metadata").is_some() {
+                error(here.clone(), "filter_enabled_metadata skips ext_authz for requests whose metadata does not match; remove it".into());
+            }
             if is_true(typed.get("failure_mode_allow")) {
                 error(here.clone(), "failure_mode_allow: true lets every request through when Tollgate is unreachable; set it to false".into());
             }
@@ -313,6 +328,21 @@ fn disables_ext_authz(holder: &Value, names: &[String]) -> bool {
         let ext_authz = type_ends(cfg, "ExtAuthzPerRoute") || names.iter().any(|n| n == key);
         ext_authz && is_true(cfg.get("disabled"))
     })
+}
+
+/// The share of requests a `RuntimeFractionalPercent` enables (1.0 = all).
+fn enabled_share(fraction: Option<&Value>) -> Option<f64> {
+    let default = fraction?.get("default_value")?;
+    let numerator = default
+        .get("numerator")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    let denominator = match default.get("denominator").and_then(Value::as_str) {
+        Some("TEN_THOUSAND") => 10_000.0,
+        Some("MILLION") => 1_000_000.0,
+        _ => 100.0,
+    };
+    Some(numerator / denominator)
 }
 
 fn is_health(route: &Value) -> bool {

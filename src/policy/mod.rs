@@ -19,6 +19,9 @@ use sha2::Digest;
 
 pub use store::{Diagnostic, Expectations, LoadError, Snapshot, Sources};
 
+/// How many distinct broken contents a store remembers between good loads.
+pub const REMEMBERED_REJECTIONS: usize = 64;
+
 /// The outcome of one reload attempt.
 #[derive(Debug)]
 pub enum Reload {
@@ -49,9 +52,10 @@ pub struct PolicyStore {
     expect: Expectations,
     current: ArcSwap<Snapshot>,
     status: Mutex<ReloadStatus>,
-    /// Content version of the last rejected files, so that one bad save is
-    /// one failure however many file events (or polls) follow it.
-    last_rejected: Mutex<Option<String>>,
+    /// Content versions rejected since the last good load (at most
+    /// [`REMEMBERED_REJECTIONS`]), so that one bad save is one failure
+    /// however many file events (or polls) follow it.
+    last_rejected: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl PolicyStore {
@@ -63,7 +67,7 @@ impl PolicyStore {
             expect,
             current: ArcSwap::from_pointee(snapshot),
             status: Mutex::new(ReloadStatus::default()),
-            last_rejected: Mutex::new(None),
+            last_rejected: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -126,8 +130,13 @@ impl PolicyStore {
                     .diagnostics
                     .iter()
                     .any(|d| d.message.starts_with(guard::NO_LOAD_THREAD));
-                *self.last_rejected.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (!transient).then_some(key);
+                if !transient {
+                    let mut seen = self.last_rejected.lock().unwrap_or_else(|p| p.into_inner());
+                    if seen.len() == REMEMBERED_REJECTIONS {
+                        seen.pop_front();
+                    }
+                    seen.push_back(key);
+                }
                 let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 status.failed_reloads += 1;
                 status.last_error = Some(e.to_string());
@@ -144,12 +153,15 @@ impl PolicyStore {
         self.last_rejected
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_deref()
-            == Some(key)
+            .iter()
+            .any(|k| k == key)
     }
 
     fn clear_error(&self) {
-        *self.last_rejected.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.last_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
