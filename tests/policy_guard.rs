@@ -381,7 +381,8 @@ async fn one_broken_save_is_one_failure_however_many_events_follow() {
     let tenant = dir.path().join("tenant.cedar");
     let broken = "permit (principal, action, resource) when { 1 + };";
     save(&tenant, broken);
-    wait_for_error(admin, &["tenant.cedar:1:"]).await;
+    let first_error =
+        wait_for_error(admin, &["tenant.cedar:1:"]).await["last_reload_error"].clone();
     // The same content saved again (and again): each save is a file event
     // and a reload, none of them a new failure.
     for _ in 0..3 {
@@ -412,7 +413,12 @@ async fn one_broken_save_is_one_failure_however_many_events_follow() {
     })
     .await;
     assert!(seen, "the save did not cause a reload");
-    assert_eq!(policy_status(admin).await["failed_reloads"], 2);
+    let status = policy_status(admin).await;
+    assert_eq!(status["failed_reloads"], 2);
+    assert_eq!(
+        status["last_reload_error"], first_error,
+        "the error shown is the one the files give now"
+    );
     let m = raw_http(admin, "GET", "/metrics", &[], "").await.body;
     assert_eq!(
         metric(

@@ -144,6 +144,13 @@ fn validate(config: Config, dir: Option<PathBuf>) -> ExitCode {
                 s.policy_count(),
                 s.version
             );
+            if store
+                .dir()
+                .join(crate::policy::manifest::MANIFEST_FILE)
+                .exists()
+            {
+                println!("manifest ok: {} files match", s.file_policies.len());
+            }
         }
         Err(e) => {
             eprintln!("{e}");

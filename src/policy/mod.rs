@@ -55,7 +55,8 @@ pub struct PolicyStore {
     /// Content versions rejected since the last good load (at most
     /// [`REMEMBERED_REJECTIONS`]), so that one bad save is one failure
     /// however many file events (or polls) follow it.
-    last_rejected: Mutex<std::collections::VecDeque<String>>,
+    /// Each entry is (content key, the error it gave).
+    last_rejected: Mutex<std::collections::VecDeque<(String, String)>>,
 }
 
 impl PolicyStore {
@@ -102,7 +103,7 @@ impl PolicyStore {
                     .map(|bytes| hex::encode(&sha2::Sha256::digest(&bytes)[..6]))
                     .unwrap_or_default();
                 let key = format!("{}/{manifest}", sources.version());
-                if self.is_last_rejected(&key) {
+                if self.seen_rejected(&key) {
                     return Reload::StillRejected;
                 }
                 let result = Snapshot::build(&self.dir, sources, &self.expect)
@@ -123,7 +124,7 @@ impl PolicyStore {
                 status.reloads += 1;
                 Reload::Swapped { version }
             }
-            Err(_) if self.is_last_rejected(&key) => Reload::StillRejected,
+            Err(_) if self.seen_rejected(&key) => Reload::StillRejected,
             Err(e) => {
                 // A failure of this process, not of the files, is retried.
                 let transient = e
@@ -135,7 +136,7 @@ impl PolicyStore {
                     if seen.len() == REMEMBERED_REJECTIONS {
                         seen.pop_front();
                     }
-                    seen.push_back(key);
+                    seen.push_back((key, e.to_string()));
                 }
                 let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 status.failed_reloads += 1;
@@ -149,12 +150,24 @@ impl PolicyStore {
         }
     }
 
-    fn is_last_rejected(&self, key: &str) -> bool {
-        self.last_rejected
+    /// Whether `key` was rejected since the last good load; if so its error
+    /// is shown again as the last error (it is what the files say now).
+    fn seen_rejected(&self, key: &str) -> bool {
+        let message = self
+            .last_rejected
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|k| k == key)
+            .find(|(k, _)| k == key)
+            .map(|(_, m)| m.clone());
+        let seen = message.is_some();
+        if let Some(m) = message {
+            self.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last_error = Some(m);
+        }
+        seen
     }
 
     fn clear_error(&self) {
