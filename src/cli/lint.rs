@@ -46,6 +46,7 @@ pub struct Finding {
     pub severity: Severity,
     /// Where: listener, filter chain, filter or route.
     pub place: String,
+    /// What is wrong and what to set instead.
     pub message: String,
 }
 

@@ -41,8 +41,11 @@ pub struct FileEntry {
 
 /// A file as loaded: its name relative to the directory, text and policy count.
 pub struct Loaded<'a> {
+    /// File name inside the policy directory.
     pub name: &'a str,
+    /// The file's whole text.
     pub text: &'a str,
+    /// Policies parsed from it (0 for the schema and entities).
     pub policies: usize,
 }
 
