@@ -190,6 +190,21 @@ fn each_broken_setting_is_reported() {
             assert_eq!(out.status.code(), Some(1), "{name}: {t}");
         }
     }
+    // A body bound above what Tollgate parses is a warning.
+    let huge = replaced(
+        &example("envoy.yaml"),
+        "max_request_bytes: 65536",
+        "max_request_bytes: 8388608",
+    );
+    let path = dir.path().join("huge.yaml");
+    std::fs::write(&path, huge).expect("write");
+    let out = lint(&path);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("warning") && text(&out).contains("context.max_body_bytes"),
+        "{}",
+        text(&out)
+    );
     // A health route may skip ext_authz.
     let health = replaced(
         &example("envoy.yaml"),

@@ -116,6 +116,9 @@ fn array<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
     v.get(key).and_then(Value::as_array).into_iter().flatten()
 }
 
+/// Tollgate's default `context.max_body_bytes`.
+const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+
 /// Paths of health-check routes, the only ones that may skip ext_authz.
 const HEALTH_PATHS: &[&str] = &[
     "/health", "/healthz", "/ready", "/readyz", "/live", "/livez", "/ping",
@@ -263,6 +266,9 @@ fn lint_hcm(hcm: &Value, place: &str, out: &mut Vec<Finding>) {
                     let max = body.get("max_request_bytes").and_then(Value::as_u64);
                     if max.is_none_or(|m| m == 0) {
                         error(here.clone(), "with_request_body without max_request_bytes; state the bound (e.g. 65536)".into());
+                    }
+                    if let Some(m) = max.filter(|m| *m > DEFAULT_MAX_BODY_BYTES) {
+                        warnings.push((here.clone(), format!("max_request_bytes {m} is above Tollgate's default context.max_body_bytes ({DEFAULT_MAX_BODY_BYTES}); larger bodies are not parsed, so body policies deny them unless context.max_body_bytes is raised too")));
                     }
                     if body.get("allow_partial_message").and_then(Value::as_bool).is_none() {
                         error(here.clone(), "with_request_body does not state allow_partial_message: true sends longer bodies cut and marked partial (body policies then deny), false makes Envoy answer 413; choose one".into());
