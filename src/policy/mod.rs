@@ -2,6 +2,7 @@
 //! the live one behind a cheap swappable handle, evaluating requests against
 //! it, hot reload, and user-written policy tests.
 
+pub mod entities;
 pub mod evaluate;
 pub mod guard;
 pub mod manifest;

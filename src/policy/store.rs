@@ -201,7 +201,7 @@ impl Snapshot {
         }
 
         let entities = match files.iter().find(|f| f.name.ends_with("entities.json")) {
-            Some(f) => load_entities(f, &schema, &mut diags),
+            Some(f) => super::entities::load(&f.name, &f.text, &schema, &mut diags),
             None => Entities::empty().add_entities([], Some(&schema)).ok(),
         };
         check_expectations(expect, &schema, &schema_file.name, &mut diags);
@@ -432,63 +432,7 @@ fn diagnose(file: &str, text: &str, err: &dyn miette::Diagnostic) -> Diagnostic 
     }
 }
 
-fn load_entities(
-    file: &SourceFile,
-    schema: &Schema,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<Entities> {
-    let at = |offset: usize, message: String| {
-        let (line, col) = line_col(&file.text, offset);
-        Diagnostic {
-            file: file.name.clone(),
-            line,
-            col,
-            message,
-        }
-    };
-    let value: serde_json::Value = match serde_json::from_str(&file.text) {
-        Ok(v) => v,
-        Err(e) => {
-            diags.push(Diagnostic {
-                file: file.name.clone(),
-                line: e.line(),
-                col: e.column(),
-                message: e.to_string(),
-            });
-            return None;
-        }
-    };
-    let Some(items) = value.as_array() else {
-        diags.push(at(
-            0,
-            "entities file must be a JSON array of entities".into(),
-        ));
-        return None;
-    };
-    // Check each entity alone first, so a problem is reported where it is.
-    let offsets = array_element_offsets(&file.text);
-    let before = diags.len();
-    for (i, item) in items.iter().enumerate() {
-        if let Err(e) =
-            Entities::from_json_value(serde_json::Value::Array(vec![item.clone()]), Some(schema))
-        {
-            let offset = offsets.get(i).copied().unwrap_or(0);
-            diags.push(at(offset, format!("entity #{}: {}", i + 1, flatten(&e))));
-        }
-    }
-    if diags.len() > before {
-        return None;
-    }
-    match Entities::from_json_value(value, Some(schema)) {
-        Ok(entities) => Some(entities),
-        Err(e) => {
-            diags.push(at(0, flatten(&e)));
-            None
-        }
-    }
-}
-
-fn flatten(err: &dyn miette::Diagnostic) -> String {
+pub(super) fn flatten(err: &dyn miette::Diagnostic) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -504,40 +448,6 @@ fn flatten(err: &dyn miette::Diagnostic) -> String {
         message.push_str(&help.to_string());
     }
     message.replace('\n', " ")
-}
-
-/// Byte offsets of the elements of a top-level JSON array.
-fn array_element_offsets(text: &str) -> Vec<usize> {
-    let mut offsets = Vec::new();
-    let (mut depth, mut in_string, mut escaped, mut expecting) = (0usize, false, false, false);
-    for (i, c) in text.char_indices() {
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if expecting && !c.is_whitespace() && c != ']' {
-            offsets.push(i);
-            expecting = false;
-        }
-        match c {
-            '"' => in_string = true,
-            '[' | '{' => {
-                depth += 1;
-                if depth == 1 && c == '[' {
-                    expecting = true;
-                }
-            }
-            ']' | '}' => depth = depth.saturating_sub(1),
-            ',' if depth == 1 => expecting = true,
-            _ => {}
-        }
-    }
-    offsets
 }
 
 fn check_expectations(
@@ -588,20 +498,5 @@ fn check_expectations(
                 break;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn element_offsets_skip_strings_and_nesting() {
-        let text = r#"[ {"a": "x,]"}, {"b": [1, 2]} ,3]"#;
-        let offs = array_element_offsets(text);
-        assert_eq!(offs.len(), 3);
-        assert!(text[offs[0]..].starts_with("{\"a\""));
-        assert!(text[offs[1]..].starts_with("{\"b\""));
-        assert!(text[offs[2]..].starts_with('3'));
     }
 }
