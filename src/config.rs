@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub grpc_listen: SocketAddr,
     /// Admin HTTP listener: /healthz, /readyz, /metrics, /policy.
     pub admin_listen: SocketAddr,
+    /// Longest drain on shutdown, in milliseconds: in-flight requests get
+    /// this long, then connections still open (health watch streams) are
+    /// closed.
+    pub shutdown_grace_ms: u64,
 }
 
 /// What to do when evaluating a policy raises an error.
@@ -292,6 +296,7 @@ impl Default for ServerConfig {
         Self {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            shutdown_grace_ms: 5000,
         }
     }
 }

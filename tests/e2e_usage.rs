@@ -65,8 +65,8 @@ async fn tokens_charged_after_the_response_spend_the_budget() {
     // finished stream.
     let answered = |admin| async move {
         let m = support::metrics_text(admin).await;
-        support::metric(&m, "tollgate_rate_limit_decisions_total{outcome=\"ok\"}")
-            + support::metric(
+        support::metric_prefix(&m, "tollgate_rate_limit_decisions_total{outcome=\"ok\"}")
+            + support::metric_prefix(
                 &m,
                 "tollgate_rate_limit_decisions_total{outcome=\"over_limit\"}",
             )

@@ -70,6 +70,9 @@ impl DecisionService for DecisionApi {
     }
 }
 
+/// Deepest `context_json` / `entities_json` accepted.
+const MAX_JSON_DEPTH: usize = 32;
+
 fn to_query(request: proto::CheckRequest) -> Result<CedarQuery, QueryError> {
     let proto::CheckRequest {
         principal,
@@ -95,12 +98,19 @@ fn to_query(request: proto::CheckRequest) -> Result<CedarQuery, QueryError> {
         if text.trim().is_empty() {
             return Ok(None);
         }
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| QueryError {
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| QueryError {
+            field: field.into(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        // Cedar converts JSON recursively on this request thread; serde_json
+        // stops at 128 levels, which is still too deep for a small stack.
+        if crate::policy::guard::json_depth(&value) > MAX_JSON_DEPTH {
+            return Err(QueryError {
                 field: field.into(),
-                message: format!("not valid JSON: {e}"),
-            })
+                message: format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+            });
+        }
+        Ok(Some(value))
     };
     Ok(CedarQuery {
         principal: uid("principal", principal)?,
