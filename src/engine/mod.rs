@@ -12,6 +12,7 @@ mod query;
 mod quota;
 
 pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
+pub use quota::UsageError;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,6 +69,8 @@ pub struct Engine {
     rules: Vec<QuotaRule>,
     limits: Arc<LimitsStore>,
     unknown_domain_warning: crate::metrics::Throttle,
+    prices: crate::usage::Prices,
+    reservation_ttl: std::time::Duration,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -104,6 +107,8 @@ impl Engine {
             unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(
                 60,
             )),
+            prices: config.quota.price_table(),
+            reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
         }
     }
 
@@ -156,7 +161,7 @@ impl Engine {
             }
         };
         if decision.outcome.is_allow() {
-            self.charge_rules(&mut decision).await;
+            self.charge_rules(&mut decision, request).await;
         }
         crate::audit::record(&decision, started.elapsed());
         self.metrics.decision(
