@@ -34,6 +34,7 @@ use crate::quota::limits::{LimitsError, LimitsStore};
 use crate::quota::memory::{MemoryStore, SystemClock};
 use crate::quota::redis::{RedisStore, Target};
 use crate::quota::{QuotaEngine, QuotaStore, StoreError};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 /// Why Tollgate cannot start; each says what to fix.
@@ -326,6 +327,10 @@ impl App {
                 .add_service(AuthorizationServer::new(ext_authz).accept_compressed(Gzip))
                 .add_service(RateLimitServiceServer::new(rls).accept_compressed(Gzip))
                 .add_service(DecisionServiceServer::new(decision_api).accept_compressed(Gzip))
+                // Usage settlement from responses (Envoy ext_proc).
+                .add_service(ExternalProcessorServer::new(
+                    crate::adapters::ext_proc::ExtProc::new(self.engine.clone()),
+                ))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)

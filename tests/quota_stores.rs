@@ -304,10 +304,19 @@ async fn settles_exactly_once(store: Arc<dyn QuotaStore>) {
         .expect("reserve");
     assert!(r.applied);
     let ttl = Duration::from_secs(60);
-    store
-        .put_reservation("req-1", "{\"record\":1}", ttl)
-        .await
-        .expect("put");
+    assert!(
+        store
+            .put_reservation("req-1", "{\"record\":1}", ttl)
+            .await
+            .expect("put")
+    );
+    assert!(
+        !store
+            .put_reservation("req-1", "{\"record\":2}", ttl)
+            .await
+            .expect("put again"),
+        "the first record stays"
+    );
     assert_eq!(
         store
             .get_reservation("req-1")

@@ -114,10 +114,29 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
         body,
         raw_body,
     } = http.ok_or_else(|| (fresh_id(), MalformedRequest::MissingAttributes))?;
-    let request_id = if id.is_empty() { fresh_id() } else { id };
     let headers = match header_map {
-        Some(map) if headers.is_empty() => raw_headers(map).map_err(|e| (request_id.clone(), e))?,
+        Some(map) if headers.is_empty() => raw_headers(map).map_err(|e| {
+            (
+                if id.is_empty() {
+                    fresh_id()
+                } else {
+                    id.clone()
+                },
+                e,
+            )
+        })?,
         _ => headers,
+    };
+    // The request id is Envoy's `x-request-id` — what its access log, the
+    // upstream, ext_proc and a `ReportUsage` caller see — not `http.id`,
+    // which is Envoy's internal stream id. Envoy generates it for every edge
+    // request unless `preserve_external_request_id` lets a client choose it.
+    let request_id = match headers.get("x-request-id") {
+        Some(x) if !x.is_empty() && x.len() <= 128 && x.bytes().all(|b| b.is_ascii_graphic()) => {
+            x.clone()
+        }
+        _ if !id.is_empty() => id,
+        _ => fresh_id(),
     };
     let source = source.map(peer).unwrap_or_default();
     let source_ip = parse_source_ip(&source.address).map_err(|e| (request_id.clone(), e))?;

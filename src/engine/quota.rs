@@ -89,7 +89,12 @@ impl Engine {
         }
         match self.quota.charge(&plans).await {
             QuotaDecision::Allowed { usage } => {
-                if let Some(record) = Record::of(&plans, &usage, estimate.model.as_deref()) {
+                if let Some(record) = Record::of(
+                    &plans,
+                    &usage,
+                    estimate.model.as_deref(),
+                    estimate.input_tokens,
+                ) {
                     self.keep_reservation(&decision.request_id, &record).await;
                 }
                 decision.quota = plans
@@ -160,12 +165,16 @@ impl Engine {
         )
         .await;
         match kept {
-            Ok(Ok(())) => tracing::info!(
+            Ok(Ok(true)) => tracing::info!(
                 target: "tollgate::decision",
                 request_id = %request_id,
                 reserved = %amounts.join(","),
                 "usage reserved"
             ),
+            Ok(Ok(false)) => {
+                self.metrics.usage_settlement("duplicate_request_id");
+                tracing::warn!(request_id = %request_id, reserved = %amounts.join(","), "a reservation with this request id is already kept; this one stays charged and is never refunded (does Envoy let clients choose x-request-id?)");
+            }
             // The reservation stays charged either way; without its record it
             // is never refunded, so the budget errs on the safe side.
             _ => {
@@ -194,6 +203,30 @@ impl Engine {
             self.metrics.usage_settlement("refused");
             return Err(UsageError::Absurd);
         }
+        self.settle_with(request_id, |_| usage).await
+    }
+
+    /// Settles from what a response showed (`ext_proc`): the input the
+    /// response did not report is the reservation's estimate.
+    pub async fn settle_observed(
+        &self,
+        request_id: &str,
+        observed: crate::usage::response::Observed,
+    ) -> Result<Settled, UsageError> {
+        if request_id.is_empty() {
+            return Err(UsageError::NoRequestId);
+        }
+        self.settle_with(request_id, |record| {
+            observed.usage(record.input_estimate.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn settle_with(
+        &self,
+        request_id: &str,
+        usage_of: impl FnOnce(&Record) -> TokenUsage,
+    ) -> Result<Settled, UsageError> {
         let store = self.quota.store();
         let deadline = self.reservation_deadline();
         let record = tokio::time::timeout(deadline, store.get_reservation(request_id))
@@ -204,6 +237,7 @@ impl Engine {
             return Ok(Settled::Unknown);
         };
         let record: Record = serde_json::from_str(&text).map_err(|_| UsageError::BadRecord)?;
+        let usage = usage_of(&record);
         let adjustments = record.adjustments(&usage, &self.prices);
         let applied = tokio::time::timeout(
             deadline,

@@ -273,10 +273,13 @@ impl QuotaStore for MemoryStore {
         request_id: &str,
         record: &str,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let now = self.clock.now_ms();
         let until = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let mut map = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(request_id).is_some_and(|(_, u)| *u > now) {
+            return Ok(false);
+        }
         if insert_expiring(
             &mut map,
             request_id.to_string(),
@@ -285,7 +288,7 @@ impl QuotaStore for MemoryStore {
             self.max_reservations,
             |v| v.1,
         ) {
-            Ok(())
+            Ok(true)
         } else {
             Err(StoreError::Full(self.max_reservations))
         }

@@ -265,13 +265,15 @@ pub trait QuotaStore: Send + Sync {
         None
     }
     /// Keeps `record` (an opaque reservation record) for `request_id` for
-    /// `ttl`, replacing any earlier one.
+    /// `ttl`. `Ok(false)` when a record for that id is already kept: the
+    /// first one stays (a request id reused — by a client Envoy let choose
+    /// it — must never redirect another request's settlement).
     async fn put_reservation(
         &self,
         request_id: &str,
         record: &str,
         ttl: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// The reservation record of `request_id`, if it is still kept.
     async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError>;
     /// Applies `adjustments` for `request_id` **exactly once**: `Ok(true)`

@@ -140,9 +140,12 @@ return {ARGV[1]}
 
 const RECORD_LUA: &str = r"
 -- KEYS[1]: a reservation record. ARGV[1]: nonce; ARGV[2]: put | get;
--- ARGV[3]: record text, ARGV[4]: ttl ms (put). Returns {nonce, record or ''}.
+-- ARGV[3]: record text, ARGV[4]: ttl ms (put). Returns {nonce, record or ''}
+-- for get, {nonce, 'kept' or ''} for put (an existing record is kept).
 if ARGV[2] == 'put' then
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  if redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4], 'NX') then
+    return {ARGV[1], 'kept'}
+  end
   return {ARGV[1], ''}
 end
 return {ARGV[1], redis.call('GET', KEYS[1]) or ''}
@@ -725,10 +728,10 @@ impl QuotaStore for RedisStore {
         request_id: &str,
         record: &str,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.record_op(request_id, "put", record, ttl)
             .await
-            .map(|_| ())
+            .map(|r| r.is_some())
     }
 
     async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError> {

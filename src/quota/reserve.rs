@@ -44,13 +44,22 @@ pub struct Record {
     /// Record format version.
     pub v: u32,
     pub model: Option<String>,
+    /// The input tokens estimated at admission: settlement uses them when
+    /// the response does not report its input.
+    #[serde(default)]
+    pub input_estimate: Option<u64>,
     pub reserved: Vec<Reserved>,
 }
 
 impl Record {
     /// The record of the budget charges among `plans`, charged as `usage`
     /// reports; `None` when no budget was charged.
-    pub fn of(plans: &[Planned], usage: &[Option<Usage>], model: Option<&str>) -> Option<Self> {
+    pub fn of(
+        plans: &[Planned],
+        usage: &[Option<Usage>],
+        model: Option<&str>,
+        input_estimate: Option<u64>,
+    ) -> Option<Self> {
         let reserved: Vec<Reserved> = plans
             .iter()
             .zip(usage)
@@ -71,6 +80,7 @@ impl Record {
         (!reserved.is_empty()).then(|| Self {
             v: 1,
             model: model.map(str::to_string),
+            input_estimate,
             reserved,
         })
     }
@@ -135,6 +145,7 @@ mod tests {
         let record = Record {
             v: 1,
             model: Some("m".into()),
+            input_estimate: None,
             reserved: vec![
                 Reserved {
                     key: key.to_hex(),

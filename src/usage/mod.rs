@@ -7,6 +7,8 @@
 //! tokens, which makes a price in micro-dollars per token numerically equal
 //! to the configured number.
 
+pub mod response;
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
