@@ -201,6 +201,36 @@ impl App {
         }))
     }
 
+    /// Binds and serves the AuthZEN listener until `stop` turns true.
+    async fn start_authzen(
+        &self,
+        addr: SocketAddr,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), StartError> {
+        let adapter = crate::adapters::authzen::Authzen::new(
+            self.engine.clone(),
+            self.config.authzen.clone(),
+        )
+        .map_err(|e| {
+            StartError::Config(crate::config::ConfigError::Invalid {
+                path: self.config.source.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        let listener = bind("authzen", addr).await?;
+        let local = local_addr(&listener, "authzen")?;
+        tracing::info!(authzen_addr = %local, "authzen serving");
+        let router = Arc::new(adapter).router();
+        let handle = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        Ok((local, handle))
+    }
+
     /// Binds both listeners and starts serving.
     pub async fn start(self) -> Result<Running, StartError> {
         let grpc_listener = bind("grpc", self.config.server.grpc_listen).await?;
@@ -327,6 +357,10 @@ impl App {
             health.clone(),
             health_names,
         ));
+        let authzen = match self.config.server.authzen_listen {
+            None => None,
+            Some(addr) => Some(self.start_authzen(addr, stop_rx.clone()).await?),
+        };
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
             axum::serve(admin_listener, crate::admin::router(admin_state))
@@ -347,6 +381,8 @@ impl App {
         Ok(Running {
             grpc_addr,
             admin_addr,
+            authzen_addr: authzen.as_ref().map(|(a, _)| *a),
+            authzen: authzen.map(|(_, h)| h),
             stop: stop_tx,
             ready,
             health,
@@ -506,6 +542,9 @@ fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, 
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The AuthZEN listener, when `server.authzen_listen` is set.
+    pub authzen_addr: Option<SocketAddr>,
+    authzen: Option<JoinHandle<std::io::Result<()>>>,
     stop: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     health: tonic_health::server::HealthReporter,
@@ -532,6 +571,11 @@ impl Running {
         }
         if let Ok(Err(e)) = self.admin.await {
             tracing::warn!(error = %e, "admin server ended with an error");
+        }
+        if let Some(authzen) = self.authzen
+            && let Ok(Err(e)) = authzen.await
+        {
+            tracing::warn!(error = %e, "authzen server ended with an error");
         }
     }
 }

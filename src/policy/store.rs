@@ -78,6 +78,9 @@ pub struct Snapshot {
     pub sources: BTreeMap<String, String>,
     /// The policies per (principal type, action) whose scope can match.
     pub slices: super::slice::Slices,
+    /// The schema file's text, for readers that need the declared attribute
+    /// names and types (the AuthZEN adapter), which `Schema` does not expose.
+    pub schema_text: String,
 }
 
 struct SourceFile {
@@ -154,6 +157,7 @@ impl Snapshot {
                 version,
                 loaded_at: SystemTime::now(),
                 sources,
+                schema_text: schema_file.text.clone(),
             }),
             _ => Err(LoadError { diagnostics: diags }),
         }
