@@ -1083,3 +1083,53 @@ async fn search_over_ten_thousand_entities_is_paged_and_bounded() {
     assert_eq!(pages, 5, "10,002 candidates at 2,500 per request");
     assert_eq!(found, [json!({"type": "record", "id": "record-2"})]);
 }
+
+/// Item 4 of issue 19: the calling PEP authenticates with the identity layer
+/// (here API keys); no or a bad credential is 401 with `WWW-Authenticate`, a
+/// caller not on the list is 403, metadata stays public.
+#[tokio::test]
+async fn callers_authenticate_when_configured() {
+    let pdp =
+        Pdp::start("caller_sources = [\"api_key\"]\nallowed_callers = ['ApiKey::\"demo-paid\"']")
+            .await;
+    let body = req(alice(), act("read"), record("record-1")).to_string();
+    let json = ("content-type", "application/json");
+    let paid = "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen";
+    let bearer = format!("Bearer {paid}");
+    for headers in [
+        vec![json, ("x-api-key", paid)],
+        vec![json, ("authorization", bearer.as_str())],
+    ] {
+        let r = pdp.post_raw(EVALUATION, &headers, &body).await;
+        assert_eq!((r.status, r.json()), (200, json!({"decision": true})));
+    }
+    let wrong = "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fXX";
+    for headers in [
+        vec![json],
+        vec![json, ("x-api-key", wrong)],
+        vec![json, ("authorization", "Bearer nope")],
+    ] {
+        let r = pdp
+            .post_raw(SEARCH_SUBJECT, &headers, &subject_search().to_string())
+            .await;
+        assert_eq!(r.status, 401, "{headers:?}");
+        assert!(
+            r.header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer"))
+        );
+    }
+    let free = "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY";
+    let r = pdp
+        .post_raw(EVALUATIONS, &[json, ("x-api-key", free)], &body)
+        .await;
+    assert_eq!(r.status, 403);
+    let r = raw_http(
+        pdp.addr,
+        "GET",
+        "/.well-known/authzen-configuration",
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}

@@ -27,9 +27,12 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::decision::Reason;
 use crate::engine::Engine;
+use crate::identity::{PrincipalKind, SourceKind};
 use crate::metrics::Api;
 use crate::policy::Snapshot;
+use crate::request::HttpRequest;
 use mapping::{OverlayCache, SchemaShape, TypeMap};
 use model::{BadRequest, Evaluation, Semantic};
 use search::{Bounds, Searcher, Target};
@@ -83,6 +86,12 @@ pub struct AuthzenConfig {
     pub search_max_candidates: usize,
     /// Search: how long a page token stays valid, in seconds.
     pub page_token_ttl_secs: u64,
+    /// Identity sources a calling PEP must authenticate with (`api_key`,
+    /// `jwt`); empty: no authentication (anyone who reaches the listener).
+    pub caller_sources: Vec<SourceKind>,
+    /// Principals allowed to call (`ApiKey::"pep-1"`); empty: any
+    /// authenticated caller.
+    pub allowed_callers: Vec<String>,
 }
 
 impl Default for AuthzenConfig {
@@ -98,6 +107,8 @@ impl Default for AuthzenConfig {
             search_max_page_size: 1000,
             search_max_candidates: 10_000,
             page_token_ttl_secs: 600,
+            caller_sources: Vec::new(),
+            allowed_callers: Vec::new(),
         }
     }
 }
@@ -144,6 +155,19 @@ impl AuthzenConfig {
             if v == 0 {
                 return Err(err(key, "must be at least 1".into()));
             }
+        }
+        if self.caller_sources.contains(&SourceKind::Mtls) {
+            return Err(err(
+                "caller_sources",
+                "mtls is not available on the AuthZEN listener (plain HTTP); use api_key or jwt"
+                    .into(),
+            ));
+        }
+        if !self.allowed_callers.is_empty() && self.caller_sources.is_empty() {
+            return Err(err(
+                "allowed_callers",
+                "needs authzen.caller_sources, or no caller is ever identified".into(),
+            ));
         }
         let Some(pdp) = &self.policy_decision_point else {
             return Ok(None);
@@ -209,6 +233,8 @@ impl Authzen {
             .route(SEARCH_SUBJECT_PATH, post(search_subject))
             .route(SEARCH_RESOURCE_PATH, post(search_resource))
             .route(SEARCH_ACTION_PATH, post(search_action))
+            // Metadata stays public: PEPs read it before they call.
+            .route_layer(middleware::from_fn_with_state(self.clone(), require_caller))
             .route(METADATA_PATH, get(metadata))
             .layer(DefaultBodyLimit::max(limit))
             .layer(middleware::from_fn(echo_request_id))
@@ -509,6 +535,71 @@ async fn metadata(State(az): State<Arc<Authzen>>, headers: HeaderMap) -> Respons
         "search_resource_endpoint": format!("{pdp}{SEARCH_RESOURCE_PATH}"),
         "search_action_endpoint": format!("{pdp}{SEARCH_ACTION_PATH}"),
     }))
+}
+
+/// Authenticates the calling PEP when `authzen.caller_sources` is set
+/// (§12.3: a missing or bad credential is 401 with `WWW-Authenticate`).
+async fn require_caller(State(az): State<Arc<Authzen>>, request: Request, next: Next) -> Response {
+    if az.config.caller_sources.is_empty() {
+        return next.run(request).await;
+    }
+    let headers = request
+        .headers()
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let http = HttpRequest {
+        method: request.method().as_str().to_string(),
+        raw_path: request.uri().path().to_string(),
+        host: request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        headers,
+        ..HttpRequest::default()
+    };
+    let unauthorized = |message: &str| {
+        (
+            StatusCode::UNAUTHORIZED,
+            [
+                (header::WWW_AUTHENTICATE, "Bearer realm=\"authzen\""),
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            ],
+            message.to_string(),
+        )
+            .into_response()
+    };
+    match az
+        .engine
+        .authenticate_caller(&http, &az.config.caller_sources)
+        .await
+    {
+        Ok(p) if p.kind == PrincipalKind::Anonymous => {
+            unauthorized("a credential is required: Authorization: Bearer <token> or x-api-key")
+        }
+        Ok(p) => {
+            if !az.config.allowed_callers.is_empty()
+                && !az.config.allowed_callers.contains(&p.uid())
+            {
+                return (
+                    StatusCode::FORBIDDEN,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    "this caller may not use the AuthZEN API".to_string(),
+                )
+                    .into_response();
+            }
+            next.run(request).await
+        }
+        Err(Reason::Unavailable) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "cannot verify the credential now; retry".to_string(),
+        )
+            .into_response(),
+        Err(reason) => unauthorized(&format!("credential refused: {}", reason.code())),
+    }
 }
 
 /// Echoes `X-Request-ID` on every answer, errors included (§10.1.3).
