@@ -1133,3 +1133,41 @@ async fn callers_authenticate_when_configured() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+/// Item 4 of issue 19: per-caller quotas on the API itself, counted per
+/// authenticated principal in the quota store: the fourth call in the window
+/// is 429 with `Retry-After`, another caller is unaffected.
+#[tokio::test]
+async fn each_caller_has_its_own_quota() {
+    let pdp = Pdp::start(
+        "caller_sources = [\"api_key\"]\ncaller_requests_per_unit = 3\ncaller_quota_unit = \"hour\"",
+    )
+    .await;
+    let body = req(alice(), act("read"), record("record-1")).to_string();
+    let json = ("content-type", "application/json");
+    let paid = (
+        "x-api-key",
+        "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
+    );
+    let free = (
+        "x-api-key",
+        "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY",
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            pdp.post_raw(EVALUATION, &[json, paid], &body).await.status,
+            200
+        );
+    }
+    let r = pdp.post_raw(EVALUATION, &[json, paid], &body).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    let retry: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after");
+    assert!((1..=3600).contains(&retry), "{retry}");
+    assert_eq!(
+        pdp.post_raw(EVALUATION, &[json, free], &body).await.status,
+        200
+    );
+}
