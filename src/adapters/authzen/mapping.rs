@@ -323,6 +323,7 @@ fn stored_parts(stored: &Entity) -> (Map<String, Value>, Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapters::authzen::model::{ActionRef, EntityRef, Evaluation};
     use serde_json::json;
 
     const SCHEMA: &str = r#"
@@ -363,5 +364,76 @@ mod tests {
             Value::Object(ctx),
             json!({"ip": "1", "action": {"soft": true}})
         );
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (-1e300f64..1e300).prop_map(|f| json!(f)),
+            "[a-z]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    "(role|home|tags|city|k|zip|x|soft|action|ip|__entity|__extn)",
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn snapshot() -> (tempfile::TempDir, Snapshot) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("s.cedarschema"), SCHEMA).expect("schema");
+        std::fs::write(
+            dir.path().join("p.cedar"),
+            "permit (principal, action, resource) when { principal has role && principal.role == \"admin\" };",
+        )
+        .expect("policy");
+        let snapshot =
+            Snapshot::load(dir.path(), &crate::policy::Expectations::default()).expect("loads");
+        (dir, snapshot)
+    }
+
+    proptest::proptest! {
+        /// Any properties and context: mapped or refused with a message,
+        /// never a panic; what reaches Cedar holds only declared members.
+        #[test]
+        fn any_request_data_maps_to_declared_members_only(
+            props in proptest::collection::btree_map("(role|home|tags|dept)", arb_json(), 0..4),
+            action_props in proptest::collection::btree_map("(soft|method)", arb_json(), 0..3),
+            context in proptest::collection::btree_map("(ip|time|action)", arb_json(), 0..3),
+        ) {
+            let (_dir, snapshot) = snapshot();
+            let shape = SchemaShape::parse(&snapshot.schema_text);
+            let props: Map<String, Value> = props.into_iter().collect();
+            let kept = shape.attributes("User", &props);
+            proptest::prop_assert!(kept.keys().all(|k| ["role", "home", "tags"].contains(&k.as_str())));
+            let types = TypeMap { types: BTreeMap::from([("user".to_string(), "User".to_string())]), action_type: "Action".into() };
+            let eval = Evaluation {
+                subject: EntityRef { ty: "user".into(), id: Some("u".into()), properties: props },
+                action: ActionRef { name: "read".into(), properties: action_props.into_iter().collect() },
+                resource: EntityRef { ty: "Doc".into(), id: Some("d".into()), properties: Map::new() },
+                context: context.into_iter().collect(),
+            };
+            let mut cache = OverlayCache::new();
+            if let Ok(mapped) = map_evaluation(&types, &shape, &snapshot, &eval, &mut cache) {
+                let ctx = mapped.query.context.clone().unwrap_or(Value::Null);
+                let ctx = ctx.as_object().cloned().unwrap_or_default();
+                proptest::prop_assert!(ctx.keys().all(|k| k == "ip" || k == "action"));
+                let uid = crate::engine::principal::entity_uid("User", "u").expect("uid");
+                if let Some(user) = mapped.entities.get(&uid) {
+                    let json = user.to_json_value().expect("json");
+                    let attrs = json["attrs"].as_object().cloned().unwrap_or_default();
+                    proptest::prop_assert!(attrs.keys().all(|k| ["role", "home", "tags"].contains(&k.as_str())));
+                }
+            }
+        }
     }
 }

@@ -9,12 +9,14 @@
 //! missing or mistyped required member is `400` with a one-line text body,
 //! `X-Request-ID` echoed on every answer.
 
+mod caller;
+mod config;
 pub mod mapping;
 pub mod model;
 pub mod search;
 
-use std::collections::BTreeMap;
-use std::str::FromStr;
+pub use config::{AuthzenConfig, AuthzenConfigError, ReasonsMode};
+
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -24,17 +26,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::decision::Reason;
 use crate::engine::Engine;
-use crate::identity::{PrincipalKind, SourceKind};
 use crate::metrics::Api;
 use crate::policy::Snapshot;
-use crate::quota::rules::Planned;
-use crate::quota::{Algorithm, Charge, ChargeMode, CounterKey, FailureMode, QuotaDecision, Unit};
-use crate::request::HttpRequest;
 use mapping::{OverlayCache, SchemaShape, TypeMap};
 use model::{BadRequest, Evaluation, Semantic};
 use search::{Bounds, Searcher, Target};
@@ -46,157 +42,6 @@ pub const SEARCH_SUBJECT_PATH: &str = "/access/v1/search/subject";
 pub const SEARCH_RESOURCE_PATH: &str = "/access/v1/search/resource";
 pub const SEARCH_ACTION_PATH: &str = "/access/v1/search/action";
 pub const METADATA_PATH: &str = "/.well-known/authzen-configuration";
-
-/// When decision `context` carries the determining policies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ReasonsMode {
-    /// Never.
-    Never,
-    /// When the request sets `options.reasons: true`.
-    #[default]
-    OnRequest,
-    /// Always.
-    Always,
-}
-
-/// The `[authzen]` config section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthzenConfig {
-    /// The PDP identifier published in metadata (`https://pdp.example.com`):
-    /// the URL callers reach, usually a TLS-terminating proxy in front.
-    /// Unset: `http://` + the request's `Host`.
-    pub policy_decision_point: Option<String>,
-    /// AuthZEN subject / resource `type` → Cedar entity type. Types not
-    /// listed are used as written.
-    pub types: BTreeMap<String, String>,
-    /// Cedar entity type of actions (`Action` → `Action::"read"`).
-    pub action_type: String,
-    /// When decisions carry reasons (determining policy ids).
-    pub reasons: ReasonsMode,
-    /// Largest request body; larger gets 413.
-    pub max_body_bytes: usize,
-    /// Most items in one Access Evaluations request; more gets 400.
-    pub max_evaluations: usize,
-    /// Search: results per page when `page.limit` is absent.
-    pub search_page_size: usize,
-    /// Search: the largest `page.limit` honoured.
-    pub search_max_page_size: usize,
-    /// Search: most candidates evaluated per request (the rest come on later
-    /// pages).
-    pub search_max_candidates: usize,
-    /// Search: how long a page token stays valid, in seconds.
-    pub page_token_ttl_secs: u64,
-    /// Identity sources a calling PEP must authenticate with (`api_key`,
-    /// `jwt`); empty: no authentication (anyone who reaches the listener).
-    pub caller_sources: Vec<SourceKind>,
-    /// Principals allowed to call (`ApiKey::"pep-1"`); empty: any
-    /// authenticated caller.
-    pub allowed_callers: Vec<String>,
-    /// API calls one caller may make per `caller_quota_unit` (counted in the
-    /// configured quota store, per authenticated principal; all
-    /// unauthenticated callers share one counter). Unset: no quota.
-    pub caller_requests_per_unit: Option<u64>,
-    pub caller_quota_unit: Unit,
-}
-
-impl Default for AuthzenConfig {
-    fn default() -> Self {
-        Self {
-            policy_decision_point: None,
-            types: BTreeMap::new(),
-            action_type: "Action".into(),
-            reasons: ReasonsMode::OnRequest,
-            max_body_bytes: 1 << 20,
-            max_evaluations: 1000,
-            search_page_size: 100,
-            search_max_page_size: 1000,
-            search_max_candidates: 10_000,
-            page_token_ttl_secs: 600,
-            caller_sources: Vec::new(),
-            allowed_callers: Vec::new(),
-            caller_requests_per_unit: None,
-            caller_quota_unit: Unit::Minute,
-        }
-    }
-}
-
-/// An `[authzen]` setting that cannot work; the message says what to fix.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("authzen.{key}: {message}")]
-pub struct AuthzenConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl AuthzenConfig {
-    /// Checks names and bounds; returns the normalized PDP identifier.
-    fn check(&self) -> Result<Option<String>, AuthzenConfigError> {
-        let err = |key: &str, message: String| AuthzenConfigError {
-            key: key.into(),
-            message,
-        };
-        for (from, to) in &self.types {
-            cedar_policy::EntityTypeName::from_str(to).map_err(|e| {
-                err(
-                    &format!("types.{from}"),
-                    format!("{to:?} is not a Cedar entity type name: {e}"),
-                )
-            })?;
-        }
-        cedar_policy::EntityTypeName::from_str(&self.action_type).map_err(|e| {
-            err(
-                "action_type",
-                format!(
-                    "{:?} is not a Cedar entity type name: {e}",
-                    self.action_type
-                ),
-            )
-        })?;
-        for (key, v) in [
-            ("max_body_bytes", self.max_body_bytes),
-            ("max_evaluations", self.max_evaluations),
-            ("search_page_size", self.search_page_size),
-            ("search_max_page_size", self.search_max_page_size),
-            ("search_max_candidates", self.search_max_candidates),
-        ] {
-            if v == 0 {
-                return Err(err(key, "must be at least 1".into()));
-            }
-        }
-        if self.caller_sources.contains(&SourceKind::Mtls) {
-            return Err(err(
-                "caller_sources",
-                "mtls is not available on the AuthZEN listener (plain HTTP); use api_key or jwt"
-                    .into(),
-            ));
-        }
-        if !self.allowed_callers.is_empty() && self.caller_sources.is_empty() {
-            return Err(err(
-                "allowed_callers",
-                "needs authzen.caller_sources, or no caller is ever identified".into(),
-            ));
-        }
-        let Some(pdp) = &self.policy_decision_point else {
-            return Ok(None);
-        };
-        let pdp = pdp.trim_end_matches('/');
-        let ok_scheme = pdp.starts_with("https://") || pdp.starts_with("http://");
-        if !ok_scheme
-            || pdp.contains(['?', '#'])
-            || pdp.split("://").nth(1).is_none_or(str::is_empty)
-        {
-            return Err(err(
-                "policy_decision_point",
-                format!(
-                    "{pdp:?} must be an https:// URL without query or fragment, e.g. \"https://pdp.example.com\""
-                ),
-            ));
-        }
-        Ok(Some(pdp.to_string()))
-    }
-}
 
 /// The AuthZEN adapter's shared state.
 pub struct Authzen {
@@ -243,7 +88,10 @@ impl Authzen {
             .route(SEARCH_RESOURCE_PATH, post(search_resource))
             .route(SEARCH_ACTION_PATH, post(search_action))
             // Metadata stays public: PEPs read it before they call.
-            .route_layer(middleware::from_fn_with_state(self.clone(), require_caller))
+            .route_layer(middleware::from_fn_with_state(
+                self.clone(),
+                caller::require_caller,
+            ))
             .route(METADATA_PATH, get(metadata))
             .layer(DefaultBodyLimit::max(limit))
             .layer(middleware::from_fn(echo_request_id))
@@ -544,146 +392,6 @@ async fn metadata(State(az): State<Arc<Authzen>>, headers: HeaderMap) -> Respons
         "search_resource_endpoint": format!("{pdp}{SEARCH_RESOURCE_PATH}"),
         "search_action_endpoint": format!("{pdp}{SEARCH_ACTION_PATH}"),
     }))
-}
-
-/// Admits the calling PEP: authenticated when `authzen.caller_sources` is
-/// set (§12.3: a missing or bad credential is 401 with `WWW-Authenticate`),
-/// then charged one call against `authzen.caller_requests_per_unit`.
-async fn require_caller(State(az): State<Arc<Authzen>>, request: Request, next: Next) -> Response {
-    let caller = if az.config.caller_sources.is_empty() {
-        crate::identity::Principal::anonymous()
-    } else {
-        let http = caller_request(&request);
-        match authenticate(&az, &http).await {
-            Ok(p) => p,
-            Err(refusal) => return refusal,
-        }
-    };
-    if let Some(limit) = az.config.caller_requests_per_unit
-        && let Some(refusal) = charge_caller(&az, &caller.uid(), limit).await
-    {
-        return refusal;
-    }
-    next.run(request).await
-}
-
-fn plain(status: StatusCode, message: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        message.to_string(),
-    )
-        .into_response()
-}
-
-/// One call against the caller's quota; `Some` is the refusal.
-async fn charge_caller(az: &Authzen, caller: &str, limit: u64) -> Option<Response> {
-    let plan = Planned {
-        charge: Charge {
-            key: CounterKey::new(
-                "authzen",
-                &[("caller".to_string(), caller.to_string())],
-                caller,
-            ),
-            limit,
-            unit: az.config.caller_quota_unit,
-            algorithm: Algorithm::FixedWindow,
-            cost: 1,
-            shadow: false,
-            mode: ChargeMode::Admission,
-        },
-        failure_mode: FailureMode::Deny,
-        label: "authzen.caller_requests_per_unit".into(),
-    };
-    match az.engine.quota().charge(std::slice::from_ref(&plan)).await {
-        QuotaDecision::Allowed { .. } => None,
-        QuotaDecision::OverLimit { usage, .. } => {
-            let retry = usage
-                .first()
-                .and_then(Option::as_ref)
-                .map_or(1, |u| u.reset.as_secs().saturating_add(1));
-            let mut r = plain(
-                StatusCode::TOO_MANY_REQUESTS,
-                "this caller's AuthZEN quota is spent; retry after Retry-After seconds",
-            );
-            if let Ok(v) = HeaderValue::from_str(&retry.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            Some(r)
-        }
-        // Fail closed: the quota store cannot say whether this call fits.
-        QuotaDecision::Failed { .. } => Some(plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the quota store is unavailable; retry",
-        )),
-    }
-}
-
-/// What the identity layer reads of a call: method, path, host, headers.
-fn caller_request(request: &Request) -> HttpRequest {
-    let headers = request
-        .headers()
-        .iter()
-        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
-    HttpRequest {
-        method: request.method().as_str().to_string(),
-        raw_path: request.uri().path().to_string(),
-        host: request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
-        headers,
-        ..HttpRequest::default()
-    }
-}
-
-/// The authenticated caller, or the 401 / 403 / 503 answer.
-async fn authenticate(
-    az: &Authzen,
-    http: &HttpRequest,
-) -> Result<crate::identity::Principal, Response> {
-    let unauthorized = |message: &str| {
-        (
-            StatusCode::UNAUTHORIZED,
-            [
-                (header::WWW_AUTHENTICATE, "Bearer realm=\"authzen\""),
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            ],
-            message.to_string(),
-        )
-            .into_response()
-    };
-    match az
-        .engine
-        .authenticate_caller(http, &az.config.caller_sources)
-        .await
-    {
-        Ok(p) if p.kind == PrincipalKind::Anonymous => Err(unauthorized(
-            "a credential is required: Authorization: Bearer <token> or x-api-key",
-        )),
-        Ok(p) => {
-            if !az.config.allowed_callers.is_empty()
-                && !az.config.allowed_callers.contains(&p.uid())
-            {
-                return Err(plain(
-                    StatusCode::FORBIDDEN,
-                    "this caller may not use the AuthZEN API",
-                ));
-            }
-            Ok(p)
-        }
-        Err(Reason::Unavailable) => Err(plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "cannot verify the credential now; retry",
-        )),
-        Err(reason) => Err(unauthorized(&format!(
-            "credential refused: {}",
-            reason.code()
-        ))),
-    }
 }
 
 /// Echoes `X-Request-ID` on every answer, errors included (§10.1.3).
