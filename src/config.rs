@@ -393,6 +393,7 @@ impl Config {
             message,
         };
         self.route_table().map_err(|e| invalid(e.to_string()))?;
+        self.authzen.check().map_err(|e| invalid(e.to_string()))?;
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

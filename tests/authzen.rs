@@ -1171,3 +1171,37 @@ async fn each_caller_has_its_own_quota() {
         200
     );
 }
+
+/// A bad `[authzen]` section stops `tollgate validate` and `serve` with the
+/// key named.
+#[test]
+fn bad_authzen_settings_are_refused_at_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (setting, key) in [
+        (
+            "policy_decision_point = \"ftp://x\"",
+            "authzen.policy_decision_point",
+        ),
+        (
+            "policy_decision_point = \"https://pdp.example.com/?a=1\"",
+            "authzen.policy_decision_point",
+        ),
+        ("action_type = \"not a type\"", "authzen.action_type"),
+        ("max_evaluations = 0", "authzen.max_evaluations"),
+        ("caller_sources = [\"mtls\"]", "authzen.caller_sources"),
+        (
+            "allowed_callers = ['ApiKey::\"x\"']",
+            "authzen.allowed_callers",
+        ),
+    ] {
+        let config = dir.path().join("c.toml");
+        std::fs::write(&config, format!("[authzen]\n{setting}\n")).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["--config", config.to_str().expect("utf8"), "validate"])
+            .output()
+            .expect("run");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{setting}");
+        assert!(text.contains(key), "{setting}: {text}");
+    }
+}

@@ -93,7 +93,7 @@ pub struct AuthzenConfigError {
 
 impl AuthzenConfig {
     /// Checks names and bounds; returns the normalized PDP identifier.
-    pub(super) fn check(&self) -> Result<Option<String>, AuthzenConfigError> {
+    pub fn check(&self) -> Result<Option<String>, AuthzenConfigError> {
         let err = |key: &str, message: String| AuthzenConfigError {
             key: key.into(),
             message,

@@ -2,7 +2,7 @@
 //! Tollgate knows — stored entities of the searched type, or the schema's
 //! actions — is decided against the policies with the request's other
 //! members, in a stable order, a bounded number per request. Pagination
-//! tokens carry the cursor, are bound to the query by hash, expire, and are
+//! tokens carry the offset of the next candidate, are bound to the query by hash, expire, and are
 //! MACed with a per-process key, so one cannot be forged or replayed into
 //! another query.
 
@@ -141,20 +141,15 @@ impl Searcher<'_> {
         } else {
             Vec::new()
         };
-        let start = match &after {
-            None => 0,
-            Some(cursor) => candidates.partition_point(|c| c <= cursor),
-        };
+        let start = after.unwrap_or(0).min(candidates.len());
         let mut overlays = OverlayCache::new();
         let mut results = Vec::new();
         let mut examined = 0usize;
-        let mut last = None;
         for candidate in &candidates[start..] {
             if results.len() >= req.limit || examined >= self.bounds.max_candidates {
                 break;
             }
             examined += 1;
-            last = Some(candidate.clone());
             if self.permitted(target, &req, candidate, &mut overlays) {
                 results.push(match target {
                     Target::Subject => json!({"type": req.subject.ty, "id": candidate}),
@@ -163,10 +158,11 @@ impl Searcher<'_> {
                 });
             }
         }
-        let more = start + examined < candidates.len();
-        let next_token = match (more, last) {
-            (true, Some(cursor)) => self.seal_token(&query_hash, &cursor),
-            _ => String::new(),
+        let next = start + examined;
+        let next_token = if next < candidates.len() {
+            self.seal_token(&query_hash, next)
+        } else {
+            String::new()
         };
         Ok(json!({
             "page": {"next_token": next_token, "count": results.len()},
@@ -262,9 +258,13 @@ impl Searcher<'_> {
             .is_ok_and(|a| a.verdict.allow)
     }
 
-    fn seal_token(&self, query_hash: &str, cursor: &str) -> String {
+    /// A token for the page starting at candidate `offset`. The offset, not
+    /// the last id, is what it carries: an id examined but not permitted
+    /// must not be readable from a token. If the candidates change between
+    /// pages, results may repeat or be skipped, which §8.2 allows.
+    fn seal_token(&self, query_hash: &str, offset: usize) -> String {
         let exp = now_secs().saturating_add(self.bounds.token_ttl_secs);
-        let payload = json!({"q": query_hash, "c": cursor, "e": exp}).to_string();
+        let payload = json!({"q": query_hash, "c": offset, "e": exp}).to_string();
         let mac = hmac_sha256(self.key, payload.as_bytes());
         format!(
             "{}.{}",
@@ -273,8 +273,8 @@ impl Searcher<'_> {
         )
     }
 
-    /// The cursor of a token this process issued for this very query.
-    fn open_token(&self, token: &str, query_hash: &str) -> Result<String, BadRequest> {
+    /// The offset of a token this process issued for this very query.
+    fn open_token(&self, token: &str, query_hash: &str) -> Result<usize, BadRequest> {
         let forged = || {
             BadRequest("page.token: not a token this PDP issued for this query; start again without page.token".into())
         };
@@ -304,8 +304,8 @@ impl Searcher<'_> {
         }
         payload
             .get("c")
-            .and_then(Value::as_str)
-            .map(str::to_string)
+            .and_then(Value::as_u64)
+            .and_then(|c| usize::try_from(c).ok())
             .ok_or_else(forged)
     }
 }
