@@ -38,12 +38,16 @@ pub struct SchemaShape {
     contexts: HashMap<String, Value>,
     /// Common type name (qualified and unqualified) → type.
     common: HashMap<String, Value>,
+    /// False when the schema text could not be read as JSON schema; then
+    /// nothing a request sends can be typed, and requests carrying
+    /// properties or context deny instead of losing them silently.
+    complete: bool,
 }
 
 impl SchemaShape {
     /// Reads the shapes of `schema_text` (Cedar schema syntax). A schema that
     /// loaded as a `Schema` parses here too; if it somehow does not, the
-    /// shape is empty and every property is dropped, which can only deny.
+    /// shape is marked incomplete (see [`map_evaluation`]).
     pub fn parse(schema_text: &str) -> Self {
         let Ok((json, _)) = cedar_policy::schema_str_to_json_with_resolved_types(schema_text)
         else {
@@ -53,6 +57,7 @@ impl SchemaShape {
         let Some(namespaces) = json.as_object() else {
             return shape;
         };
+        shape.complete = true;
         for (ns, body) in namespaces {
             let qualify = |name: &str| {
                 if ns.is_empty() {
@@ -201,6 +206,15 @@ pub fn map_evaluation<'s>(
     eval: &Evaluation,
     overlays: &mut OverlayCache,
 ) -> Result<Mapped<'s>, Untyped> {
+    let carries_data = !eval.subject.properties.is_empty()
+        || !eval.resource.properties.is_empty()
+        || !eval.action.properties.is_empty()
+        || !eval.context.is_empty();
+    if !shape.complete && carries_data {
+        return Err(Untyped(
+            "the schema's attribute types are unavailable, so properties and context cannot be typed".into(),
+        ));
+    }
     let subject = uid_parts(types, &eval.subject);
     let resource = uid_parts(types, &eval.resource);
     let action = (types.action_type.clone(), eval.action.name.clone());
@@ -332,6 +346,40 @@ mod tests {
         entity Doc;
         action read appliesTo { principal: [User], resource: [Doc], context: { ip?: String, action?: { soft?: Bool } } };
     "#;
+
+    #[test]
+    fn an_unreadable_schema_denies_requests_with_data() {
+        let shape = SchemaShape::parse("this is not a schema");
+        assert!(!shape.complete);
+        let (_dir, snapshot) = snapshot();
+        let types = TypeMap {
+            types: BTreeMap::new(),
+            action_type: "Action".into(),
+        };
+        let mut eval = Evaluation {
+            subject: EntityRef {
+                ty: "User".into(),
+                id: Some("u".into()),
+                properties: Map::new(),
+            },
+            action: ActionRef {
+                name: "read".into(),
+                properties: Map::new(),
+            },
+            resource: EntityRef {
+                ty: "Doc".into(),
+                id: Some("d".into()),
+                properties: Map::new(),
+            },
+            context: Map::new(),
+        };
+        let mut cache = OverlayCache::new();
+        assert!(map_evaluation(&types, &shape, &snapshot, &eval, &mut cache).is_ok());
+        eval.subject
+            .properties
+            .insert("role".into(), json!("admin"));
+        assert!(map_evaluation(&types, &shape, &snapshot, &eval, &mut cache).is_err());
+    }
 
     #[test]
     fn undeclared_members_are_dropped_at_every_level() {
