@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// AuthZEN Authorization API HTTP listener; off when unset.
     pub authzen_listen: Option<SocketAddr>,
+    /// Longest drain on shutdown, in milliseconds: in-flight requests get
+    /// this long, then connections still open (health watch streams) are
+    /// closed.
+    pub shutdown_grace_ms: u64,
 }
 
 /// What to do when evaluating a policy raises an error.
@@ -110,6 +114,10 @@ pub struct IdentityConfig {
     pub mtls: bool,
     /// SPIFFE trust domains accepted over mTLS (exact); empty accepts any.
     pub mtls_trust_domains: Vec<String>,
+    /// Accept a peer without a SPIFFE id (a certificate subject such as
+    /// `CN=…`) as a `Service`. Off by default: only a valid SPIFFE id
+    /// identifies a workload.
+    pub mtls_subject_names: bool,
     /// Trusted JWT / OAuth 2.0 issuers.
     pub jwt_issuers: Vec<crate::identity::jwt::IssuerConfig>,
     /// Longest API key accepted; longer ones are rejected unread.
@@ -127,6 +135,10 @@ pub struct ContextConfig {
     pub query_params: Vec<String>,
     /// Largest body Tollgate parses for `model`, `max_tokens`, ….
     pub max_body_bytes: usize,
+    /// Request headers that name a model (lowercase). Like the body's
+    /// `model`, `?model=` and a model in the path, each is compared with
+    /// the others: different values are refused (`ambiguous_model`).
+    pub model_headers: Vec<String>,
 }
 
 /// Headers Tollgate sets on allowed requests for the upstream.
@@ -226,6 +238,26 @@ pub struct QuotaConfig {
     pub on_invalid_request: OnInvalidRequest,
     /// Rules charged inside ext_authz after the policy allowed.
     pub rules: Vec<crate::quota::rules::QuotaRule>,
+    /// Model prices in US dollars per million tokens, for `usd` budgets:
+    /// `[quota.prices."llama-3-70b"] input = 0.59, output = 0.79`.
+    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
+    /// A model without a price: `"deny"` (the default: refused, never free)
+    /// or the name of a listed model to price it like.
+    pub unknown_model_price: crate::usage::UnknownModel,
+    /// How long a reservation waits for its usage report. One never settled
+    /// (a gateway crash) keeps its reserved amount charged, so a budget never
+    /// leaks, and is forgotten after this long.
+    pub reservation_ttl_secs: u64,
+}
+
+impl QuotaConfig {
+    /// The price table of `prices` and `unknown_model_price`.
+    pub fn price_table(&self) -> crate::usage::Prices {
+        crate::usage::Prices {
+            models: self.prices.clone(),
+            unknown: self.unknown_model_price.clone(),
+        }
+    }
 }
 
 impl Default for QuotaConfig {
@@ -245,6 +277,9 @@ impl Default for QuotaConfig {
             headers: HeaderStyle::Draft03,
             on_invalid_request: OnInvalidRequest::OverLimit,
             rules: Vec::new(),
+            prices: Default::default(),
+            unknown_model_price: Default::default(),
+            reservation_ttl_secs: 600,
         }
     }
 }
@@ -290,6 +325,7 @@ impl Default for ServerConfig {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             authzen_listen: None,
+            shutdown_grace_ms: 5000,
         }
     }
 }
@@ -317,6 +353,7 @@ impl Default for IdentityConfig {
             api_keys_cache_ms: 2000,
             mtls: true,
             mtls_trust_domains: Vec::new(),
+            mtls_subject_names: false,
             jwt_issuers: Vec::new(),
             max_credential_bytes: 4096,
         }
@@ -329,6 +366,7 @@ impl Default for ContextConfig {
             headers: vec!["content-type".into(), "x-team".into()],
             query_params: vec!["api-version".into()],
             max_body_bytes: 1024 * 1024,
+            model_headers: vec!["x-model".into()],
         }
     }
 }
@@ -453,6 +491,12 @@ impl Config {
                 self.response.quota_fail_open_header
             )));
         }
+        self.quota.price_table().validate().map_err(invalid)?;
+        if self.quota.reservation_ttl_secs == 0 {
+            return Err(invalid(
+                "quota.reservation_ttl_secs must be at least 1".into(),
+            ));
+        }
         if self.quota.deadline_ms == 0 {
             return Err(invalid("quota.deadline_ms must be at least 1".into()));
         }
@@ -460,6 +504,21 @@ impl Config {
             return Err(invalid(
                 "identity.max_credential_bytes must be at least 1".into(),
             ));
+        }
+        for domain in &self.identity.mtls_trust_domains {
+            let id = format!("spiffe://{domain}");
+            if domain.contains('/') || !crate::identity::mtls::valid_spiffe_id(&id) {
+                return Err(invalid(format!(
+                    "identity.mtls_trust_domains: {domain:?} is not a SPIFFE trust domain; use lowercase letters, digits, '.', '-', '_' (e.g. \"acme.example\")"
+                )));
+            }
+        }
+        for name in &self.context.model_headers {
+            if !is_header_name(name) {
+                return Err(invalid(format!(
+                    "context.model_headers: {name:?} is not a lowercase HTTP header name"
+                )));
+            }
         }
         Ok(())
     }
@@ -541,6 +600,27 @@ mod tests {
             config.resolve(Path::new("keys.toml")),
             path.with_file_name("keys.toml")
         );
+    }
+
+    #[test]
+    fn trust_domains_and_model_headers_are_checked() {
+        for (text, key) in [
+            (
+                "[identity]\nmtls_trust_domains = [\"Acme.example\"]\n",
+                "mtls_trust_domains",
+            ),
+            (
+                "[identity]\nmtls_trust_domains = [\"acme.example/ns\"]\n",
+                "mtls_trust_domains",
+            ),
+            (
+                "[context]\nmodel_headers = [\"X Model\"]\n",
+                "model_headers",
+            ),
+        ] {
+            let err = Config::from_toml(text, "t.toml").expect_err(text);
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 
     #[test]

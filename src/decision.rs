@@ -40,6 +40,13 @@ pub enum Reason {
     Unavailable,
     /// A quota rule has no room left.
     OverQuota,
+    /// A token or dollar budget has no room for the request's estimated
+    /// usage.
+    OverBudget,
+    /// A budget applies but the request's usage cannot be estimated (no
+    /// readable body, no `max_tokens`, or a model without a price), and the
+    /// rule says to refuse such requests.
+    UsageUnknown,
     /// The quota store could not answer in time.
     QuotaUnavailable,
     /// A bearer token whose `nbf` is still in the future (beyond the leeway).
@@ -47,6 +54,23 @@ pub enum Reason {
     /// A JWT that is not an access token: a `typ` the issuer does not accept,
     /// or an ID / refresh / logout token (RFC 8725 §3.11, RFC 9068).
     WrongTokenType,
+    /// The request names its host more than once with different values
+    /// (`Host: a,b`, or an absolute-form target disagreeing with `Host`).
+    AmbiguousHost,
+    /// A value from the credential (a claim, a key record field, a SPIFFE
+    /// id) that Tollgate would pass on in a header is not a valid HTTP field
+    /// value (RFC 9110 §5.5): CR, LF, NUL or another control character.
+    InvalidClaim,
+    /// The request names its model in several places (body, query, path,
+    /// header) with different values.
+    AmbiguousModel,
+    /// A numeric request parameter (`max_tokens` and its aliases, `n`) is
+    /// outside its documented range, not an integer, or given twice with
+    /// different values.
+    InvalidParameter,
+    /// The stored API key record has a field that does not parse; the key
+    /// is refused until the record is fixed.
+    InvalidKeyRecord,
 }
 
 impl Reason {
@@ -69,9 +93,16 @@ impl Reason {
             Self::MalformedRequest => "malformed_request",
             Self::Unavailable => "unavailable",
             Self::OverQuota => "over_quota",
+            Self::OverBudget => "over_budget",
+            Self::UsageUnknown => "usage_unknown",
             Self::QuotaUnavailable => "quota_unavailable",
             Self::NotYetValid => "not_yet_valid",
             Self::WrongTokenType => "wrong_token_type",
+            Self::AmbiguousHost => "ambiguous_host",
+            Self::InvalidClaim => "invalid_claim",
+            Self::AmbiguousModel => "ambiguous_model",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::InvalidKeyRecord => "invalid_key_record",
         }
     }
 }

@@ -95,6 +95,7 @@ pub struct Metrics {
     jwks_fetches: Family<JwksLabels, Counter>,
     jwks_keys_refused: Family<IssuerLabel, Counter>,
     fail_open: Family<RuleLabel, Counter>,
+    settlements: Family<ResultLabel, Counter>,
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
@@ -103,6 +104,11 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabel {
     rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -226,6 +232,12 @@ impl Metrics {
             "Requests allowed because the quota store failed and the limit's failure mode is allow, by rule or limit",
             fail_open.clone(),
         );
+        let settlements = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "usage_settlements",
+            "Usage reports by result (settled, already_settled, unknown_request, refused, record_lost)",
+            settlements.clone(),
+        );
         let unknown_domain = Counter::default();
         registry.register(
             "rate_limit_unknown_domain",
@@ -263,6 +275,7 @@ impl Metrics {
         );
         Self {
             fail_open,
+            settlements,
             unknown_domain,
             invalidations,
             store,
@@ -315,6 +328,14 @@ impl Metrics {
             .get_or_create(&RuleLabel {
                 rule: rule.to_string(),
             })
+            .inc();
+    }
+
+    /// Counts a usage report by result (`settled`, `already_settled`,
+    /// `unknown_request`, `refused`, `record_lost`).
+    pub fn usage_settlement(&self, result: &'static str) {
+        self.settlements
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 

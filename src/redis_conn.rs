@@ -65,6 +65,14 @@ impl PoisonReason {
         if error.is_io_error() || error.is_connection_dropped() || error.is_connection_refusal() {
             return Some(Self::Io);
         }
+        // A reply of the wrong shape, or one that does not parse, may be
+        // another call's: the stream cannot be trusted.
+        if matches!(
+            error.kind(),
+            redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
+        ) {
+            return Some(Self::Unattributed);
+        }
         match error.code() {
             Some("READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN") => {
                 Some(Self::NodeUnavailable)

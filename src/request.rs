@@ -26,6 +26,10 @@ pub struct HttpRequest {
     /// Peer identity from the verified client certificate (URI SAN or
     /// subject), present only for TLS connections.
     pub peer_principal: Option<String>,
+    /// The verified client certificate itself, PEM (Envoy sends it with
+    /// `include_peer_certificate: true`), present only for TLS connections.
+    /// When present, the mTLS identity is read from its SANs.
+    pub peer_certificate: Option<String>,
     /// Request body if the gateway forwarded it.
     pub body: Option<Vec<u8>>,
     /// The gateway forwarded only part of the body.
@@ -65,4 +69,147 @@ pub enum MalformedRequest {
     MissingAttributes,
     #[error("header {0:?} is not valid UTF-8")]
     HeaderNotUtf8(String),
+    #[error("source address {0:?} is not an IP address")]
+    BadSourceAddress(String),
+    #[error("peer certificate is not URL-encoded PEM")]
+    BadPeerCertificate,
+    #[error("metadata_context nests deeper than {0} levels")]
+    MetadataTooDeep(usize),
+}
+
+/// Reads a downstream peer address as a gateway reports it, in the one form
+/// policies see: IPv4-mapped IPv6 (`::ffff:127.0.0.1`, `::ffff:7f00:1`,
+/// what dual-stack listeners report for IPv4 clients) becomes the IPv4
+/// address; an IPv6 zone id (`fe80::1%eth0`) is dropped, since Cedar's `ip`
+/// has no zones and the address alone is what policies compare; brackets
+/// are accepted. An empty address (a pipe or an internal listener) is
+/// `Ok(None)`; anything else that is not an IP address is an error, never a
+/// value a policy then fails on.
+pub fn parse_source_ip(text: &str) -> Result<Option<IpAddr>, MalformedRequest> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    let unbracketed = trimmed
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(trimmed);
+    let without_zone = match unbracketed.split_once('%') {
+        Some((addr, zone)) if addr.contains(':') && !zone.is_empty() => addr,
+        _ => unbracketed,
+    };
+    let ip: IpAddr = without_zone
+        .parse()
+        .map_err(|_| MalformedRequest::BadSourceAddress(text.chars().take(64).collect()))?;
+    Ok(Some(ip.to_canonical()))
+}
+
+/// Why the request's host cannot be decided on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("the host has several values")]
+    SeveralValues,
+    #[error("the absolute-form target names another host than Host")]
+    TargetDisagrees,
+    #[error("the host contains whitespace or control characters")]
+    BadCharacter,
+}
+
+/// Checks that the request names exactly one host: `:authority` (Envoy's
+/// `host`) holds one value (no ',' from merged or smuggled duplicates, no
+/// whitespace), a separate `host` header, if the gateway passed one, agrees
+/// with it, and an absolute-form target (`GET http://b.example/ HTTP/1.1`)
+/// names the same authority. Comparison is on the normalized host (case,
+/// port, trailing dot) as policies see it.
+pub fn check_host(request: &HttpRequest) -> Result<(), HostError> {
+    let norm = crate::engine::context::normalize_host;
+    let host = request.host.as_str();
+    let one = |value: &str| -> Result<(), HostError> {
+        if value.contains(',') {
+            return Err(HostError::SeveralValues);
+        }
+        if value.trim() != value
+            || value
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(HostError::BadCharacter);
+        }
+        Ok(())
+    };
+    one(host)?;
+    for name in [":authority", "host"] {
+        if let Some(other) = request.header(name) {
+            one(other)?;
+            if norm(other) != norm(host) {
+                return Err(HostError::SeveralValues);
+            }
+        }
+    }
+    let target = request.raw_path.as_str();
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    let rest = if lower.starts_with("https://") {
+        target.get(8..)
+    } else if lower.starts_with("http://") {
+        target.get(7..)
+    } else {
+        None
+    };
+    if let Some(rest) = rest {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        one(authority)?;
+        if norm(authority) != norm(host) {
+            return Err(HostError::TargetDisagrees);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_normalize_or_refuse() {
+        let v4 = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        for (raw, want) in [
+            ("127.0.0.1", v4("127.0.0.1")),
+            ("::ffff:127.0.0.1", v4("127.0.0.1")),
+            ("::ffff:7f00:1", v4("127.0.0.1")),
+            ("[::ffff:10.1.2.3]", v4("10.1.2.3")),
+            ("fe80::1%eth0", v4("fe80::1")),
+            ("::1", v4("::1")),
+            ("", None),
+        ] {
+            assert_eq!(parse_source_ip(raw), Ok(want), "{raw}");
+        }
+        for bad in ["not-an-ip", "/tmp/sock", "1.2.3.4%eth0", "fe80::1%"] {
+            assert!(parse_source_ip(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn one_host_only() {
+        let req = |host: &str, path: &str| HttpRequest {
+            host: host.into(),
+            raw_path: path.into(),
+            ..Default::default()
+        };
+        for (host, path, ok) in [
+            ("a.example.com", "/v1", true),
+            ("A.example.com:443", "https://a.example.com/v1", true),
+            ("a.example.com,b.example.com", "/v1", false),
+            ("a.example.com, a.example.com", "/v1", false),
+            ("a.example.com", "http://b.example.com/v1", false),
+            ("a.example.com", "http://x@b.example.com/v1", false),
+            ("a.example.com", "HTTP://B.example.com/v1", false),
+            ("a.example.com b", "/v1", false),
+        ] {
+            assert_eq!(check_host(&req(host, path)).is_ok(), ok, "{host} {path}");
+        }
+        let mut r = req("a.example.com", "/v1");
+        r.headers.insert("host".into(), "b.example.com".into());
+        assert_eq!(check_host(&r), Err(HostError::SeveralValues));
+    }
 }

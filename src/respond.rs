@@ -73,7 +73,13 @@ pub fn rate_limit_headers(style: HeaderStyle, q: &QuotaReport) -> Vec<(&'static 
             ("ratelimit-reset", reset.to_string()),
         ],
         HeaderStyle::Ietf => {
-            let name = q.rule.replace(['"', '\\'], "");
+            // A quoted string (RFC 9651): no quote, backslash or control
+            // character may end or break it.
+            let name: String = q
+                .rule
+                .chars()
+                .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+                .collect();
             vec![
                 (
                     "ratelimit-policy",
@@ -138,6 +144,30 @@ fn metadata(decision: &Decision) -> Struct {
     Struct { fields }
 }
 
+/// Whether `value` may be sent as an HTTP field value (RFC 9110 §5.5):
+/// visible ASCII, space and tab inside, and obs-text (bytes 0x80–0xFF, so
+/// UTF-8 text passes); no CR, LF, NUL or other control character, and no
+/// leading or trailing whitespace (which a gateway would strip, making the
+/// upstream see another value than the one decided on).
+pub fn is_field_value(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let edge_ws = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    !edge_ws(bytes.first())
+        && !edge_ws(bytes.last())
+        && bytes
+            .iter()
+            .all(|&b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80)
+}
+
+/// Whether every value of `principal` that Tollgate passes on in a header
+/// (its id, tenant and tier) is a valid field value. A principal that is
+/// not is refused with [`Reason::InvalidClaim`].
+pub fn principal_is_expressible(principal: &crate::identity::Principal) -> bool {
+    is_field_value(&principal.id)
+        && principal.tenant.as_deref().is_none_or(is_field_value)
+        && principal.tier.as_deref().is_none_or(is_field_value)
+}
+
 /// Builds the ext_authz answer. Every path sets `status` explicitly: Envoy
 /// reads a CheckResponse without one as OK, so an empty response would be an
 /// allow.
@@ -151,6 +181,18 @@ pub fn check_response(
     config: &ResponseConfig,
     style: HeaderStyle,
 ) -> CheckResponse {
+    // The engine refuses such principals; this keeps an allow from ever
+    // carrying a header value the gateway would refuse or split.
+    if decision.outcome.is_allow()
+        && decision
+            .principal
+            .as_ref()
+            .is_some_and(|p| !principal_is_expressible(p))
+    {
+        let mut refused = decision.clone();
+        refused.outcome = Outcome::Unauthenticated(Reason::InvalidClaim);
+        return check_response(&refused, client_headers, config, style);
+    }
     let quota_headers: Vec<HeaderValueOption> = decision
         .quota
         .as_ref()

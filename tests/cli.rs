@@ -173,7 +173,8 @@ fn broken_config_stops_start_up_with_what_to_fix() {
 fn validate_reports_a_broken_limits_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let limits = dir.path().join("limits.yaml");
-    std::fs::write(&limits, "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: 0 }\n").expect("write");
+    // 0 is a block list (issue 15.3); a negative limit is the error.
+    std::fs::write(&limits, "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -1 }\n").expect("write");
     let config = dir.path().join("c.toml");
     let repo = support::repo();
     std::fs::write(
@@ -189,7 +190,7 @@ fn validate_reports_a_broken_limits_file() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
-        t.contains("limits.yaml:4:") && t.contains("at least 1"),
+        t.contains("limits.yaml:4:") && t.contains("0 (refuse all) or more"),
         "{t}"
     );
 }

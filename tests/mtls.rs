@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{Tollgate, free_port, raw_http, start_upstream, test_config};
+use support::{Envoy, Tollgate, free_port, raw_http, start_upstream, test_config};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -24,8 +24,8 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate whose
-/// URI SAN is `spiffe`.
-fn certificates(dir: &Path, spiffe: &str) {
+/// subjectAltName is `client_san` (`URI:spiffe://…`, several, or none).
+fn certificates(dir: &Path, client_san: &str) {
     let ec = [
         "-newkey",
         "ec",
@@ -52,7 +52,7 @@ fn certificates(dir: &Path, spiffe: &str) {
             "localhost",
             "subjectAltName=DNS:localhost,IP:127.0.0.1".to_string(),
         ),
-        ("client", "indexer", format!("subjectAltName=URI:{spiffe}")),
+        ("client", "indexer", format!("subjectAltName={client_san}")),
     ] {
         let mut req = vec!["req"];
         req.extend(ec);
@@ -156,7 +156,7 @@ fn curl(dir: &Path, port: u16, client_cert: bool) -> (u16, String) {
 async fn mtls_identity_through_envoy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spiffe = "spiffe://acme.example/ns/batch/sa/indexer";
-    certificates(dir.path(), spiffe);
+    certificates(dir.path(), &format!("URI:{spiffe}"));
     let mut config = test_config();
     config.identity.mtls_trust_domains = vec!["acme.example".into()];
     let mut tg = Tollgate::start(config).await;
@@ -211,5 +211,224 @@ async fn mtls_identity_through_envoy() {
         forged.status, 401,
         "a forged XFCC header is not an identity"
     );
+    tg.stop().await;
+}
+
+/// Starts Envoy with TLS certificates from `dir` in front of `tg`; returns
+/// Envoy and its TLS port.
+async fn tls_envoy(dir: &Path, tg: &Tollgate, upstream: u16) -> (Envoy, u16) {
+    let (admin, tls, plain) = (free_port(), free_port(), free_port());
+    let yaml = ENVOY
+        .replace("HCM", HCM)
+        .replace("ADMIN", &admin.to_string())
+        .replace("PLAIN", &plain.to_string())
+        .replace("TLS", &tls.to_string())
+        .replace("GRPC", &tg.grpc.port().to_string())
+        .replace("UPSTREAM", &upstream.to_string())
+        .replace("DIR", &dir.display().to_string());
+    (Envoy::run(&yaml, tls, admin).await, tls)
+}
+
+/// Issue 8.12: with the default (empty) trust domains, a client certificate
+/// with two URI SANs, or with no URI SAN (a subject only), is no workload
+/// identity; exactly one valid SPIFFE URI SAN is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_valid_spiffe_uri_san_is_a_workload_through_envoy() {
+    let mut tg = Tollgate::start(test_config()).await;
+    let (upstream, _task) = start_upstream().await;
+    for (san, want) in [
+        ("URI:spiffe://acme.example/ns/batch/sa/indexer", 200),
+        (
+            "URI:spiffe://acme.example/ns/batch/sa/indexer,URI:spiffe://acme.example/ns/batch/sa/other",
+            401,
+        ),
+        ("DNS:indexer.example", 401),
+        ("URI:spiffe://acme.example/ns/batch/sa/indexer/", 401),
+        ("URI:spiffe://acme.example/ns/../sa/indexer", 401),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        certificates(dir.path(), san);
+        let (envoy, tls) = tls_envoy(dir.path(), &tg, upstream.port()).await;
+        let d = dir.path().to_path_buf();
+        let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true))
+            .await
+            .expect("curl");
+        assert_eq!(status, want, "{san}: {body}");
+        drop(envoy);
+    }
+    tg.stop().await;
+}
+
+/// Issue 8.13: `context.http.tls` follows the connection, through a real
+/// Envoy with `include_tls_session: true` on both listeners: true over TLS
+/// (also without a client certificate or SNI: curl to an IP sends none),
+/// false over plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_http_tls_follows_the_connection_through_envoy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    certificates(dir.path(), "URI:spiffe://acme.example/ns/batch/sa/indexer");
+    let policies = support::copy_policies();
+    std::fs::write(
+        policies.path().join("tls_probe.cedar"),
+        "@id(\"tls-probe\")\nforbid (principal, action, resource) when { context.http.tls };\n",
+    )
+    .expect("write policy");
+    let mut config = test_config();
+    config.policy.dir = policies.path().to_path_buf();
+    let mut tg = Tollgate::start(config).await;
+    let (upstream, _task) = start_upstream().await;
+    let (admin, tls, plain) = (free_port(), free_port(), free_port());
+    let yaml = ENVOY
+        .replace("HCM", HCM)
+        .replace("ADMIN", &admin.to_string())
+        .replace("PLAIN", &plain.to_string())
+        .replace("TLS", &tls.to_string())
+        .replace("GRPC", &tg.grpc.port().to_string())
+        .replace("UPSTREAM", &upstream.port().to_string())
+        .replace("DIR", &dir.path().display().to_string());
+    let _envoy = Envoy::run(&yaml, tls, admin).await;
+    let body = r#"{"model":"llama-3-8b"}"#;
+    let d = dir.path().to_path_buf();
+    let over_tls = tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .current_dir(&d)
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "--cacert",
+                "ca.crt",
+            ])
+            .args(["-H", "content-type: application/json"])
+            .args(["-H", &format!("x-api-key: {}", support::DEMO_PAID_KEY)])
+            .args(["-d", body])
+            .arg(format!("https://127.0.0.1:{tls}/v1/chat/completions"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    })
+    .await
+    .expect("curl");
+    assert!(
+        over_tls.ends_with("\n403") && over_tls.contains("policy_denied"),
+        "TLS not seen as TLS: {over_tls}"
+    );
+    let plaintext = raw_http(
+        format!("127.0.0.1:{plain}").parse().expect("addr"),
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-api-key", support::DEMO_PAID_KEY),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(
+        plaintext.status, 200,
+        "plaintext seen as TLS: {}",
+        plaintext.body
+    );
+    tg.stop().await;
+}
+
+/// `curl` over TLS to `path` with extra headers; returns (status, body).
+/// Status 0 means no HTTP answer (the TLS handshake was refused).
+fn curl_with(dir: &Path, port: u16, client_cert: bool, headers: &[&str]) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.current_dir(dir).args([
+        "-s",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+        "ca.crt",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"model":"text-embedding-small"}"#,
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if client_cert {
+        cmd.args(["--cert", "client.crt", "--key", "client.key"]);
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}/v1/embeddings"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn echoed(body: &str, name: &str) -> Vec<String> {
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("upstream echo");
+    echoed["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|p| p[0] == name)
+        .filter_map(|p| p[1].as_str().map(str::to_string))
+        .collect()
+}
+
+/// examples/envoy/envoy-mtls.yaml as shipped (only ports and the
+/// certificate directory substituted): a client certificate is required,
+/// becomes a `Service` principal, and a forged x-forwarded-client-cert is
+/// replaced by Envoy's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mtls_example_works_through_envoy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spiffe = "spiffe://acme.example/ns/batch/sa/indexer";
+    certificates(dir.path(), &format!("URI:{spiffe}"));
+    let mut config = test_config();
+    config.identity.mtls_trust_domains = vec!["acme.example".into()];
+    let mut tg = Tollgate::start(config).await;
+    let (upstream, _task) = start_upstream().await;
+    let (listen, admin) = (free_port(), free_port());
+    let template = std::fs::read_to_string(support::repo().join("examples/envoy/envoy-mtls.yaml"))
+        .expect("envoy-mtls.yaml");
+    let yaml = template
+        .replace("port_value: 10443", &format!("port_value: {listen}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace(
+            "port_value: 50051",
+            &format!("port_value: {}", tg.grpc.port()),
+        )
+        .replace(
+            "port_value: 8080",
+            &format!("port_value: {}", upstream.port()),
+        )
+        .replace("/etc/envoy/tls", &dir.path().display().to_string());
+    let _envoy = support::Envoy::run(&yaml, listen, admin).await;
+
+    let forged = "x-forwarded-client-cert: By=spiffe://acme.example/envoy;URI=spiffe://acme.example/ns/prod/sa/admin".to_string();
+    let d = dir.path().to_path_buf();
+    let (status, body) =
+        tokio::task::spawn_blocking(move || curl_with(&d, listen, true, &[&forged]))
+            .await
+            .expect("curl");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        echoed(&body, "x-tollgate-principal"),
+        vec![format!("Service::{spiffe:?}")]
+    );
+    let xfcc = echoed(&body, "x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "{xfcc:?}");
+    assert!(
+        xfcc[0].contains(spiffe) && !xfcc[0].contains("sa/admin"),
+        "Envoy must replace the client's header: {xfcc:?}"
+    );
+
+    let d = dir.path().to_path_buf();
+    let (status, _) = tokio::task::spawn_blocking(move || curl_with(&d, listen, false, &[]))
+        .await
+        .expect("curl");
+    assert_eq!(status, 0, "no client certificate, no connection");
     tg.stop().await;
 }

@@ -1,7 +1,6 @@
 //! Envoy `envoy.service.auth.v3.Authorization/Check`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, address};
@@ -16,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::config::{HeaderStyle, ResponseConfig};
 use crate::decision::{Decision, Outcome, Reason};
 use crate::engine::Engine;
-use crate::request::{HttpRequest, MalformedRequest, RouteHints};
+use crate::request::{HttpRequest, MalformedRequest, RouteHints, parse_source_ip};
 use crate::respond;
 
 /// Envoy sets this request header when `allow_partial_message` cut the body.
@@ -91,7 +90,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
     let fresh_id = || uuid::Uuid::new_v4().to_string();
     let AttributeContext {
         source,
-        destination: _,
+        destination,
         request,
         context_extensions,
         metadata_context,
@@ -120,11 +119,30 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
         Some(map) if headers.is_empty() => raw_headers(map).map_err(|e| (request_id.clone(), e))?,
         _ => headers,
     };
-    let (source_ip, peer_principal) = source.map(peer).unwrap_or_default();
-    // Envoy sends `tls_session` only with `include_tls_session: true`; a
-    // peer principal is taken from the verified client certificate, so it
-    // too proves the connection was TLS. Neither can be set by the client.
-    let tls = tls_session.is_some() || peer_principal.is_some();
+    let source = source.map(peer).unwrap_or_default();
+    let source_ip = parse_source_ip(&source.address).map_err(|e| (request_id.clone(), e))?;
+    let peer_certificate = match source.certificate.as_deref() {
+        None => None,
+        Some(encoded) => Some(
+            percent_encoding::percent_decode_str(encoded)
+                .decode_utf8()
+                .map_err(|_| (request_id.clone(), MalformedRequest::BadPeerCertificate))?
+                .into_owned(),
+        ),
+    };
+    // TLS only on evidence, never on a flag: `include_tls_session: true`
+    // makes Envoy send an empty `tls_session` on plaintext connections too.
+    // Evidence is a non-empty TLS session (SNI), a client certificate Envoy
+    // verified, or the local certificate Envoy reports as `destination`
+    // (it fills that only when the connection is TLS). None of these can be
+    // set by the client.
+    let local = destination.map(peer).unwrap_or_default();
+    let tls = tls_session.is_some_and(|t| !t.sni.is_empty())
+        || source.principal.is_some()
+        || peer_certificate.is_some()
+        || local.principal.is_some()
+        || local.certificate.is_some();
+    let peer_principal = source.principal;
     let body = if !raw_body.is_empty() {
         Some(raw_body)
     } else if !body.is_empty() {
@@ -132,6 +150,24 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
     } else {
         None
     };
+    let jwt_authn_payloads = metadata_context
+        .and_then(|mut m| {
+            m.filter_metadata
+                .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
+        })
+        .map(|s| {
+            s.fields
+                .into_iter()
+                .map(|(k, v)| json_of(v, 1).map(|v| (k, v)))
+                .collect::<Option<HashMap<_, _>>>()
+        })
+        .unwrap_or_else(|| Some(HashMap::new()))
+        .ok_or_else(|| {
+            (
+                request_id.clone(),
+                MalformedRequest::MetadataTooDeep(MAX_METADATA_DEPTH),
+            )
+        })?;
     let mut ext = context_extensions;
     Ok(HttpRequest {
         body_partial: headers
@@ -144,6 +180,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
         source_ip,
         tls,
         peer_principal: peer_principal.filter(|_| tls),
+        peer_certificate: peer_certificate.filter(|_| tls),
         body,
         declared_size: u64::try_from(size).ok(),
         route_hints: RouteHints {
@@ -152,13 +189,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
             tenant: ext.remove("tenant"),
             identity: ext.remove("identity"),
         },
-        jwt_authn_payloads: metadata_context
-            .and_then(|mut m| {
-                m.filter_metadata
-                    .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
-            })
-            .map(|s| s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
-            .unwrap_or_default(),
+        jwt_authn_payloads,
         headers,
     })
 }
@@ -184,35 +215,71 @@ fn raw_headers(map: HeaderMap) -> Result<HashMap<String, String>, MalformedReque
     Ok(out)
 }
 
-/// A protobuf `Value` as JSON.
-fn json_of(value: envoy_types::pb::google::protobuf::Value) -> serde_json::Value {
+/// Deepest `metadata_context` value converted. prost already refuses
+/// messages nested deeper than 100 levels while decoding (about 46 levels of
+/// `Value` lists, two messages each); this keeps the
+/// conversion's own recursion bounded whatever the decoder allows.
+const MAX_METADATA_DEPTH: usize = 16;
+
+/// A protobuf `Value` as JSON; `None` when it nests deeper than
+/// [`MAX_METADATA_DEPTH`].
+fn json_of(
+    value: envoy_types::pb::google::protobuf::Value,
+    depth: usize,
+) -> Option<serde_json::Value> {
     use envoy_types::pb::google::protobuf::value::Kind;
-    match value.kind {
+    if depth > MAX_METADATA_DEPTH {
+        return None;
+    }
+    Some(match value.kind {
         Some(Kind::StringValue(s)) => serde_json::Value::String(s),
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
             .map_or(serde_json::Value::Null, serde_json::Value::Number),
         Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
-        Some(Kind::StructValue(s)) => {
-            serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
-        }
-        Some(Kind::ListValue(l)) => {
-            serde_json::Value::Array(l.values.into_iter().map(json_of).collect())
-        }
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(
+            s.fields
+                .into_iter()
+                .map(|(k, v)| json_of(v, depth + 1).map(|v| (k, v)))
+                .collect::<Option<_>>()?,
+        ),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(
+            l.values
+                .into_iter()
+                .map(|v| json_of(v, depth + 1))
+                .collect::<Option<_>>()?,
+        ),
         Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
-    }
+    })
 }
 
-fn peer(peer: Peer) -> (Option<IpAddr>, Option<String>) {
+/// What a CheckRequest says about one end of the connection.
+#[derive(Default)]
+struct PeerFacts {
+    /// The socket address as sent; empty for pipes and internal listeners.
+    address: String,
+    principal: Option<String>,
+    /// URL-encoded PEM, as Envoy sends it.
+    certificate: Option<String>,
+}
+
+fn peer(peer: Peer) -> PeerFacts {
     let Peer {
         address,
         service: _,
         labels: _,
         principal,
-        certificate: _,
+        certificate,
     } = peer;
-    let ip = address.and_then(|a| a.address).and_then(|a| match a {
-        address::Address::SocketAddress(s) => s.address.parse().ok(),
-        _ => None,
-    });
-    (ip, Some(principal).filter(|p| !p.is_empty()))
+    let address = match address.and_then(|a| a.address) {
+        Some(address::Address::SocketAddress(s)) => s.address,
+        // A pipe (Unix socket) or an Envoy internal address has no IP.
+        Some(address::Address::Pipe(_) | address::Address::EnvoyInternalAddress(_)) | None => {
+            String::new()
+        }
+    };
+    PeerFacts {
+        address,
+        principal: Some(principal).filter(|p| !p.is_empty()),
+        certificate: Some(certificate).filter(|c| !c.is_empty()),
+    }
 }

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::identity::keys::{KeyIndex, KeyRecord, RedisKeys, key_hash, now_secs, sha256};
+use crate::identity::keys::{
+    Effective, KeyIndex, KeyRecord, RedisKeys, Stored, effective, key_hash, now_secs, sha256,
+};
 
 /// `tollgate keys …`.
 #[derive(Debug, Subcommand)]
@@ -15,9 +17,12 @@ pub enum KeysCommand {
     /// Issue a key: prints it once and stores only its hash (in Redis when
     /// identity.api_keys_redis_url is set, else in the keys file).
     Create(CreateKey),
-    /// Revoke a key by id.
+    /// Revoke a key by id. With Redis configured, the revocation is stored
+    /// in Redis, also for a key whose record is in the keys file, and wins
+    /// over the file's record.
     Revoke { id: String },
-    /// List key records (never keys).
+    /// List key ids with what a request presenting each key gets (never
+    /// keys): both sources combined as the server combines them.
     List,
 }
 
@@ -79,6 +84,42 @@ async fn redis_keys(config: &Config) -> anyhow::Result<Option<RedisKeys>> {
     Ok(Some(keys))
 }
 
+/// Refuses values the server would refuse when reading the record back
+/// (they become header values and comma-separated lists).
+fn check_fields(c: &CreateKey) -> anyhow::Result<()> {
+    for (flag, value) in [("--tenant", &c.tenant), ("--tier", &c.tier)] {
+        if value.is_empty() || !crate::respond::is_field_value(value) {
+            anyhow::bail!(
+                "{flag} {value:?}: use non-empty text without control characters or leading/trailing spaces"
+            );
+        }
+    }
+    for (flag, items) in [
+        ("--scope", &c.scopes),
+        ("--group", &c.groups),
+        ("--model", &c.models),
+    ] {
+        if let Some(bad) = items.iter().find(|i| {
+            i.is_empty()
+                || i.chars()
+                    .any(|ch| ch == ',' || ch.is_whitespace() || ch.is_control())
+        }) {
+            anyhow::bail!(
+                "{flag} {bad:?}: use a non-empty value without ',', spaces or control characters"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The keys file's records, when one is configured.
+fn file_index(config: &Config) -> anyhow::Result<Option<KeyIndex>> {
+    match &config.identity.api_keys_file {
+        Some(f) => Ok(Some(KeyIndex::load(&config.resolve(f))?)),
+        None => Ok(None),
+    }
+}
+
 fn keys_file(config: &Config) -> anyhow::Result<std::path::PathBuf> {
     config
         .identity
@@ -110,6 +151,7 @@ pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCod
                 })
                 .transpose()?;
             let grace_until = c.replaces.as_ref().map(|_| now_secs() + c.grace_secs);
+            check_fields(&c)?;
             let record = KeyRecord {
                 id: c.id.clone(),
                 hash: sha256(&key),
@@ -129,16 +171,28 @@ pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCod
                     grace_until
                 },
             };
+            // An id must be unique across both sources: a Redis record under
+            // a file key's id would be shadowed or make both unusable.
+            if let Some(index) = file_index(&config)?
+                && index.lookup(&record.id).is_some()
+            {
+                anyhow::bail!(
+                    "a key with id {:?} exists in the keys file; choose another id",
+                    record.id
+                );
+            }
             if let Some(redis) = redis_keys(&config).await? {
                 if redis.get_record(&record.id).await?.is_some() {
-                    anyhow::bail!("a key with id {:?} exists", record.id);
+                    anyhow::bail!(
+                        "a key with id {:?} exists in redis (or was revoked there); choose another id",
+                        record.id
+                    );
                 }
                 redis.put(&record).await?;
                 if let (Some(old), Some(until)) = (&c.replaces, grace_until) {
-                    let mut previous = redis
-                        .get_record(old)
-                        .await?
-                        .ok_or_else(|| anyhow::anyhow!("--replaces: no key {old:?}"))?;
+                    let Some(Stored::Record(mut previous)) = redis.get_record(old).await? else {
+                        anyhow::bail!("--replaces: no key record {old:?} in redis");
+                    };
                     previous.grace_until = Some(until);
                     redis.put(&previous).await?;
                 }
@@ -162,7 +216,21 @@ pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCod
         }
         KeysCommand::Revoke { id } => {
             let revoked = if let Some(redis) = redis_keys(&config).await? {
-                redis.revoke(&id).await?
+                let in_file = file_index(&config)?.is_some_and(|i| i.lookup(&id).is_some());
+                if redis.revoke(&id).await? {
+                    true
+                } else if in_file {
+                    // The record is in the keys file: store the revocation in
+                    // Redis, where every replica sees it and it wins over the
+                    // file. The file is left as it is.
+                    redis.put_revocation(&id).await?;
+                    eprintln!(
+                        "key {id:?} is in the keys file; its revocation is stored in redis and wins over the file"
+                    );
+                    true
+                } else {
+                    false
+                }
             } else {
                 let path = keys_file(&config)?;
                 let text = std::fs::read_to_string(&path)?;
@@ -187,31 +255,63 @@ pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCod
             println!("revoked {id}");
         }
         KeysCommand::List => {
-            let mut records: Vec<KeyRecord> = match redis_keys(&config).await? {
-                Some(redis) => redis.list().await?,
-                None => KeyIndex::load(&keys_file(&config)?)?
-                    .records()
-                    .cloned()
-                    .collect(),
-            };
-            records.sort_by(|a, b| a.id.cmp(&b.id));
+            let file = file_index(&config)?;
+            let redis = redis_keys(&config).await?;
+            if file.is_none() && redis.is_none() {
+                keys_file(&config)?;
+            }
+            let mut ids: Vec<String> = file
+                .as_ref()
+                .map(|f| f.records().map(|r| r.id.clone()).collect())
+                .unwrap_or_default();
+            if let Some(redis) = &redis {
+                ids.extend(redis.ids().await?);
+            }
+            ids.sort();
+            ids.dedup();
             let now = now_secs();
-            for r in records {
-                let state = if r.disabled || r.grace_until.is_some_and(|g| now >= g) {
-                    "revoked"
-                } else if r.expires_at.is_some_and(|e| now >= e) {
-                    "expired"
-                } else {
-                    "active"
-                };
-                println!(
-                    "{}\t{}\t{}\t{}\t{}",
-                    r.id,
-                    r.tenant,
-                    r.tier,
-                    r.scopes.join(","),
-                    state
-                );
+            println!("id\ttenant\ttier\tscopes\tstate\tsources");
+            for id in ids {
+                let mut found: Vec<(&'static str, Stored)> = Vec::new();
+                if let Some(r) = file.as_ref().and_then(|f| f.lookup(&id)) {
+                    found.push(("keys file", Stored::Record(r)));
+                }
+                if let Some(redis) = &redis
+                    && let Some(stored) = redis.get_record(&id).await?
+                {
+                    found.push(("redis", stored));
+                }
+                let sources = found
+                    .iter()
+                    .map(|(s, _)| s.replace(' ', "-"))
+                    .collect::<Vec<_>>()
+                    .join("+");
+                match effective(&found) {
+                    Effective::Unknown => {
+                        println!("{id}\t-\t-\t-\trevoked (no record)\t{sources}")
+                    }
+                    Effective::Invalid(why) => {
+                        println!("{id}\t-\t-\t-\tinvalid: {why}\t{sources}")
+                    }
+                    Effective::Record(r) => {
+                        let state = if r.disabled || r.grace_until.is_some_and(|g| now >= g) {
+                            "revoked"
+                        } else if r.expires_at.is_some_and(|e| now >= e) {
+                            "expired"
+                        } else {
+                            "active"
+                        };
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            r.id,
+                            r.tenant,
+                            r.tier,
+                            r.scopes.join(","),
+                            state,
+                            sources
+                        );
+                    }
+                }
             }
         }
     }

@@ -53,7 +53,7 @@ pub fn build(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Value {
         "query": query,
     });
     if let Some(ip) = req.source_ip {
-        http["source_ip"] = json!({"__extn": {"fn": "ip", "arg": ip.to_string()}});
+        http["source_ip"] = json!({"__extn": {"fn": "ip", "arg": cedar_ip(ip)}});
     }
     let b = inputs.body;
     let mut body = json!({
@@ -118,7 +118,7 @@ pub fn build_cedar(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Result
         ("query".to_string(), record(query)?),
     ];
     if let Some(ip) = req.source_ip {
-        http.push(("source_ip".to_string(), R::new_ip(ip.to_string())));
+        http.push(("source_ip".to_string(), R::new_ip(cedar_ip(ip))));
     }
     let b = inputs.body;
     let mut body = vec![
@@ -155,6 +155,22 @@ pub fn build_cedar(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Result
         ("authn".to_string(), R::new_string(inputs.authn.to_string())),
     ])
     .map_err(|e| e.to_string())
+}
+
+/// An address in a form Cedar's `ip()` always accepts: dotted IPv4 (mapped
+/// IPv6 was already turned into IPv4 by the adapter) or all eight IPv6
+/// groups in hex — never the embedded-IPv4 notation (`::ffff:1.2.3.4`) that
+/// Cedar refuses and `Display` may print.
+pub fn cedar_ip(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => v6
+            .segments()
+            .iter()
+            .map(|s| format!("{s:x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+    }
 }
 
 /// Lowercase, without port and trailing dot.

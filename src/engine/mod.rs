@@ -6,11 +6,13 @@
 
 pub mod body;
 pub mod context;
+pub mod model;
 pub mod principal;
 mod query;
 mod quota;
 
 pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
+pub use quota::UsageError;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,6 +69,8 @@ pub struct Engine {
     rules: Vec<QuotaRule>,
     limits: Arc<LimitsStore>,
     unknown_domain_warning: crate::metrics::Throttle,
+    prices: crate::usage::Prices,
+    reservation_ttl: std::time::Duration,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -103,6 +107,8 @@ impl Engine {
             unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(
                 60,
             )),
+            prices: config.quota.price_table(),
+            reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
         }
     }
 
@@ -138,7 +144,11 @@ impl Engine {
                 snapshot.version.clone(),
             )
         };
+        // The host feeds `context.http.host`: a policy on it must never see
+        // one of several values.
+        let host = crate::request::check_host(request);
         let mut decision = match crate::path::canonicalize(&request.raw_path) {
+            _ if host.is_err() => early(Outcome::Invalid(Reason::AmbiguousHost)),
             Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
             Ok(path) => {
                 let matched = self.routes.find(&request.method, &path);
@@ -151,7 +161,7 @@ impl Engine {
             }
         };
         if decision.outcome.is_allow() {
-            self.charge_rules(&mut decision).await;
+            self.charge_rules(&mut decision, request).await;
         }
         crate::audit::record(&decision, started.elapsed());
         self.metrics.decision(
@@ -203,6 +213,15 @@ impl Engine {
             Err(reason) => return decision.with(Outcome::Invalid(reason)),
         };
         let no_params = Vec::new();
+        if let Err(reason) = model::check_single(
+            request,
+            path,
+            matched.as_ref().map_or(&no_params, |m| &m.params),
+            body.model.as_deref(),
+            &self.context.model_headers,
+        ) {
+            return decision.with(Outcome::Invalid(reason));
+        }
         let vars = TemplateVars {
             path_params: matched.as_ref().map_or(&no_params, |m| &m.params),
             body_model: body.model.as_deref(),
@@ -299,13 +318,22 @@ impl Engine {
             .as_deref()
             .map(|list| list.split(',').filter_map(SourceKind::parse).collect());
         let allowed = from_hint.or_else(|| matched.and_then(|m| m.route.identity.clone()));
-        self.identity
+        let principal = self
+            .identity
             .authenticate(request, allowed.as_deref())
             .await
             .map_err(|reason| match reason {
                 Reason::Unavailable => Outcome::Unavailable(reason),
                 _ => Outcome::Unauthenticated(reason),
-            })
+            })?;
+        // What the credential says is passed on in headers (principal,
+        // tenant, tier): a value that is not a valid HTTP field value would
+        // be refused by the gateway after we allowed, or inject a header.
+        if !crate::respond::principal_is_expressible(&principal) {
+            tracing::info!(request_id = %request.request_id, "credential carries a value that cannot be a header value");
+            return Err(Outcome::Unauthenticated(Reason::InvalidClaim));
+        }
+        Ok(principal)
     }
 }
 

@@ -1,8 +1,10 @@
 //! API key authentication.
 //!
 //! The key is parsed first (prefix, id, checksum): a malformed key is refused
-//! without touching any store. The record is found by the key's public id
-//! (keys file, then Redis, through a short-lived cache), and the key's
+//! without touching any store. The record is found by the key's public id in
+//! every source (keys file and Redis, through a short-lived cache) and
+//! combined by [`effective`]: a revocation anywhere wins, and a record that
+//! does not parse refuses the key (`invalid_key_record`). The key's
 //! SHA-256 is compared with the stored one in constant time. API keys are
 //! long random strings, so a fast hash is the right storage (a password KDF
 //! buys nothing against 190 bits of entropy).
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 
-use super::keys::{KeyRecord, KeySource, now_secs, sha256};
+use super::keys::{Effective, KeySource, effective, now_secs, sha256};
 use super::{Authentication, Authenticator, Principal, PrincipalKind, SourceKind};
 use crate::decision::Reason;
 use crate::request::HttpRequest;
@@ -23,7 +25,7 @@ pub struct ApiKeyAuthenticator {
     sources: Vec<Arc<dyn KeySource>>,
     /// Records (or their absence) by id, for `cache_ttl`: the bound on how
     /// long a revocation takes to reach every replica.
-    cache: moka::future::Cache<String, Option<Arc<KeyRecord>>>,
+    cache: moka::future::Cache<String, Arc<Effective>>,
     max_len: usize,
     lookups: AtomicU64,
 }
@@ -53,18 +55,17 @@ impl ApiKeyAuthenticator {
         self.cache.invalidate_all();
     }
 
-    async fn record(&self, id: &str) -> Result<Option<Arc<KeyRecord>>, Reason> {
+    async fn record(&self, id: &str) -> Result<Arc<Effective>, Reason> {
         if let Some(hit) = self.cache.get(id).await {
             return Ok(hit);
         }
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        let mut found = None;
+        // Every source is asked, not the first that knows the id: a
+        // revocation stored in Redis must win over the keys file's record.
+        let mut found = Vec::new();
         for source in &self.sources {
             match source.get(id).await {
-                Ok(Some(r)) => {
-                    found = Some(Arc::new(r));
-                    break;
-                }
+                Ok(Some(stored)) => found.push((source.name(), stored)),
                 Ok(None) => {}
                 Err(e) => {
                     // Fail closed, and do not cache the failure.
@@ -73,8 +74,14 @@ impl ApiKeyAuthenticator {
                 }
             }
         }
-        self.cache.insert(id.to_string(), found.clone()).await;
-        Ok(found)
+        let combined = Arc::new(effective(&found));
+        if let Effective::Invalid(message) = combined.as_ref() {
+            // Reported once per cache period, and counted as
+            // `tollgate_decisions_total{reason="invalid_key_record"}`.
+            tracing::warn!(key_id = id, problem = %message, "api key record refused; fix the record");
+        }
+        self.cache.insert(id.to_string(), combined.clone()).await;
+        Ok(combined)
     }
 }
 
@@ -114,10 +121,14 @@ impl Authenticator for ApiKeyAuthenticator {
         let Some(id) = super::key_format::parse(key.trim()) else {
             return Authentication::Rejected(Reason::MalformedCredential);
         };
-        let record = match self.record(id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Authentication::Rejected(Reason::InvalidCredential),
+        let found = match self.record(id).await {
+            Ok(found) => found,
             Err(reason) => return Authentication::Rejected(reason),
+        };
+        let record = match found.as_ref() {
+            Effective::Record(r) => r,
+            Effective::Unknown => return Authentication::Rejected(Reason::InvalidCredential),
+            Effective::Invalid(_) => return Authentication::Rejected(Reason::InvalidKeyRecord),
         };
         if !bool::from(sha256(key.trim()).ct_eq(&record.hash)) {
             return Authentication::Rejected(Reason::InvalidCredential);
@@ -151,11 +162,15 @@ mod tests {
 
     #[tonic::async_trait]
     impl KeySource for Fixed {
+        fn name(&self) -> &'static str {
+            "fixed"
+        }
+
         async fn get(
             &self,
             id: &str,
-        ) -> Result<Option<KeyRecord>, super::super::keys::SourceError> {
-            Ok(self.0.lookup(id))
+        ) -> Result<Option<super::super::keys::Stored>, super::super::keys::SourceError> {
+            Ok(self.0.lookup(id).map(super::super::keys::Stored::Record))
         }
     }
 

@@ -40,11 +40,79 @@ pub struct KeyRecord {
 #[error("{0}")]
 pub struct SourceError(pub String);
 
+/// What one source holds for a key id.
+// Short-lived values on a lookup path; boxing the record buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A whole record.
+    Record(KeyRecord),
+    /// Only a revocation: `tollgate keys revoke` of a key whose record lives
+    /// in another source (the keys file) stores this in Redis.
+    Revocation,
+    /// A record with a field that does not parse; the message names the
+    /// field and the expected form. The key is refused until it is fixed.
+    Invalid(String),
+}
+
 /// Where records are looked up by key id.
 #[tonic::async_trait]
 pub trait KeySource: Send + Sync {
-    /// The record of `id`, if this source has it.
-    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, SourceError>;
+    /// Short name for logs and `keys list` (`file`, `redis`).
+    fn name(&self) -> &'static str;
+    /// What this source holds for `id`, if anything.
+    async fn get(&self, id: &str) -> Result<Option<Stored>, SourceError>;
+}
+
+/// What a request presenting key `id` gets, given what each source holds.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effective {
+    /// No source has a record.
+    Unknown,
+    /// The record a request is checked against. `disabled` is set when any
+    /// source revoked the key: a revocation anywhere wins.
+    Record(KeyRecord),
+    /// The key cannot be checked: a record that does not parse, or whole
+    /// records for one id in two sources (which one the operator meant is a
+    /// guess). The message says what to fix.
+    Invalid(String),
+}
+
+/// Combines what the sources hold for one id (`(source name, stored)`).
+/// Precedence: a broken record anywhere refuses the key; a revocation or a
+/// disabled record anywhere revokes it; otherwise the one whole record
+/// applies. The keys file and Redis must never both hold a whole record for
+/// an id (`keys create` refuses such ids).
+pub fn effective(found: &[(&'static str, Stored)]) -> Effective {
+    let mut record: Option<(&str, &KeyRecord)> = None;
+    let mut revoked = false;
+    for (source, stored) in found {
+        match stored {
+            Stored::Invalid(message) => {
+                return Effective::Invalid(format!("{source}: {message}"));
+            }
+            Stored::Revocation => revoked = true,
+            Stored::Record(r) => {
+                if let Some((first, _)) = record {
+                    return Effective::Invalid(format!(
+                        "key id {:?} has a record in both {first} and {source}; remove one",
+                        r.id
+                    ));
+                }
+                revoked |= r.disabled;
+                record = Some((source, r));
+            }
+        }
+    }
+    match record {
+        None => Effective::Unknown,
+        Some((_, r)) => {
+            let mut r = r.clone();
+            r.disabled = revoked;
+            Effective::Record(r)
+        }
+    }
 }
 
 /// SHA-256 of a key.
@@ -259,8 +327,12 @@ impl FileKeys {
 
 #[tonic::async_trait]
 impl KeySource for FileKeys {
-    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, SourceError> {
-        Ok(self.index.load().lookup(id))
+    fn name(&self) -> &'static str {
+        "keys file"
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Stored>, SourceError> {
+        Ok(self.index.load().lookup(id).map(Stored::Record))
     }
 }
 
@@ -280,7 +352,7 @@ impl RedisKeys {
         })
     }
 
-    fn name(&self, id: &str) -> String {
+    fn redis_key(&self, id: &str) -> String {
         format!("{}apikey:{id}", self.prefix)
     }
 
@@ -318,7 +390,7 @@ impl RedisKeys {
             ),
         ];
         redis::cmd("HSET")
-            .arg(self.name(&r.id))
+            .arg(self.redis_key(&r.id))
             .arg(fields)
             .query_async::<i64>(&mut conn)
             .await
@@ -326,33 +398,43 @@ impl RedisKeys {
             .map_err(|e| SourceError(e.to_string()))
     }
 
-    /// Marks a key revoked; `false` when there is no such key.
+    /// Marks a key revoked; `false` when Redis holds nothing for the id.
     pub async fn revoke(&self, id: &str) -> Result<bool, SourceError> {
         let mut conn = self.conn()?;
         let exists: bool = redis::cmd("EXISTS")
-            .arg(self.name(id))
+            .arg(self.redis_key(id))
             .query_async(&mut conn)
             .await
             .map_err(|e| SourceError(e.to_string()))?;
         if exists {
-            redis::cmd("HSET")
-                .arg(self.name(id))
-                .arg("disabled")
-                .arg("1")
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| SourceError(e.to_string()))?;
+            self.put_revocation(id).await?;
         }
         Ok(exists)
     }
 
-    /// The record of `id`, as stored.
-    pub async fn get_record(&self, id: &str) -> Result<Option<KeyRecord>, SourceError> {
+    /// Records a revocation of `id` in Redis (on its record, or alone when
+    /// the record lives in the keys file). It wins over every source.
+    pub async fn put_revocation(&self, id: &str) -> Result<(), SourceError> {
+        let mut conn = self.conn()?;
+        redis::cmd("HSET")
+            .arg(self.redis_key(id))
+            .arg("disabled")
+            .arg("1")
+            .arg("revoked_at")
+            .arg(now_secs().to_string())
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| SourceError(e.to_string()))
+    }
+
+    /// What Redis holds for `id`.
+    pub async fn get_record(&self, id: &str) -> Result<Option<Stored>, SourceError> {
         KeySource::get(self, id).await
     }
 
-    /// Every record.
-    pub async fn list(&self) -> Result<Vec<KeyRecord>, SourceError> {
+    /// Every id Redis holds something for.
+    pub async fn ids(&self) -> Result<Vec<String>, SourceError> {
         let mut conn = self.conn()?;
         // SCAN, not KEYS: KEYS blocks a shared Redis for the whole keyspace.
         let pattern = format!("{}apikey:*", self.prefix);
@@ -374,56 +456,319 @@ impl RedisKeys {
             }
             cursor = next;
         }
-        let mut out = Vec::new();
-        for name in names {
-            let id = name.rsplit(':').next().unwrap_or_default().to_string();
-            if let Some(r) = self.get(&id).await? {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        let prefix = format!("{}apikey:", self.prefix);
+        Ok(names
+            .iter()
+            .filter_map(|n| n.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect())
     }
 }
 
 #[tonic::async_trait]
 impl KeySource for RedisKeys {
-    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, SourceError> {
-        let mut conn = self.conn()?;
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.name(id))
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Stored>, SourceError> {
+        use crate::redis_conn::PoisonReason;
+        let (mut conn, generation) = self
+            .conn
+            .get()
+            .ok_or_else(|| SourceError("not connected to redis yet".into()))?;
+        // The record and an echoed nonce in one pipeline: a multiplexed
+        // connection pairs replies with calls by order only, so a reply that
+        // does not end with this call's nonce proves the stream is out of
+        // step and the connection is dropped (see `crate::redis_conn`). A
+        // caller that gives up mid-call drops it too (the guard).
+        let nonce = format!("{:016x}", rand_u64());
+        let guard = self.conn.guard(generation);
+        let reply: Result<(HashMap<String, String>, String), redis::RedisError> = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.redis_key(id))
+            .cmd("ECHO")
+            .arg(&nonce)
             .query_async(&mut conn)
-            .await
-            .map_err(|e| SourceError(e.to_string()))?;
+            .await;
+        let fields = match reply {
+            Ok((fields, echoed)) if echoed == nonce => {
+                guard.disarm();
+                fields
+            }
+            Ok(_) => {
+                guard.poison(PoisonReason::Unattributed);
+                return Err(SourceError(
+                    "a redis reply did not belong to its call; connection dropped".into(),
+                ));
+            }
+            Err(e) => {
+                match PoisonReason::of(&e) {
+                    Some(reason) => guard.poison(reason),
+                    None => guard.disarm(),
+                }
+                return Err(SourceError(e.to_string()));
+            }
+        };
         if fields.is_empty() {
             return Ok(None);
         }
-        let text = |k: &str| fields.get(k).cloned().unwrap_or_default();
-        let list = |k: &str| {
-            text(k)
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        };
-        let number = |k: &str| text(k).parse::<u64>().ok();
-        let mut hash = [0u8; 32];
-        if hex::decode_to_slice(text("hash"), &mut hash).is_err() {
-            return Err(SourceError(format!(
-                "record {id:?} in redis has a malformed hash"
-            )));
-        }
-        Ok(Some(KeyRecord {
-            id: id.to_string(),
-            hash,
-            tenant: text("tenant"),
-            tier: text("tier"),
-            scopes: list("scopes"),
-            groups: list("groups"),
-            models: list("models"),
-            expires_at: number("expires_at"),
-            disabled: text("disabled") == "1",
-            replaces: Some(text("replaces")).filter(|s| !s.is_empty()),
-            grace_until: number("grace_until"),
+        Ok(Some(match parse_redis_record(id, &fields) {
+            Ok(stored) => stored,
+            Err(message) => Stored::Invalid(message),
         }))
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // Uniqueness per call is what matters; a failed read leaves zeros, and
+    // a zero nonce still cannot match another call's reply by accident
+    // unless that call also drew zeros.
+    let _ = getrandom::fill(&mut bytes);
+    u64::from_le_bytes(bytes)
+}
+
+/// Latest time accepted in `expires_at`, `grace_until` and `revoked_at`:
+/// 9999-12-31T23:59:59Z, in seconds since the epoch.
+const MAX_EPOCH_SECS: u64 = 253_402_300_799;
+
+/// Reads a Redis key record (a hash) strictly. The accepted form of each
+/// field, as `tollgate keys create` writes it:
+///
+/// | field | form |
+/// |---|---|
+/// | `hash` | 64 hex digits (SHA-256 of the key), required |
+/// | `tenant`, `tier` | non-empty text, no control characters or edge whitespace, required |
+/// | `scopes`, `groups`, `models` | comma-separated items without whitespace or control characters; empty for none |
+/// | `expires_at`, `grace_until`, `revoked_at` | seconds since the epoch, decimal digits only; empty for none |
+/// | `disabled` | `0` or `1` |
+/// | `replaces` | a key id, or empty |
+///
+/// A hash holding only `disabled = 1` (and `revoked_at`) is a revocation of
+/// a key whose record lives in the keys file. Anything else — an unknown
+/// field, `disabled = true`, `expires_at = soon`, `grace_until = -5` or an
+/// RFC 3339 time — is an error naming the field: the key is refused rather
+/// than read as if the field were absent.
+pub fn parse_redis_record(id: &str, fields: &HashMap<String, String>) -> Result<Stored, String> {
+    const KNOWN: [&str; 11] = [
+        "hash",
+        "tenant",
+        "tier",
+        "scopes",
+        "groups",
+        "models",
+        "expires_at",
+        "disabled",
+        "replaces",
+        "grace_until",
+        "revoked_at",
+    ];
+    let bad =
+        |field: &str, want: &str| format!("key record {id:?}: field {field:?} must be {want}");
+    let mut unknown: Vec<&str> = fields
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !KNOWN.contains(k))
+        .collect();
+    unknown.sort_unstable();
+    if let Some(first) = unknown.first() {
+        return Err(format!(
+            "key record {id:?}: unknown field {first:?}; known fields: {}",
+            KNOWN.join(", ")
+        ));
+    }
+    let epoch = |field: &str| -> Result<Option<u64>, String> {
+        match fields.get(field).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(v) => v
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| v.parse::<u64>().ok())
+                .flatten()
+                .filter(|t| *t <= MAX_EPOCH_SECS)
+                .map(Some)
+                .ok_or_else(|| bad(field, "seconds since the epoch (decimal digits), or empty")),
+        }
+    };
+    let disabled = match fields.get("disabled").map(String::as_str) {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(_) => return Err(bad("disabled", "\"0\" or \"1\"")),
+    };
+    epoch("revoked_at")?;
+    let record_fields = ["hash", "tenant", "tier"];
+    if !record_fields.iter().any(|f| fields.contains_key(*f)) {
+        // No record here: a revocation, or nothing usable.
+        return if disabled {
+            Ok(Stored::Revocation)
+        } else {
+            Err(format!(
+                "key record {id:?}: has no \"hash\", \"tenant\" and \"tier\" and is not a revocation (\"disabled\" = \"1\")"
+            ))
+        };
+    }
+    let text = |field: &str| -> Result<String, String> {
+        match fields.get(field) {
+            Some(v) if !v.is_empty() && crate::respond::is_field_value(v) => Ok(v.clone()),
+            _ => Err(bad(
+                field,
+                "non-empty text without control characters or leading/trailing whitespace",
+            )),
+        }
+    };
+    let list = |field: &str| -> Result<Vec<String>, String> {
+        let raw = fields.get(field).map(String::as_str).unwrap_or("");
+        if raw.is_empty() {
+            return Ok(Vec::new());
+        }
+        raw.split(',')
+            .map(|item| {
+                if item.is_empty() || item.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    Err(bad(
+                        field,
+                        "comma-separated items without whitespace or control characters",
+                    ))
+                } else {
+                    Ok(item.to_string())
+                }
+            })
+            .collect()
+    };
+    let mut hash = [0u8; 32];
+    let hash_text = fields.get("hash").map(String::as_str).unwrap_or("");
+    if hash_text.len() != 64 || hex::decode_to_slice(hash_text, &mut hash).is_err() {
+        return Err(bad("hash", "64 hex digits (the SHA-256 of the key)"));
+    }
+    let replaces = match fields.get("replaces").map(String::as_str) {
+        None | Some("") => None,
+        Some(r) if super::key_format::valid_id(r) => Some(r.to_string()),
+        Some(_) => return Err(bad("replaces", "a key id, or empty")),
+    };
+    Ok(Stored::Record(KeyRecord {
+        id: id.to_string(),
+        hash,
+        tenant: text("tenant")?,
+        tier: text("tier")?,
+        scopes: list("scopes")?,
+        groups: list("groups")?,
+        models: list("models")?,
+        expires_at: epoch("expires_at")?,
+        disabled,
+        replaces,
+        grace_until: epoch("grace_until")?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut f: HashMap<String, String> = [
+            ("hash", "ab".repeat(32).as_str()),
+            ("tenant", "acme"),
+            ("tier", "paid"),
+            ("scopes", "llm:generate"),
+            ("groups", ""),
+            ("models", ""),
+            ("expires_at", ""),
+            ("disabled", "0"),
+            ("replaces", ""),
+            ("grace_until", ""),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            f.insert(k.to_string(), v.to_string());
+        }
+        f
+    }
+
+    #[test]
+    fn redis_records_parse_strictly() {
+        assert!(matches!(
+            parse_redis_record("k", &fields(&[])),
+            Ok(Stored::Record(_))
+        ));
+        assert!(matches!(
+            parse_redis_record(
+                "k",
+                &fields(&[("expires_at", "4102444800"), ("disabled", "1")])
+            ),
+            Ok(Stored::Record(KeyRecord {
+                disabled: true,
+                expires_at: Some(4_102_444_800),
+                ..
+            }))
+        ));
+        for (field, value) in [
+            ("grace_until", "garbage"),
+            ("grace_until", "-5"),
+            ("grace_until", "2027-01-01T00:00:00Z"),
+            ("grace_until", "+5"),
+            ("grace_until", " 5"),
+            ("grace_until", "99999999999999999999"),
+            ("expires_at", "soon"),
+            ("expires_at", "1.5"),
+            ("disabled", "true"),
+            ("disabled", ""),
+            ("disabled", "yes"),
+            ("hash", "xyz"),
+            ("hash", ""),
+            ("tenant", ""),
+            ("tier", "paid\r\nx-injected: yes"),
+            ("tier", "paid\0"),
+            ("tenant", " acme"),
+            ("scopes", "a,,b"),
+            ("scopes", "a b"),
+            ("replaces", "Not An Id"),
+            ("revoked", "1"),
+        ] {
+            let got = parse_redis_record("k", &fields(&[(field, value)]));
+            assert!(got.is_err(), "{field} = {value:?} parsed: {got:?}");
+        }
+        let mut marker = HashMap::new();
+        marker.insert("disabled".to_string(), "1".to_string());
+        marker.insert("revoked_at".to_string(), "1700000000".to_string());
+        assert_eq!(parse_redis_record("k", &marker), Ok(Stored::Revocation));
+        marker.insert("disabled".to_string(), "0".to_string());
+        assert!(parse_redis_record("k", &marker).is_err());
+    }
+
+    #[test]
+    fn a_revocation_anywhere_wins() {
+        let record = match parse_redis_record("k", &fields(&[])) {
+            Ok(Stored::Record(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        let revoked = |e: Effective| matches!(e, Effective::Record(r) if r.disabled);
+        assert!(revoked(effective(&[
+            ("keys file", Stored::Record(record.clone())),
+            ("redis", Stored::Revocation),
+        ])));
+        assert!(!revoked(effective(&[(
+            "keys file",
+            Stored::Record(record.clone())
+        )])));
+        assert!(matches!(
+            effective(&[
+                ("keys file", Stored::Record(record.clone())),
+                ("redis", Stored::Record(record.clone())),
+            ]),
+            Effective::Invalid(_)
+        ));
+        assert!(matches!(
+            effective(&[
+                ("keys file", Stored::Record(record)),
+                ("redis", Stored::Invalid("x".into())),
+            ]),
+            Effective::Invalid(_)
+        ));
+        assert_eq!(
+            effective(&[("redis", Stored::Revocation)]),
+            Effective::Unknown
+        );
     }
 }

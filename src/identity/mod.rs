@@ -141,8 +141,10 @@ impl IdentityChain {
         Self { sources }
     }
 
-    /// The first present credential among the `allowed` sources (all when
-    /// `None`) decides; with none, the caller is anonymous. A credential of a
+    /// A request carrying several caller credentials that are not one and
+    /// the same is refused ([`several_credentials`]). Otherwise the first
+    /// present credential among the `allowed` sources (all when `None`)
+    /// decides; with none, the caller is anonymous. A credential of a
     /// source the route does not allow, or an `Authorization` header no
     /// source recognizes, is refused rather than ignored.
     pub async fn authenticate(
@@ -150,6 +152,9 @@ impl IdentityChain {
         request: &HttpRequest,
         allowed: Option<&[SourceKind]>,
     ) -> Result<Principal, Reason> {
+        if several_credentials(request) {
+            return Err(Reason::AmbiguousCredential);
+        }
         let permitted =
             |s: &&std::sync::Arc<dyn Authenticator>| allowed.is_none_or(|a| a.contains(&s.kind()));
         for source in self.sources.iter().filter(permitted) {
@@ -170,5 +175,115 @@ impl IdentityChain {
             return Err(Reason::InvalidCredential);
         }
         Ok(Principal::anonymous())
+    }
+}
+
+/// Headers in which upstreams take an API key: Tollgate's own `x-api-key`,
+/// Azure OpenAI's `api-key`, Google's `x-goog-api-key`. Tollgate
+/// authenticates only `x-api-key` (and `Authorization`), but an upstream
+/// may honour any of them, so each counts as a credential here.
+const KEY_HEADERS: [&str; 3] = ["x-api-key", "api-key", "x-goog-api-key"];
+
+/// Whether the request carries more than one caller credential: the
+/// upstream might then act for another caller than the one Tollgate
+/// decided on. Counted as several: different values among the API key
+/// headers ([`KEY_HEADERS`]) and the `Authorization` header (its `Bearer`
+/// value, or the whole header for another scheme — so an API key beside a
+/// JWT or Basic credentials is several); a bearer value with ',' (merged
+/// duplicate headers); an API key beside a JWT that Envoy's `jwt_authn`
+/// verified; payloads of more than one verified JWT. The same key in
+/// `x-api-key` and `Authorization: Bearer` is one caller. The mTLS peer
+/// identity belongs to the connection, not a second caller, and is not
+/// counted.
+pub fn several_credentials(request: &HttpRequest) -> bool {
+    let authorization = request.header("authorization").map(str::trim);
+    let bearer = authorization
+        .and_then(|a| a.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, value)| value.trim());
+    if bearer.is_some_and(|b| b.contains(',')) {
+        return true;
+    }
+    let keys: Vec<&str> = KEY_HEADERS
+        .iter()
+        .filter_map(|h| request.header(h))
+        .map(str::trim)
+        .collect();
+    let mut values: Vec<&str> = keys.clone();
+    if let Some(a) = authorization {
+        values.push(bearer.unwrap_or(a));
+    }
+    values.sort_unstable();
+    values.dedup();
+    if values.len() > 1 {
+        return true;
+    }
+    let key_presented =
+        !keys.is_empty() || bearer.is_some_and(|b| b.starts_with(key_format::PREFIX));
+    let verified_jwts = request.jwt_authn_payloads.len();
+    verified_jwts > 1 || (verified_jwts == 1 && key_presented)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_credentials_are_detected() {
+        let req = |headers: &[(&str, &str)], jwts: usize| {
+            let mut r = HttpRequest::default();
+            for (k, v) in headers {
+                r.headers.insert(k.to_string(), v.to_string());
+            }
+            for i in 0..jwts {
+                r.jwt_authn_payloads
+                    .insert(format!("p{i}"), serde_json::json!({"sub": "x"}));
+            }
+            r
+        };
+        let (a, b) = ("tg_a_1", "tg_b_2");
+        for (headers, jwts, want) in [
+            (vec![("x-api-key", a)], 0, false),
+            (vec![("authorization", "Bearer tg_a_1")], 0, false),
+            (
+                vec![("x-api-key", a), ("authorization", "Bearer tg_a_1")],
+                0,
+                false,
+            ),
+            (
+                vec![("x-api-key", a), ("authorization", "Bearer tg_b_2")],
+                0,
+                true,
+            ),
+            (
+                vec![("x-api-key", b), ("authorization", "Bearer e.y.j")],
+                0,
+                true,
+            ),
+            (
+                vec![("x-api-key", a), ("authorization", "Basic eDp5")],
+                0,
+                true,
+            ),
+            (vec![("authorization", "Bearer e.y.j, e.y.k")], 0, true),
+            (vec![("authorization", "Bearer e.y.j")], 1, false),
+            (vec![("x-api-key", a)], 1, true),
+            (vec![("authorization", "Bearer tg_a_1")], 1, true),
+            (vec![], 2, true),
+            (vec![("x-api-key", a), ("api-key", b)], 0, true),
+            (vec![("x-api-key", a), ("api-key", a)], 0, false),
+            (
+                vec![("authorization", "Bearer tg_a_1"), ("x-goog-api-key", b)],
+                0,
+                true,
+            ),
+            (vec![("api-key", b)], 0, false),
+        ] {
+            assert_eq!(
+                several_credentials(&req(&headers, jwts)),
+                want,
+                "{headers:?} {jwts}"
+            );
+        }
     }
 }

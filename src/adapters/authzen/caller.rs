@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use super::Authzen;
 use crate::decision::Reason;
 use crate::identity::{Principal, PrincipalKind};
-use crate::quota::rules::Planned;
+use crate::quota::rules::{Cost, Planned};
 use crate::quota::{Algorithm, Charge, ChargeMode, CounterKey, FailureMode, QuotaDecision};
 use crate::request::HttpRequest;
 
@@ -67,6 +67,7 @@ async fn charge_caller(az: &Authzen, caller: &str, limit: u64) -> Option<Respons
         },
         failure_mode: FailureMode::Deny,
         label: "authzen.caller_requests_per_unit".into(),
+        measure: Cost::Requests,
     };
     match az.engine.quota().charge(std::slice::from_ref(&plan)).await {
         QuotaDecision::Allowed { .. } => None,
