@@ -38,6 +38,8 @@ pub struct Config {
     pub response: ResponseConfig,
     pub quota: QuotaConfig,
     pub log: LogConfig,
+    /// The OpenID AuthZEN Authorization API (served on `server.authzen_listen`).
+    pub authzen: crate::adapters::authzen::AuthzenConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -57,6 +59,8 @@ pub struct ServerConfig {
     pub grpc_listen: SocketAddr,
     /// Admin HTTP listener: /healthz, /readyz, /metrics, /policy.
     pub admin_listen: SocketAddr,
+    /// AuthZEN Authorization API HTTP listener; off when unset.
+    pub authzen_listen: Option<SocketAddr>,
     /// Longest drain on shutdown, in milliseconds: in-flight requests get
     /// this long, then connections still open (health watch streams) are
     /// closed.
@@ -307,6 +311,7 @@ impl Default for Config {
             response: ResponseConfig::default(),
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
+            authzen: Default::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -319,6 +324,7 @@ impl Default for ServerConfig {
         Self {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            authzen_listen: None,
             shutdown_grace_ms: 5000,
         }
     }
@@ -425,6 +431,7 @@ impl Config {
             message,
         };
         self.route_table().map_err(|e| invalid(e.to_string()))?;
+        self.authzen.check().map_err(|e| invalid(e.to_string()))?;
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

@@ -31,13 +31,17 @@ struct VersionLabels {
 pub enum Api {
     ExtAuthz,
     DecisionApi,
+    /// The OpenID AuthZEN Authorization API 1.0 listener.
+    Authzen,
 }
 
 impl Api {
-    fn label(self) -> &'static str {
+    /// The `api` label value.
+    pub fn label(self) -> &'static str {
         match self {
             Self::ExtAuthz => "ext_authz",
             Self::DecisionApi => "decision_api",
+            Self::Authzen => "authzen",
         }
     }
 }

@@ -218,6 +218,36 @@ impl App {
         }))
     }
 
+    /// Binds and serves the AuthZEN listener until `stop` turns true.
+    async fn start_authzen(
+        &self,
+        addr: SocketAddr,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(SocketAddr, JoinHandle<std::io::Result<()>>), StartError> {
+        let adapter = crate::adapters::authzen::Authzen::new(
+            self.engine.clone(),
+            self.config.authzen.clone(),
+        )
+        .map_err(|e| {
+            StartError::Config(crate::config::ConfigError::Invalid {
+                path: self.config.source.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        let listener = bind("authzen", addr).await?;
+        let local = local_addr(&listener, "authzen")?;
+        tracing::info!(authzen_addr = %local, "authzen serving");
+        let router = Arc::new(adapter).router();
+        let handle = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        Ok((local, handle))
+    }
+
     /// Binds both listeners and starts serving.
     pub async fn start(self) -> Result<Running, StartError> {
         let grpc_listener = bind("grpc", self.config.server.grpc_listen).await?;
@@ -351,6 +381,10 @@ impl App {
             health.clone(),
             health_names,
         ));
+        let authzen = match self.config.server.authzen_listen {
+            None => None,
+            Some(addr) => Some(self.start_authzen(addr, stop_rx.clone()).await?),
+        };
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
             axum::serve(admin_listener, crate::admin::router(admin_state))
@@ -371,6 +405,8 @@ impl App {
         Ok(Running {
             grpc_addr,
             admin_addr,
+            authzen_addr: authzen.as_ref().map(|(a, _)| *a),
+            authzen: authzen.map(|(_, h)| h),
             stop: stop_tx,
             ready,
             health,
@@ -552,6 +588,9 @@ fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, 
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The AuthZEN listener, when `server.authzen_listen` is set.
+    pub authzen_addr: Option<SocketAddr>,
+    authzen: Option<JoinHandle<std::io::Result<()>>>,
     stop: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     health: tonic_health::server::HealthReporter,
@@ -610,6 +649,18 @@ impl Running {
                 admin.abort();
             }
             Ok(_) => {}
+        }
+        if let Some(mut authzen) = self.authzen {
+            match tokio::time::timeout_at(deadline, &mut authzen).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "authzen server ended with an error"),
+                Err(_) => {
+                    tracing::warn!(
+                        "authzen clients still connected after the shutdown grace; closing them"
+                    );
+                    authzen.abort();
+                }
+                Ok(_) => {}
+            }
         }
     }
 }

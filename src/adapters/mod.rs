@@ -2,6 +2,7 @@
 //! domain types in one place, calls the [`crate::engine::Engine`], and hands
 //! the result to [`crate::respond`].
 
+pub mod authzen;
 pub mod decision_api;
 pub mod ext_authz;
 pub mod ext_proc;

@@ -294,6 +294,17 @@ impl Engine {
         decision
     }
 
+    /// Authenticates the caller of an API Tollgate serves itself (the AuthZEN
+    /// listener) with the `allowed` identity sources; no credential is the
+    /// anonymous principal.
+    pub async fn authenticate_caller(
+        &self,
+        request: &HttpRequest,
+        allowed: &[SourceKind],
+    ) -> Result<Principal, Reason> {
+        self.identity.authenticate(request, Some(allowed)).await
+    }
+
     /// Authenticates the caller with the sources the route accepts (the
     /// gateway's `identity` hint, else the route's list, else all).
     async fn authenticate(

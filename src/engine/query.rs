@@ -2,6 +2,7 @@
 //! and policy tests ask with entity UIDs and a JSON context instead of an
 //! HTTP request.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Instant;
 
@@ -53,39 +54,64 @@ impl Engine {
         let snapshot = self.policies.snapshot();
         let mut answers = Vec::with_capacity(queries.len());
         for (i, q) in queries.iter().enumerate() {
-            let started = Instant::now();
-            let verdict =
-                decide_query(&self.authorizer, &snapshot, q, self.on_error).map_err(|e| (i, e))?;
-            tracing::info!(
-                target: "tollgate::decision",
-                api = "decision_api",
-                principal = %format!("{}::{:?}", q.principal.0, q.principal.1),
-                action = %format!("{}::{:?}", q.action.0, q.action.1),
-                resource = %format!("{}::{:?}", q.resource.0, q.resource.1),
-                decision = if verdict.allow { "allow" } else { "deny" },
-                policies = %verdict.policies.join(","),
-                policy_version = %snapshot.version,
-                "decision"
+            answers.push(
+                self.decide_on(&snapshot, q, None, Api::DecisionApi)
+                    .map_err(|e| (i, e))?,
             );
-            let (outcome, reason) = if verdict.allow {
-                ("allow", Reason::Allowed.code())
-            } else if verdict.errors.is_empty() {
-                ("deny", Reason::PolicyDenied.code())
-            } else {
-                ("deny", Reason::PolicyError.code())
-            };
-            self.metrics.decision(
-                Api::DecisionApi,
-                outcome,
-                reason,
-                started.elapsed().as_secs_f64(),
-            );
-            answers.push(CedarAnswer {
-                verdict,
-                policy_version: snapshot.version.clone(),
-            });
         }
         Ok(answers)
+    }
+
+    /// Decides one direct query against `snapshot`, which the caller holds so
+    /// that every query of one API call sees the same policy version; logs and
+    /// counts it under `api`. `entities`, when given, is used instead of the
+    /// snapshot's entities plus `q.entities` (the AuthZEN adapter overlays
+    /// request properties on stored entities itself).
+    pub fn decide_on(
+        &self,
+        snapshot: &Snapshot,
+        q: &CedarQuery,
+        entities: Option<&Entities>,
+        api: Api,
+    ) -> Result<CedarAnswer, QueryError> {
+        let started = Instant::now();
+        let verdict = match entities {
+            Some(entities) => {
+                let request = cedar_request(snapshot, q)?;
+                evaluate(
+                    &self.authorizer,
+                    snapshot,
+                    &request,
+                    entities,
+                    self.on_error,
+                )
+            }
+            None => decide_query(&self.authorizer, snapshot, q, self.on_error)?,
+        };
+        tracing::info!(
+            target: "tollgate::decision",
+            api = api.label(),
+            principal = %format!("{}::{:?}", q.principal.0, q.principal.1),
+            action = %format!("{}::{:?}", q.action.0, q.action.1),
+            resource = %format!("{}::{:?}", q.resource.0, q.resource.1),
+            decision = if verdict.allow { "allow" } else { "deny" },
+            policies = %verdict.policies.join(","),
+            policy_version = %snapshot.version,
+            "decision"
+        );
+        let (outcome, reason) = if verdict.allow {
+            ("allow", Reason::Allowed.code())
+        } else if verdict.errors.is_empty() {
+            ("deny", Reason::PolicyDenied.code())
+        } else {
+            ("deny", Reason::PolicyError.code())
+        };
+        self.metrics
+            .decision(api, outcome, reason, started.elapsed().as_secs_f64());
+        Ok(CedarAnswer {
+            verdict,
+            policy_version: snapshot.version.clone(),
+        })
     }
 }
 
@@ -96,6 +122,34 @@ pub fn decide_query(
     q: &CedarQuery,
     on_error: OnEvaluationError,
 ) -> Result<Verdict, QueryError> {
+    let request = cedar_request(snapshot, q)?;
+    let entities =
+        match &q.entities {
+            None => Cow::Borrowed(&snapshot.entities),
+            Some(extra) => {
+                let extra = Entities::from_json_value(extra.clone(), Some(&snapshot.schema))
+                    .map_err(|e| QueryError {
+                        field: "entities".into(),
+                        message: e.to_string(),
+                    })?;
+                let merged = snapshot.entities.iter().chain(extra.iter()).cloned();
+                Cow::Owned(
+                    Entities::from_entities(merged, Some(&snapshot.schema)).map_err(|e| {
+                        QueryError {
+                            field: "entities".into(),
+                            message: e.to_string(),
+                        }
+                    })?,
+                )
+            }
+        };
+    Ok(evaluate(
+        authorizer, snapshot, &request, &entities, on_error,
+    ))
+}
+
+/// The Cedar request of `q`, typed by the snapshot's schema.
+fn cedar_request(snapshot: &Snapshot, q: &CedarQuery) -> Result<Request, QueryError> {
     let uid = |field: &str, (ty, id): &(String, String)| {
         principal::entity_uid(ty, id).map_err(|message| QueryError {
             field: format!("{field}.type"),
@@ -116,30 +170,12 @@ pub fn decide_query(
                 message: e.to_string(),
             }
         })?;
-    let request = Request::new(principal, action, resource, context, Some(&snapshot.schema))
-        .map_err(|e| QueryError {
+    Request::new(principal, action, resource, context, Some(&snapshot.schema)).map_err(|e| {
+        QueryError {
             field: "request".into(),
             message: e.to_string(),
-        })?;
-    let entities =
-        match &q.entities {
-            None => snapshot.entities.clone(),
-            Some(extra) => {
-                let extra = Entities::from_json_value(extra.clone(), Some(&snapshot.schema))
-                    .map_err(|e| QueryError {
-                        field: "entities".into(),
-                        message: e.to_string(),
-                    })?;
-                let merged = snapshot.entities.iter().chain(extra.iter()).cloned();
-                Entities::from_entities(merged, Some(&snapshot.schema)).map_err(|e| QueryError {
-                    field: "entities".into(),
-                    message: e.to_string(),
-                })?
-            }
-        };
-    Ok(evaluate(
-        authorizer, snapshot, &request, &entities, on_error,
-    ))
+        }
+    })
 }
 
 impl FromStr for CedarQuery {

@@ -80,6 +80,9 @@ pub struct Snapshot {
     pub sources: BTreeMap<String, String>,
     /// The policies per (principal type, action) whose scope can match.
     pub slices: super::slice::Slices,
+    /// The schema file's text, for readers that need the declared attribute
+    /// names and types (the AuthZEN adapter), which `Schema` does not expose.
+    pub schema_text: String,
     /// Policy file name (inside the directory) → how many policies it holds.
     pub file_policies: BTreeMap<String, usize>,
 }
@@ -239,6 +242,7 @@ impl Snapshot {
                 version,
                 loaded_at: SystemTime::now(),
                 sources,
+                schema_text: schema_file.text.clone(),
                 file_policies,
             }),
             _ => Err(LoadError { diagnostics: diags }),

@@ -906,3 +906,46 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
 }
+
+/// `tollgate serve --config <config>` as a child process. A shell in between
+/// holds a pipe from this test process on its stdin and kills Tollgate when
+/// that pipe closes, so the server also goes away if the test binary exits
+/// without dropping this (a server shared through a `static`).
+pub struct ServeChild {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl ServeChild {
+    /// Spawns the real binary; its log goes to `log`.
+    pub fn spawn(config: &Path, log: &Path) -> Self {
+        let log = std::fs::File::create(log).expect("log file");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("\"$0\" --config \"$1\" serve & pid=$!; read _ignored; kill $pid; wait $pid")
+            .arg(env!("CARGO_BIN_EXE_tollgate"))
+            .arg(config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate serve");
+        let stdin = child.stdin.take();
+        Self { child, stdin }
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub async fn wait_listening(addr: SocketAddr) -> bool {
+    eventually(Duration::from_secs(30), || async move {
+        TcpStream::connect(addr).await.is_ok()
+    })
+    .await
+}
