@@ -84,11 +84,18 @@ impl Slices {
         let mut placed = 0;
         for (policy, tenant) in policies {
             placed += usize::from(tenant.is_some());
+            // Each constraint is built once per policy, not per slice.
+            let (scope_principal, scope_action) =
+                (policy.principal_constraint(), policy.action_constraint());
+            let principals: Vec<&EntityTypeName> = principals
+                .iter()
+                .filter(|p| principal_may_apply(&scope_principal, p))
+                .collect();
             for (action, lineage) in actions.iter().zip(&lineages) {
-                if !action_may_apply(policy, action, lineage) {
+                if !action_may_apply(&scope_action, action, lineage) {
                     continue;
                 }
-                for principal in principals.iter().filter(|p| principal_may_apply(policy, p)) {
+                for &principal in &principals {
                     let Some(slice) = by_scope.get_mut(&(principal.clone(), action.clone())) else {
                         continue;
                     };
@@ -122,18 +129,22 @@ impl Slices {
     }
 }
 
-fn principal_may_apply(policy: &Policy, principal: &EntityTypeName) -> bool {
-    match policy.principal_constraint() {
+fn principal_may_apply(scope: &PrincipalConstraint, principal: &EntityTypeName) -> bool {
+    match scope {
         PrincipalConstraint::Any | PrincipalConstraint::In(_) => true,
         PrincipalConstraint::Eq(uid) => uid.type_name() == principal,
-        PrincipalConstraint::Is(ty) | PrincipalConstraint::IsIn(ty, _) => &ty == principal,
+        PrincipalConstraint::Is(ty) | PrincipalConstraint::IsIn(ty, _) => ty == principal,
     }
 }
 
-fn action_may_apply(policy: &Policy, action: &EntityUid, lineage: &HashSet<EntityUid>) -> bool {
-    match policy.action_constraint() {
+fn action_may_apply(
+    scope: &ActionConstraint,
+    action: &EntityUid,
+    lineage: &HashSet<EntityUid>,
+) -> bool {
+    match scope {
         ActionConstraint::Any => true,
-        ActionConstraint::Eq(uid) => &uid == action,
+        ActionConstraint::Eq(uid) => uid == action,
         ActionConstraint::In(uids) => uids.iter().any(|u| lineage.contains(u)),
     }
 }
