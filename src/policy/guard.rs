@@ -174,11 +174,16 @@ pub fn json_depth(value: &serde_json::Value) -> usize {
 /// where every expression level is two JSON levels (`{"op": {"left": …}}`)
 /// below a fixed envelope.
 pub fn check_expression_depth(policy: &cedar_policy::Policy) -> Result<(), String> {
-    const ENVELOPE: usize = 4;
     let json = policy
         .to_json()
         .map_err(|e| format!("cannot inspect the policy: {e}"))?;
-    let depth = json_depth(&json).saturating_sub(ENVELOPE) / 2;
+    check_json_depth(&json)
+}
+
+/// [`check_expression_depth`] on a policy's JSON form, already made.
+pub fn check_json_depth(json: &serde_json::Value) -> Result<(), String> {
+    const ENVELOPE: usize = 4;
+    let depth = json_depth(json).saturating_sub(ENVELOPE) / 2;
     if depth > MAX_EXPRESSION_DEPTH {
         return Err(format!(
             "expression nests {depth} levels deep, more than {MAX_EXPRESSION_DEPTH}; split it or use a set (`[..].contains(x)`) instead of long chains"

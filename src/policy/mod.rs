@@ -107,7 +107,9 @@ impl PolicyStore {
                 if self.seen_rejected(&key) {
                     return Reload::StillRejected;
                 }
-                let result = Snapshot::build(&self.dir, sources, &self.expect)
+                // Files unchanged since the live snapshot are not validated again.
+                let live = self.current.load_full();
+                let result = Snapshot::build(&self.dir, sources, &self.expect, Some(live))
                     .and_then(|fresh| self.refuse_emptied_files(fresh));
                 (result, key)
             }

@@ -85,6 +85,14 @@ pub struct Snapshot {
     pub schema_text: String,
     /// Policy file name (inside the directory) → how many policies it holds.
     pub file_policies: BTreeMap<String, usize>,
+    /// How many policies were parsed and validated to build this snapshot;
+    /// the others were reused from the previous snapshot (unchanged files,
+    /// same schema).
+    pub validated_policies: usize,
+    /// Per policy file (path as read): what it gave, for the next reload.
+    parsed: HashMap<String, ParsedFile>,
+    /// SHA-256 of the schema the policies were validated against.
+    schema_digest: [u8; 32],
 }
 
 struct SourceFile {
@@ -93,6 +101,19 @@ struct SourceFile {
     /// The file name inside the directory, for the manifest.
     rel: String,
     text: String,
+    /// SHA-256 of the text: an unchanged file is recognised by it.
+    digest: [u8; 32],
+}
+
+/// What one policy file gave the snapshot that loaded it: a reload reuses
+/// it, without parsing or validating again, while the file's text and the
+/// schema are the same.
+#[derive(Debug, Clone)]
+pub struct ParsedFile {
+    digest: [u8; 32],
+    /// The file's policies in order, with the tenant the index files each
+    /// under.
+    policies: Vec<(PolicyId, Option<EntityUid>)>,
 }
 
 /// The files of a policy directory as read, and the version they hash to.
@@ -132,20 +153,54 @@ impl Snapshot {
     /// every file nests (see [`super::guard`]).
     pub fn load(dir: &Path, expect: &Expectations) -> Result<Self, LoadError> {
         let sources = Sources::read(dir)?;
-        Self::build(dir, sources, expect)
+        Self::build(dir, sources, expect, None)
     }
 
     /// Builds a snapshot from files already read (see [`Snapshot::load`]).
-    pub fn build(dir: &Path, sources: Sources, expect: &Expectations) -> Result<Self, LoadError> {
+    ///
+    /// With `previous` (the live snapshot, on a reload), a policy file whose
+    /// text is what `previous` was built from, with the same schema, is not
+    /// parsed, scanned or validated again: its policies are taken from
+    /// `previous`. Everything that spans files (duplicate ids, entities, the
+    /// manifest, expectations, the index) is checked on the whole set.
+    pub fn build(
+        dir: &Path,
+        sources: Sources,
+        expect: &Expectations,
+        previous: Option<std::sync::Arc<Snapshot>>,
+    ) -> Result<Self, LoadError> {
         let (owned, expect) = (dir.to_path_buf(), expect.clone());
-        super::guard::on_load_thread(move || Self::build_here(&owned, sources, &expect))
-            .map_err(|message| single(&dir_name(dir), &message))?
+        super::guard::on_load_thread(move || {
+            Self::build_here(&owned, sources, &expect, previous.as_deref())
+        })
+        .map_err(|message| single(&dir_name(dir), &message))?
     }
 
-    fn build_here(dir: &Path, sources: Sources, expect: &Expectations) -> Result<Self, LoadError> {
+    fn build_here(
+        dir: &Path,
+        sources: Sources,
+        expect: &Expectations,
+        previous: Option<&Snapshot>,
+    ) -> Result<Self, LoadError> {
         let Sources { files, version } = sources;
         let mut diags = Vec::new();
-        for f in &files {
+        let schema_digest = {
+            let mut schemas = files.iter().filter(|f| f.name.ends_with(".cedarschema"));
+            match (schemas.next(), schemas.next()) {
+                (Some(one), None) => one.digest,
+                _ => [0; 32],
+            }
+        };
+        // Policies validated against another schema are validated again.
+        let previous =
+            previous.filter(|p| p.schema_digest == schema_digest && schema_digest != [0; 32]);
+        let reusable = |f: &SourceFile| -> Option<&ParsedFile> {
+            previous?
+                .parsed
+                .get(&f.name)
+                .filter(|parsed| parsed.digest == f.digest)
+        };
+        for f in files.iter().filter(|f| reusable(f).is_none()) {
             let syntax = if f.name.ends_with(".cedarschema") {
                 Syntax::Schema
             } else if f.name.ends_with(".cedar") {
@@ -189,17 +244,27 @@ impl Snapshot {
             }
         };
 
-        let (policies, sources, texts) = parse_policies(&files, &mut diags);
+        let parsed = parse_policies(&files, previous, &mut diags);
         if !diags.is_empty() {
             // Too deep or unparsable: validating would only repeat it.
             return Err(LoadError { diagnostics: diags });
         }
-        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let Parsed {
+            set: policies,
+            fresh,
+            sources,
+            file_of,
+            files: parsed,
+        } = parsed;
+        // Cedar validates each policy on its own, so validating only the new
+        // ones is the same as validating the set.
+        let validation = Validator::new(schema.clone()).validate(&fresh, ValidationMode::Strict);
         for err in validation.validation_errors() {
             let id = err.policy_id().to_string();
-            let (file, text) = texts
+            let (file, text) = file_of
                 .get(&id)
-                .map_or(("?", ""), |(f, t)| (f.as_str(), t.as_str()));
+                .and_then(|&i| files.get(i))
+                .map_or(("?", ""), |f| (f.name.as_str(), f.text.as_str()));
             diags.push(diagnose(file, text, err));
         }
 
@@ -209,11 +274,15 @@ impl Snapshot {
         };
         check_expectations(expect, &schema, &schema_file.name, &mut diags);
 
+        let mut per_file: HashMap<&str, usize> = HashMap::new();
+        for file in sources.values() {
+            *per_file.entry(file.as_str()).or_default() += 1;
+        }
         let file_policies: BTreeMap<String, usize> = files
             .iter()
             .filter(|f| f.name.ends_with(".cedar"))
             .map(|f| {
-                let n = sources.values().filter(|src| **src == f.name).count();
+                let n = per_file.get(f.name.as_str()).copied().unwrap_or(0);
                 (f.rel.clone(), n)
             })
             .collect();
@@ -235,7 +304,18 @@ impl Snapshot {
 
         match entities {
             Some(entities) if diags.is_empty() => Ok(Self {
-                slices: super::slice::Slices::build(&policies, &schema),
+                slices: super::slice::Slices::build(
+                    parsed
+                        .values()
+                        .flat_map(|f| &f.policies)
+                        .filter_map(|(id, tenant)| {
+                            policies.policy(id).map(|p| (p, tenant.as_ref()))
+                        }),
+                    &schema,
+                ),
+                validated_policies: fresh.policies().count(),
+                parsed,
+                schema_digest,
                 policies,
                 schema,
                 entities,
@@ -324,6 +404,7 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
                 .map(|text| SourceFile {
                     name: name.clone(),
                     rel,
+                    digest: Sha256::digest(text.as_bytes()).into(),
                     text,
                 })
                 .map_err(|e| single(&name, &format!("cannot read: {e}")))
@@ -331,50 +412,58 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
         .collect()
 }
 
-type PolicyTexts = HashMap<String, (String, String)>;
+/// The policies of a directory, assembled from new and reused files.
+struct Parsed {
+    /// Every policy.
+    set: PolicySet,
+    /// The policies parsed now (not reused), which need validating.
+    fresh: PolicySet,
+    /// Policy id → file it came from.
+    sources: BTreeMap<String, String>,
+    /// Policy id → index of its file in the files read.
+    file_of: HashMap<String, usize>,
+    /// Per policy file: what it gave.
+    files: HashMap<String, ParsedFile>,
+}
 
 fn parse_policies(
     files: &[SourceFile],
+    previous: Option<&Snapshot>,
     diags: &mut Vec<Diagnostic>,
-) -> (PolicySet, BTreeMap<String, String>, PolicyTexts) {
-    let mut set = PolicySet::new();
-    let mut sources = BTreeMap::new();
-    let mut texts = HashMap::new();
-    for file in files.iter().filter(|f| f.name.ends_with(".cedar")) {
-        let parsed = match PolicySet::from_str(&file.text) {
-            Ok(p) => p,
-            Err(errs) => {
-                diags.extend(errs.iter().map(|e| diagnose(&file.name, &file.text, e)));
-                continue;
-            }
-        };
-        if parsed.templates().next().is_some() {
-            diags.push(Diagnostic {
-                file: file.name.clone(),
-                line: 1,
-                col: 1,
-                message: "policy templates (?principal / ?resource) are not supported; write static policies".into(),
-            });
+) -> Parsed {
+    let mut out = Parsed {
+        set: PolicySet::new(),
+        fresh: PolicySet::new(),
+        sources: BTreeMap::new(),
+        file_of: HashMap::new(),
+        files: HashMap::new(),
+    };
+    for (index, file) in files.iter().enumerate() {
+        if !file.name.ends_with(".cedar") {
+            continue;
         }
-        let stem = Path::new(&file.name)
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("policy")
-            .to_string();
-        let mut policies: Vec<_> = parsed.policies().collect();
-        // `from_str` names policies policy0, policy1, … in file order.
-        policies.sort_by_key(|p| {
-            p.id()
-                .to_string()
-                .trim_start_matches("policy")
-                .parse::<usize>()
-                .unwrap_or(0)
+        let reused = previous.and_then(|p| {
+            let parsed = p
+                .parsed
+                .get(&file.name)
+                .filter(|e| e.digest == file.digest)?;
+            parsed
+                .policies
+                .iter()
+                .map(|(id, tenant)| Some((p.policies.policy(id)?.clone(), tenant.clone(), false)))
+                .collect::<Option<Vec<_>>>()
         });
-        for (n, policy) in policies.into_iter().enumerate() {
-            let id = policy
-                .annotation("id")
-                .map_or_else(|| format!("{stem}.{}", n + 1), str::to_string);
-            if let Some(previous) = sources.get(&id) {
+        let policies = match reused {
+            Some(policies) => policies,
+            None => match parse_file(file, diags) {
+                Some(policies) => policies,
+                None => continue,
+            },
+        };
+        let mut kept = Vec::with_capacity(policies.len());
+        for (n, (policy, tenant, fresh)) in policies.into_iter().enumerate() {
+            let id = policy.id().to_string();
+            if let Some(previous) = out.sources.get(&id) {
                 let offset = file.text.find(&format!("\"{id}\"")).unwrap_or(0);
                 let (line, col) = line_col(&file.text, offset);
                 diags.push(Diagnostic {
@@ -385,8 +474,99 @@ fn parse_policies(
                 });
                 continue;
             }
-            if let Err(message) = super::guard::check_expression_depth(policy) {
+            let added = match fresh {
+                true => out.fresh.add(policy.clone()),
+                false => Ok(()),
+            };
+            let added = match added {
+                Ok(()) => out.set.add(policy),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = added {
                 let offset = super::guard::policy_starts(&file.text)
+                    .get(n)
+                    .copied()
+                    .unwrap_or(0);
+                let (line, col) = line_col(&file.text, offset);
+                diags.push(Diagnostic {
+                    file: file.name.clone(),
+                    line,
+                    col,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            out.sources.insert(id.clone(), file.name.clone());
+            out.file_of.insert(id.clone(), index);
+            kept.push((PolicyId::new(&id), tenant));
+        }
+        out.files.insert(
+            file.name.clone(),
+            ParsedFile {
+                digest: file.digest,
+                policies: kept,
+            },
+        );
+    }
+    out
+}
+
+/// Parses one policy file: each policy under its final id (`@id`, else
+/// `<file stem>.<n>`), its depth checked, and the tenant the index files it
+/// under; `true` marks it as new. `None` when the file does not parse.
+fn parse_file(
+    file: &SourceFile,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Vec<(cedar_policy::Policy, Option<EntityUid>, bool)>> {
+    let parsed = match PolicySet::from_str(&file.text) {
+        Ok(p) => p,
+        Err(errs) => {
+            diags.extend(errs.iter().map(|e| diagnose(&file.name, &file.text, e)));
+            return None;
+        }
+    };
+    if parsed.templates().next().is_some() {
+        diags.push(Diagnostic {
+            file: file.name.clone(),
+            line: 1,
+            col: 1,
+            message:
+                "policy templates (?principal / ?resource) are not supported; write static policies"
+                    .into(),
+        });
+    }
+    let stem = Path::new(&file.name)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("policy")
+        .to_string();
+    let mut policies: Vec<_> = parsed.policies().collect();
+    // `from_str` names policies policy0, policy1, … in file order.
+    policies.sort_by_key(|p| {
+        p.id()
+            .to_string()
+            .trim_start_matches("policy")
+            .parse::<usize>()
+            .unwrap_or(0)
+    });
+    let mut out = Vec::with_capacity(policies.len());
+    let mut starts = None;
+    for (n, policy) in policies.into_iter().enumerate() {
+        let id = policy
+            .annotation("id")
+            .map_or_else(|| format!("{stem}.{}", n + 1), str::to_string);
+        let json = policy
+            .to_json()
+            .map_err(|e| format!("cannot inspect the policy: {e}"));
+        let checked = json.and_then(|json| {
+            super::guard::check_json_depth(&json)?;
+            Ok(super::slice::tenant_of(&json))
+        });
+        match checked {
+            Ok(tenant) => out.push((policy.new_id(PolicyId::new(&id)), tenant, true)),
+            Err(message) => {
+                let offset = starts
+                    .get_or_insert_with(|| super::guard::policy_starts(&file.text))
                     .get(n)
                     .copied()
                     .unwrap_or(0);
@@ -397,22 +577,10 @@ fn parse_policies(
                     col,
                     message: format!("policy {id:?}: {message}"),
                 });
-                continue;
             }
-            if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
-                diags.push(Diagnostic {
-                    file: file.name.clone(),
-                    line: 1,
-                    col: 1,
-                    message: e.to_string(),
-                });
-                continue;
-            }
-            sources.insert(id.clone(), file.name.clone());
-            texts.insert(id, (file.name.clone(), file.text.clone()));
         }
     }
-    (set, sources, texts)
+    Some(out)
 }
 
 /// Turns a Cedar diagnostic into `file:line:col: message` using its first
