@@ -38,6 +38,8 @@ pub struct Config {
     pub response: ResponseConfig,
     pub quota: QuotaConfig,
     pub log: LogConfig,
+    /// The audit trail (`[audit]`).
+    pub audit: crate::audit::AuditConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -57,6 +59,29 @@ pub struct ServerConfig {
     pub grpc_listen: SocketAddr,
     /// Admin HTTP listener: /healthz, /readyz, /metrics, /policy.
     pub admin_listen: SocketAddr,
+    /// HTTP forward-auth listener (nginx `auth_request`, Traefik
+    /// `forwardAuth`, Caddy `forward_auth`); off when unset.
+    pub forward_auth_listen: Option<SocketAddr>,
+    /// Which forwarded-request headers the forward-auth listener believes.
+    pub forward_auth_trust: ForwardAuthTrust,
+}
+
+/// The forwarded-request headers a forward-auth listener trusts: the hop in
+/// front of it sets them and a client cannot. Bound to the listener, off by
+/// default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardAuthTrust {
+    /// None: the request is decided on the auth request's own method, path
+    /// and `Host`, and any forwarded-request header refuses it (400).
+    #[default]
+    None,
+    /// nginx `auth_request`: `X-Original-Method`, `X-Original-URI` (both
+    /// required), `Host`, `X-Real-IP`.
+    Original,
+    /// Traefik `forwardAuth` / Caddy `forward_auth`: `X-Forwarded-Method`,
+    /// `-Uri`, `-Host` (required), `-Proto`, `-For` (rightmost entry).
+    Forwarded,
 }
 
 /// What to do when evaluating a policy raises an error.
@@ -280,6 +305,7 @@ impl Default for Config {
             response: ResponseConfig::default(),
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -292,6 +318,8 @@ impl Default for ServerConfig {
         Self {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            forward_auth_listen: None,
+            forward_auth_trust: ForwardAuthTrust::None,
         }
     }
 }

@@ -94,6 +94,12 @@ pub struct Metrics {
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
+    audit_records: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -257,6 +263,12 @@ impl Metrics {
             "JWKS members skipped as malformed or too weak (RSA under 2048 bits), by issuer",
             jwks_keys_refused.clone(),
         );
+        let audit_records = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Audit trail records by result: written, dropped (queue full), failed (sink error)",
+            audit_records.clone(),
+        );
         Self {
             fail_open,
             unknown_domain,
@@ -272,6 +284,7 @@ impl Metrics {
             store_errors,
             jwks_fetches,
             jwks_keys_refused,
+            audit_records,
         }
     }
 
@@ -322,6 +335,13 @@ impl Metrics {
     /// Counts an applied invalidation of `kind`.
     pub fn invalidation(&self, kind: &'static str) {
         self.invalidations.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts an audit record by `result` (`written`, `dropped`, `failed`).
+    pub fn audit_record(&self, result: &'static str) {
+        self.audit_records
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The quota store's own metrics.

@@ -60,6 +60,8 @@ pub enum StartError {
     Watch { what: String, source: notify::Error },
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Tollgate's assembled parts, before anything listens.
@@ -115,6 +117,14 @@ impl App {
             metrics.clone(),
             quota,
         ));
+        if config.audit.enabled {
+            let trail = crate::audit::AuditTrail::start(
+                &config.audit,
+                &config.resolve(&config.audit.path),
+                Some(metrics.clone()),
+            )?;
+            engine.attach_audit(Arc::new(trail));
+        }
         Ok(Self {
             engine,
             metrics,
@@ -207,6 +217,14 @@ impl App {
         let admin_listener = bind("admin", self.config.server.admin_listen).await?;
         let grpc_addr = local_addr(&grpc_listener, "grpc")?;
         let admin_addr = local_addr(&admin_listener, "admin")?;
+        let forward_auth_listener = match self.config.server.forward_auth_listen {
+            Some(addr) => Some(bind("forward_auth", addr).await?),
+            None => None,
+        };
+        let forward_auth_addr = match &forward_auth_listener {
+            Some(l) => Some(local_addr(l, "forward_auth")?),
+            None => None,
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
 
@@ -327,6 +345,26 @@ impl App {
             health.clone(),
             health_names,
         ));
+        let forward_auth = forward_auth_listener.map(|listener| {
+            let service = Arc::new(crate::adapters::forward_auth::ForwardAuth::new(
+                self.engine.clone(),
+                self.config.response.clone(),
+                self.config.quota.headers,
+                self.config.server.forward_auth_trust,
+                self.config.context.max_body_bytes,
+            ));
+            let mut stop = stop_rx.clone();
+            let app = service
+                .router()
+                .into_make_service_with_connect_info::<SocketAddr>();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    })
+                    .await
+            })
+        });
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
             axum::serve(admin_listener, crate::admin::router(admin_state))
@@ -347,6 +385,9 @@ impl App {
         Ok(Running {
             grpc_addr,
             admin_addr,
+            forward_auth_addr,
+            forward_auth,
+            audit: self.engine.audit().cloned(),
             stop: stop_tx,
             ready,
             health,
@@ -507,6 +548,10 @@ fn local_addr(listener: &TcpListener, what: &'static str) -> Result<SocketAddr, 
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The forward-auth listener's address, when `server.forward_auth_listen` is set.
+    pub forward_auth_addr: Option<SocketAddr>,
+    forward_auth: Option<JoinHandle<std::io::Result<()>>>,
+    audit: Option<Arc<crate::audit::AuditTrail>>,
     stop: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     health: tonic_health::server::HealthReporter,
@@ -533,6 +578,16 @@ impl Running {
         }
         if let Ok(Err(e)) = self.admin.await {
             tracing::warn!(error = %e, "admin server ended with an error");
+        }
+        if let Some(Ok(Err(e))) = match self.forward_auth {
+            Some(handle) => Some(handle.await),
+            None => None,
+        } {
+            tracing::warn!(error = %e, "forward-auth server ended with an error");
+        }
+        // After the listeners: every decision made is in the queue now.
+        if let Some(trail) = self.audit {
+            let _ = tokio::task::spawn_blocking(move || trail.close()).await;
         }
     }
 }

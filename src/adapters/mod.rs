@@ -4,4 +4,5 @@
 
 pub mod decision_api;
 pub mod ext_authz;
+pub mod forward_auth;
 pub mod rls;

@@ -68,6 +68,7 @@ pub struct Engine {
     rules: Vec<QuotaRule>,
     limits: Arc<LimitsStore>,
     unknown_domain_warning: crate::metrics::Throttle,
+    audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -104,6 +105,7 @@ impl Engine {
             unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(
                 60,
             )),
+            audit: std::sync::OnceLock::new(),
         }
     }
 
@@ -120,6 +122,35 @@ impl Engine {
     /// The live rate limit service limits.
     pub fn limits(&self) -> &Arc<LimitsStore> {
         &self.limits
+    }
+
+    /// Sends every later decision to `trail` as well; false if one is
+    /// attached already.
+    pub fn attach_audit(&self, trail: Arc<crate::audit::AuditTrail>) -> bool {
+        self.audit.set(trail).is_ok()
+    }
+
+    /// The attached audit trail.
+    pub fn audit(&self) -> Option<&Arc<crate::audit::AuditTrail>> {
+        self.audit.get()
+    }
+
+    /// Logs and audits a decision an adapter reached without the engine
+    /// (a request it could not even read).
+    pub fn record_refused(&self, decision: &Decision, request: &HttpRequest) {
+        crate::audit::record(decision, std::time::Duration::ZERO);
+        self.audit_trail(decision, request, std::time::Duration::ZERO);
+    }
+
+    fn audit_trail(
+        &self,
+        decision: &Decision,
+        request: &HttpRequest,
+        elapsed: std::time::Duration,
+    ) {
+        if let Some(trail) = self.audit.get() {
+            trail.submit(crate::audit::AuditRecord::of(decision, request, elapsed));
+        }
     }
 
     /// The quota engine.
@@ -159,6 +190,7 @@ impl Engine {
             self.charge_rules(&mut decision).await;
         }
         crate::audit::record(&decision, started.elapsed());
+        self.audit_trail(&decision, request, started.elapsed());
         self.metrics.decision(
             Api::ExtAuthz,
             decision.outcome.verdict(),
@@ -233,6 +265,13 @@ impl Engine {
         let (Ok(principal_uid), Ok(action_uid), Ok(resource_uid)) = uids else {
             return decision.with(Outcome::Invalid(Reason::MissingResource));
         };
+        // check_single made sure the places that name a model agree.
+        decision.model = body.model.clone().or_else(|| {
+            vars.path_params
+                .iter()
+                .find(|(name, _)| name == "model")
+                .map(|(_, v)| v.clone())
+        });
         decision.action = Some(action_uid.to_string());
         decision.resource = Some(resource_uid.to_string());
 
