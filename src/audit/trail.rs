@@ -16,7 +16,7 @@
 //! line of the existing file.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -213,25 +213,22 @@ impl Sink {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let mut file = OpenOptions::new()
+        // Write-only: holding a read end of a pipe would keep a stalled
+        // writer from ever seeing the reader go away.
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .read(true)
             .open(path)
             .map_err(err)?;
         let meta = file.metadata().map_err(err)?;
-        let chain = if meta.is_file() {
-            last_link(&mut file).unwrap_or(Chain {
+        let chain = meta
+            .is_file()
+            .then(|| last_link(path))
+            .flatten()
+            .unwrap_or(Chain {
                 seq: 0,
                 prev: GENESIS.to_string(),
-            })
-        } else {
-            // A pipe or device: nothing to continue from.
-            Chain {
-                seq: 0,
-                prev: GENESIS.to_string(),
-            }
-        };
+            });
         Ok(Self::File {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
@@ -242,17 +239,18 @@ impl Sink {
     }
 }
 
-/// The chain position after the last complete line of `file`, if any.
-fn last_link(file: &mut File) -> Option<Chain> {
-    file.seek(SeekFrom::Start(0)).ok()?;
-    let mut last = None;
-    for line in BufReader::new(&mut *file).lines() {
-        let line = line.ok()?;
-        if !line.trim().is_empty() {
-            last = Some(line);
-        }
-    }
-    let (seq, hash) = super::verify::link_of(&last?)?;
+/// The chain position after the last line of the file at `path`, if it
+/// is a record. Reads only the tail: records are far shorter than 1 MiB.
+fn last_link(path: &Path) -> Option<Chain> {
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(1 << 20)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let (seq, hash) = super::verify::link_of(last)?;
     Some(Chain {
         seq: seq + 1,
         prev: hash,
