@@ -59,7 +59,8 @@ async fn audited_traffic(dir: &Path) -> PathBuf {
         format!(r#"{{"model":"llama-3-8b","messages":[{{"role":"user","content":"{PROMPT}"}}]}}"#);
     let unknown = tollgate::identity::key_format::generate("nobody").expect("key");
     let free_bearer = format!("Bearer {DEMO_FREE_KEY}");
-    let cases: Vec<(&str, Vec<(&str, &str)>, String, u16)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, u16);
+    let cases: Vec<Case> = vec![
         (
             "allow",
             vec![json, ("x-api-key", DEMO_PAID_KEY)],
