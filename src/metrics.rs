@@ -95,6 +95,13 @@ pub struct Metrics {
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
     audit_records: Family<ResultLabel, Counter>,
+    limit_decisions: Family<LimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -263,6 +270,12 @@ impl Metrics {
             "JWKS members skipped as malformed or too weak (RSA under 2048 bits), by issuer",
             jwks_keys_refused.clone(),
         );
+        let limit_decisions = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limit_limit_decisions",
+            "Rate limit service answers per limit (only limits with detailed_metric: true), by outcome: within_limit, over_limit, shadow_over, unlimited, store_failed",
+            limit_decisions.clone(),
+        );
         let audit_records = Family::<ResultLabel, Counter>::default();
         registry.register(
             "audit_records",
@@ -285,6 +298,7 @@ impl Metrics {
             jwks_fetches,
             jwks_keys_refused,
             audit_records,
+            limit_decisions,
         }
     }
 
@@ -335,6 +349,17 @@ impl Metrics {
     /// Counts an applied invalidation of `kind`.
     pub fn invalidation(&self, kind: &'static str) {
         self.invalidations.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts one descriptor's answer for a `detailed_metric` limit
+    /// (`limit` is its path in the limits file).
+    pub fn limit_decision(&self, limit: &str, outcome: &'static str) {
+        self.limit_decisions
+            .get_or_create(&LimitLabels {
+                limit: limit.to_string(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts an audit record by `result` (`written`, `dropped`, `failed`).

@@ -100,6 +100,25 @@ impl Engine {
         } else {
             "ok"
         };
+        for s in answer.statuses.iter().filter(|s| s.detailed) {
+            // The label is the limit's path in the limits file: bounded by
+            // the operator's config, never by what callers send.
+            let Some(label) = &s.label else { continue };
+            let outcome = if s.over {
+                "over_limit"
+            } else if s.shadow_over {
+                "shadow_over"
+            } else if s.unlimited {
+                "unlimited"
+            } else if s.remaining.is_some() {
+                "within_limit"
+            } else if answer.store_failed {
+                "store_failed"
+            } else {
+                continue;
+            };
+            self.metrics.limit_decision(label, outcome);
+        }
         let shadow_over = answer.statuses.iter().filter(|s| s.shadow_over).count();
         tracing::info!(
             target: "tollgate::decision",
