@@ -388,3 +388,105 @@ fn an_unwritable_audit_path_refuses_start_up() {
         Ok(_) => panic!("started with an unwritable audit path"),
     }
 }
+
+/// The decision API and the rate limit service feed the same trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_api_and_rate_limit_answers_are_audited() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use tollgate::proto::{self, EntityUid, decision_service_client::DecisionServiceClient};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("trail.jsonl");
+    let limits = dir.path().join("limits.yaml");
+    std::fs::write(
+        &limits,
+        "domain: llm\ndescriptors:\n  - key: tenant\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n",
+    )
+    .expect("limits");
+    let mut config = test_config();
+    config.audit.enabled = true;
+    config.audit.path = path.clone();
+    config.quota.limits_file = Some(limits);
+    let mut tg = Tollgate::start(config).await;
+
+    let uid = |ty: &str, id: &str| {
+        Some(EntityUid {
+            r#type: ty.into(),
+            id: id.into(),
+        })
+    };
+    let mut ctx = tollgate::engine::context::base();
+    tollgate::engine::context::merge(
+        &mut ctx,
+        &serde_json::json!({"http": {"method": "POST", "headers": {"x-team": PROMPT}}, "authn": "api_key"}),
+    );
+    let mut api = DecisionServiceClient::new(tg.channel().await);
+    api.check(proto::CheckRequest {
+        principal: uid("ApiKey", "demo-paid"),
+        action: uid("Action", "chat"),
+        resource: uid("Model", "llama-3-8b"),
+        context_json: ctx.to_string(),
+        entities_json: String::new(),
+    })
+    .await
+    .expect("decision api check");
+
+    let mut rls = RateLimitServiceClient::new(tg.channel().await);
+    for _ in 0..2 {
+        rls.should_rate_limit(RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "tenant".into(),
+                    value: "acme-descriptor-value".into(),
+                }],
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        })
+        .await
+        .expect("rls");
+    }
+    tg.stop().await;
+
+    let text = std::fs::read_to_string(&path).expect("trail");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let of = |api: &str| -> Vec<&serde_json::Value> {
+        records.iter().filter(|r| r["api"] == api).collect()
+    };
+    let query = of("decision_api");
+    assert_eq!(query.len(), 1, "{text}");
+    assert_eq!(query[0]["caller"]["principal"], "ApiKey::\"demo-paid\"");
+    assert_eq!(query[0]["caller"]["authn"], "query");
+    assert_eq!(query[0]["action"], "Action::\"chat\"");
+    let limited = of("ratelimit");
+    assert_eq!(limited.len(), 2, "{text}");
+    assert_eq!(limited[0]["decision"], "allow");
+    assert_eq!(limited[0]["domain"], "llm");
+    assert_eq!(limited[0]["quota"]["outcome"], "charged");
+    assert_eq!(
+        (
+            limited[1]["status"].as_u64(),
+            limited[1]["quota"]["outcome"].as_str()
+        ),
+        (Some(429), Some("over"))
+    );
+    assert_eq!(limited[1]["quota"]["rule"], "llm.tenant");
+    assert!(!text.contains(PROMPT), "no query context in the trail");
+    assert!(
+        !text.contains("acme-descriptor-value"),
+        "no descriptor values"
+    );
+    assert_eq!(
+        verify(std::slice::from_ref(&path))
+            .expect("verifies")
+            .records,
+        3
+    );
+}

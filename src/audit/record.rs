@@ -48,6 +48,13 @@ pub struct AuditRecord {
     /// RFC 3339, UTC, milliseconds: when the decision was made.
     pub time: String,
     pub request_id: String,
+    /// Which question: `http` (ext_authz, forward-auth), `decision_api`
+    /// (tollgate.v1: `caller.principal` is the principal the query names,
+    /// `authn` is `query`) or `ratelimit` (Envoy RLS: no caller; `quota`
+    /// and `domain` say what was counted).
+    pub api: &'static str,
+    /// The rate limit domain (`api = ratelimit` only).
+    pub domain: Option<String>,
     /// `null` when authentication did not get that far.
     pub caller: Option<Caller>,
     pub method: Option<String>,
@@ -105,6 +112,8 @@ impl AuditRecord {
             v: SCHEMA_VERSION,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             request_id: decision.request_id.clone(),
+            api: "http",
+            domain: None,
             caller,
             method: Some(request.method.clone()).filter(|m| !m.is_empty()),
             path,

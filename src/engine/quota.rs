@@ -133,7 +133,58 @@ impl Engine {
         );
         self.metrics
             .rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
+        if let Some(trail) = self.audit.get() {
+            trail.submit(self.rls_record(request, &answer, started));
+        }
         answer
+    }
+}
+
+impl Engine {
+    /// The audit record of a rate limit answer: the domain and the limit
+    /// that refused (else the tightest counted one), never descriptor
+    /// values (a gateway may put anything in them).
+    fn rls_record(
+        &self,
+        request: &RlsRequest,
+        answer: &RlsAnswer,
+        started: Instant,
+    ) -> crate::audit::AuditRecord {
+        let outcome = if answer.defer {
+            Outcome::Defer(Reason::QuotaUnavailable)
+        } else if answer.over && answer.store_failed {
+            Outcome::Unavailable(Reason::QuotaUnavailable)
+        } else if answer.over {
+            Outcome::OverQuota(Reason::OverQuota)
+        } else {
+            Outcome::Allow
+        };
+        let mut decision = Decision::early(
+            uuid::Uuid::new_v4().to_string(),
+            outcome,
+            self.policies.snapshot().version.clone(),
+        );
+        decision.quota = answer
+            .statuses
+            .iter()
+            .filter_map(|s| Some((s, s.label.as_ref()?, s.limit.as_ref()?, s.remaining?)))
+            .min_by_key(|(s, _, _, remaining)| (!s.over, *remaining))
+            .map(|(s, label, limit, remaining)| QuotaReport {
+                rule: label.clone(),
+                limit: limit.requests_per_unit,
+                remaining,
+                reset: s.reset.unwrap_or_default(),
+                unit_secs: limit.unit.millis() / 1000,
+            });
+        decision.quota_fail_open = answer.store_failed && !answer.over && !answer.defer;
+        let mut record = crate::audit::AuditRecord::of(
+            &decision,
+            &crate::request::HttpRequest::default(),
+            started.elapsed(),
+        );
+        record.api = "ratelimit";
+        record.domain = Some(request.domain.clone());
+        record
     }
 }
 
