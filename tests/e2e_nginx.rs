@@ -232,6 +232,21 @@ async fn forward_auth_trust_is_bound_to_the_listener() {
     let mut original = forwarded(LARGE);
     original.push(("x-original-uri", SMALL));
     assert_eq!(raw_http(fa, "GET", "/", &original, "").await.status, 403);
+    // An absolute-form target naming another host than X-Forwarded-Host,
+    // and an encoded path, get the same checks as Envoy's :path.
+    let absolute = raw_http(
+        fa,
+        "GET",
+        "/",
+        &forwarded("http://admin.internal/v1/models/llama-3-8b"),
+        "",
+    )
+    .await;
+    assert_eq!(absolute.status, 400);
+    assert_eq!(absolute.json()["error"]["code"], "ambiguous_host");
+    let encoded = raw_http(fa, "GET", "/", &forwarded("/v1/models%2Fllama-3-8b"), "").await;
+    assert_eq!(encoded.status, 400);
+    assert_eq!(encoded.json()["error"]["code"], "ambiguous_path");
     let missing = raw_http(fa, "GET", SMALL, &[key, ("x-forwarded-method", "GET")], "").await;
     assert_eq!(missing.status, 400);
     assert_eq!(missing.json()["error"]["code"], "missing_forwarded_header");
