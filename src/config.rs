@@ -59,6 +59,10 @@ pub struct ServerConfig {
     pub grpc_listen: SocketAddr,
     /// Admin HTTP listener: /healthz, /readyz, /metrics, /policy.
     pub admin_listen: SocketAddr,
+    /// Longest drain on shutdown, in milliseconds: in-flight requests get
+    /// this long, then connections still open (health watch streams) are
+    /// closed.
+    pub shutdown_grace_ms: u64,
     /// HTTP forward-auth listener (nginx `auth_request`, Traefik
     /// `forwardAuth`, Caddy `forward_auth`); off when unset.
     pub forward_auth_listen: Option<SocketAddr>,
@@ -255,6 +259,26 @@ pub struct QuotaConfig {
     pub on_invalid_request: OnInvalidRequest,
     /// Rules charged inside ext_authz after the policy allowed.
     pub rules: Vec<crate::quota::rules::QuotaRule>,
+    /// Model prices in US dollars per million tokens, for `usd` budgets:
+    /// `[quota.prices."llama-3-70b"] input = 0.59, output = 0.79`.
+    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
+    /// A model without a price: `"deny"` (the default: refused, never free)
+    /// or the name of a listed model to price it like.
+    pub unknown_model_price: crate::usage::UnknownModel,
+    /// How long a reservation waits for its usage report. One never settled
+    /// (a gateway crash) keeps its reserved amount charged, so a budget never
+    /// leaks, and is forgotten after this long.
+    pub reservation_ttl_secs: u64,
+}
+
+impl QuotaConfig {
+    /// The price table of `prices` and `unknown_model_price`.
+    pub fn price_table(&self) -> crate::usage::Prices {
+        crate::usage::Prices {
+            models: self.prices.clone(),
+            unknown: self.unknown_model_price.clone(),
+        }
+    }
 }
 
 impl Default for QuotaConfig {
@@ -274,6 +298,9 @@ impl Default for QuotaConfig {
             headers: HeaderStyle::Draft03,
             on_invalid_request: OnInvalidRequest::OverLimit,
             rules: Vec::new(),
+            prices: Default::default(),
+            unknown_model_price: Default::default(),
+            reservation_ttl_secs: 600,
         }
     }
 }
@@ -318,6 +345,7 @@ impl Default for ServerConfig {
         Self {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            shutdown_grace_ms: 5000,
             forward_auth_listen: None,
             forward_auth_trust: ForwardAuthTrust::None,
         }
@@ -483,6 +511,12 @@ impl Config {
                 "response.quota_fail_open_header {:?} is not a valid header name",
                 self.response.quota_fail_open_header
             )));
+        }
+        self.quota.price_table().validate().map_err(invalid)?;
+        if self.quota.reservation_ttl_secs == 0 {
+            return Err(invalid(
+                "quota.reservation_ttl_secs must be at least 1".into(),
+            ));
         }
         if self.quota.deadline_ms == 0 {
             return Err(invalid("quota.deadline_ms must be at least 1".into()));

@@ -40,6 +40,13 @@ pub enum Reason {
     Unavailable,
     /// A quota rule has no room left.
     OverQuota,
+    /// A token or dollar budget has no room for the request's estimated
+    /// usage.
+    OverBudget,
+    /// A budget applies but the request's usage cannot be estimated (no
+    /// readable body, no `max_tokens`, or a model without a price), and the
+    /// rule says to refuse such requests.
+    UsageUnknown,
     /// The quota store could not answer in time.
     QuotaUnavailable,
     /// A bearer token whose `nbf` is still in the future (beyond the leeway).
@@ -93,6 +100,8 @@ impl Reason {
             Self::MalformedRequest => "malformed_request",
             Self::Unavailable => "unavailable",
             Self::OverQuota => "over_quota",
+            Self::OverBudget => "over_budget",
+            Self::UsageUnknown => "usage_unknown",
             Self::QuotaUnavailable => "quota_unavailable",
             Self::NotYetValid => "not_yet_valid",
             Self::WrongTokenType => "wrong_token_type",

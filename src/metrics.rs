@@ -91,6 +91,7 @@ pub struct Metrics {
     jwks_fetches: Family<JwksLabels, Counter>,
     jwks_keys_refused: Family<IssuerLabel, Counter>,
     fail_open: Family<RuleLabel, Counter>,
+    settlements: Family<ResultLabel, Counter>,
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
@@ -235,6 +236,12 @@ impl Metrics {
             "Requests allowed because the quota store failed and the limit's failure mode is allow, by rule or limit",
             fail_open.clone(),
         );
+        let settlements = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "usage_settlements",
+            "Usage reports by result (settled, already_settled, unknown_request, refused, record_lost)",
+            settlements.clone(),
+        );
         let unknown_domain = Counter::default();
         registry.register(
             "rate_limit_unknown_domain",
@@ -284,6 +291,7 @@ impl Metrics {
         );
         Self {
             fail_open,
+            settlements,
             unknown_domain,
             invalidations,
             store,
@@ -338,6 +346,14 @@ impl Metrics {
             .get_or_create(&RuleLabel {
                 rule: rule.to_string(),
             })
+            .inc();
+    }
+
+    /// Counts a usage report by result (`settled`, `already_settled`,
+    /// `unknown_request`, `refused`, `record_lost`).
+    pub fn usage_settlement(&self, result: &'static str) {
+        self.settlements
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 

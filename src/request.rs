@@ -73,6 +73,8 @@ pub enum MalformedRequest {
     BadSourceAddress(String),
     #[error("peer certificate is not URL-encoded PEM")]
     BadPeerCertificate,
+    #[error("metadata_context nests deeper than {0} levels")]
+    MetadataTooDeep(usize),
 }
 
 /// Reads a downstream peer address as a gateway reports it, in the one form

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizati
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::codec::CompressionEncoding::Gzip;
 use tonic_health::ServingStatus;
 
 use crate::adapters::decision_api::DecisionApi;
@@ -135,8 +136,15 @@ impl App {
         })
     }
 
-    /// Reloads policies and keys, logging and counting the result.
-    fn reload_all(engine: &Engine, keys: Option<&KeysReload>, metrics: &Metrics) {
+    /// Reloads policies and keys, logging and counting the result. A limits
+    /// or keys file that fails again with the same error is the same broken
+    /// save, counted once.
+    fn reload_all(
+        engine: &Engine,
+        keys: Option<&KeysReload>,
+        metrics: &Metrics,
+        seen: &RejectedOnce,
+    ) {
         match engine.policies().reload() {
             Reload::Unchanged => metrics.reload("policies", "unchanged"),
             Reload::Swapped { version } => {
@@ -148,8 +156,12 @@ impl App {
                 tracing::error!(error = %e, "policy reload rejected; still serving the last good set");
                 metrics.reload("policies", "rejected");
             }
+            // Reported and counted when it was first seen.
+            Reload::StillRejected => metrics.reload("policies", "unchanged"),
         }
-        match engine.limits().reload() {
+        let limits = engine.limits().reload();
+        let new_failure = seen.record("limits", limits.as_ref().err().map(ToString::to_string));
+        match limits {
             Ok(false) => metrics.reload("limits", "unchanged"),
             Ok(true) => {
                 tracing::info!("rate limits reloaded");
@@ -157,23 +169,27 @@ impl App {
                 // Answers cached under the old limits may be wrong now.
                 engine.quota().forget_known_over();
             }
-            Err(e) => {
+            Err(e) if new_failure => {
                 tracing::error!(error = %e, "limits reload rejected; still serving the last good set");
                 metrics.reload("limits", "rejected");
             }
+            Err(_) => metrics.reload("limits", "unchanged"),
         }
         if let Some(keys) = keys {
-            match keys.file.reload() {
+            let result = keys.file.reload();
+            let new_failure = seen.record("keys", result.as_ref().err().map(ToString::to_string));
+            match result {
                 Ok(false) => metrics.reload("keys", "unchanged"),
                 Ok(true) => {
                     keys.auth.invalidate();
                     tracing::info!(file = %keys.file.path().display(), "api keys reloaded");
                     metrics.reload("keys", "swapped");
                 }
-                Err(e) => {
+                Err(e) if new_failure => {
                     tracing::error!(error = %e, "api keys reload rejected; still serving the last good set");
                     metrics.reload("keys", "rejected");
                 }
+                Err(_) => metrics.reload("keys", "unchanged"),
             }
         }
     }
@@ -254,11 +270,12 @@ impl App {
             }
             let (engine, keys, metrics) =
                 (self.engine.clone(), self.keys.clone(), self.metrics.clone());
+            let seen = RejectedOnce::default();
             let handle = reload::watch(
                 dirs.clone(),
                 Duration::from_millis(self.config.policy.reload_debounce_ms),
                 Duration::from_secs(self.config.policy.reload_poll_secs),
-                move || Self::reload_all(&engine, keys.as_ref(), &metrics),
+                move || Self::reload_all(&engine, keys.as_ref(), &metrics, &seen),
             )
             .map_err(|source| StartError::Watch {
                 what: format!("{dirs:?}"),
@@ -322,9 +339,11 @@ impl App {
         let mut grpc_stop = stop_rx.clone();
         let grpc = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(AuthorizationServer::new(ext_authz))
-                .add_service(RateLimitServiceServer::new(rls))
-                .add_service(DecisionServiceServer::new(decision_api))
+                // Envoy never compresses, but other gRPC clients may send
+                // gzip; without this tonic answers them UNIMPLEMENTED.
+                .add_service(AuthorizationServer::new(ext_authz).accept_compressed(Gzip))
+                .add_service(RateLimitServiceServer::new(rls).accept_compressed(Gzip))
+                .add_service(DecisionServiceServer::new(decision_api).accept_compressed(Gzip))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
@@ -396,7 +415,28 @@ impl App {
             _watcher: watcher,
             refreshers,
             _invalidations: self.subscribe_invalidations(),
+            grace: Duration::from_millis(self.config.server.shutdown_grace_ms),
         })
+    }
+}
+
+/// The last reload error of each file source, so that the same broken save
+/// seen again on the next file event or poll is not counted as a new failure.
+#[derive(Default)]
+struct RejectedOnce(std::sync::Mutex<std::collections::HashMap<&'static str, String>>);
+
+impl RejectedOnce {
+    /// Records the outcome of one reload of `source`; true when `error` is a
+    /// failure not seen last time.
+    fn record(&self, source: &'static str, error: Option<String>) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            None => {
+                last.remove(source);
+                false
+            }
+            Some(e) => last.insert(source, e.clone()).as_ref() != Some(&e),
+        }
     }
 }
 
@@ -560,30 +600,70 @@ pub struct Running {
     _watcher: Option<reload::WatchHandle>,
     refreshers: Vec<JoinHandle<()>>,
     _invalidations: Option<crate::invalidate::Subscription>,
+    grace: Duration,
 }
 
 impl Running {
-    /// Stops taking new work, lets in-flight requests finish, and returns.
+    /// Stops taking new work, lets in-flight requests finish, and returns
+    /// within `server.shutdown_grace_ms`: every registered gRPC service turns
+    /// NOT_SERVING first (so health watchers and load balancers see it), and
+    /// connections still open when the grace ends (a `Health/Watch` stream
+    /// never ends by itself) are closed.
     pub async fn shutdown(self) {
         for r in &self.refreshers {
             r.abort();
         }
         self.ready.store(false, Ordering::Relaxed);
         self.health
+            .set_not_serving::<AuthorizationServer<ExtAuthz>>()
+            .await;
+        self.health
+            .set_not_serving::<DecisionServiceServer<DecisionApi>>()
+            .await;
+        self.health
+            .set_not_serving::<RateLimitServiceServer<Rls>>()
+            .await;
+        self.health
             .set_service_status("", ServingStatus::NotServing)
             .await;
         let _ = self.stop.send(true);
-        if let Ok(Err(e)) = self.grpc.await {
-            tracing::warn!(error = %e, "grpc server ended with an error");
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut grpc = self.grpc;
+        match tokio::time::timeout_at(deadline, &mut grpc).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "grpc server ended with an error"),
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = self.grace.as_millis() as u64,
+                    "grpc clients still connected after the shutdown grace; closing them"
+                );
+                grpc.abort();
+            }
+            Ok(_) => {}
         }
-        if let Ok(Err(e)) = self.admin.await {
-            tracing::warn!(error = %e, "admin server ended with an error");
+        let mut admin = self.admin;
+        match tokio::time::timeout_at(deadline, &mut admin).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin server ended with an error"),
+            Err(_) => {
+                tracing::warn!(
+                    "admin clients still connected after the shutdown grace; closing them"
+                );
+                admin.abort();
+            }
+            Ok(_) => {}
         }
-        if let Some(Ok(Err(e))) = match self.forward_auth {
-            Some(handle) => Some(handle.await),
-            None => None,
-        } {
-            tracing::warn!(error = %e, "forward-auth server ended with an error");
+        if let Some(mut forward_auth) = self.forward_auth {
+            match tokio::time::timeout_at(deadline, &mut forward_auth).await {
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, "forward-auth server ended with an error")
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "forward-auth clients still connected after the shutdown grace; closing them"
+                    );
+                    forward_auth.abort();
+                }
+                Ok(_) => {}
+            }
         }
         // After the listeners: every decision made is in the queue now.
         if let Some(trail) = self.audit {

@@ -30,7 +30,7 @@ async fn tokens_charged_after_the_response_spend_the_budget() {
     let limits = dir.path().join("limits.yaml");
     std::fs::write(
         &limits,
-        "domain: usage\ndescriptors:\n  - key: tokens\n    rate_limit: { unit: hour, requests_per_unit: 1000, charge: always }\n",
+        "domain: usage\ndescriptors:\n  - key: principal\n    rate_limit: { unit: hour, requests_per_unit: 1000, charge: always }\n",
     )
     .expect("limits");
     let mut config = test_config();
@@ -50,23 +50,25 @@ async fn tokens_charged_after_the_response_spend_the_budget() {
         )
         .replace("port_value: 8080", &format!("port_value: {}", llm.port()));
     let envoy = Envoy::run(&yaml, listen, admin).await;
-    let get = || async {
+    let listener = envoy.listener;
+    let chat = move |key: &'static str| async move {
         raw_http(
-            envoy.listener,
+            listener,
             "POST",
             "/v1/chat/completions",
-            &[("x-user", "u1")],
-            "{}",
+            &[("x-api-key", key), ("content-type", "application/json")],
+            r#"{"model":"llama-3-8b","messages":[],"max_tokens":64}"#,
         )
         .await
         .status
     };
+    let get = move || chat(support::DEMO_PAID_KEY);
     // Rate limit answers so far: one check per request, one charge per
     // finished stream.
     let answered = |admin| async move {
         let m = support::metrics_text(admin).await;
-        support::metric(&m, "tollgate_rate_limit_decisions_total{outcome=\"ok\"}")
-            + support::metric(
+        support::metric_prefix(&m, "tollgate_rate_limit_decisions_total{outcome=\"ok\"}")
+            + support::metric_prefix(
                 &m,
                 "tollgate_rate_limit_decisions_total{outcome=\"over_limit\"}",
             )
@@ -89,7 +91,6 @@ async fn tokens_charged_after_the_response_spend_the_budget() {
         429,
         "the budget was spent by usage past the limit, yet the request passed"
     );
-    // Another user is untouched.
-    let other = raw_http(envoy.listener, "GET", "/", &[("x-user", "u2")], "").await;
-    assert_eq!(other.status, 200);
+    // Another caller's budget is untouched.
+    assert_eq!(chat(support::DEMO_FREE_KEY).await, 200);
 }

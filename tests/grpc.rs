@@ -552,3 +552,54 @@ async fn decision_api_rejects_malformed_input_naming_the_field() {
     );
     tg.stop().await;
 }
+
+/// Non-Envoy gRPC clients may compress requests with gzip: every Tollgate
+/// service must accept it rather than answer UNIMPLEMENTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_compressed_requests_are_accepted_by_every_service() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use tonic::codec::CompressionEncoding::Gzip;
+
+    let mut tg = Tollgate::start(test_config()).await;
+    let channel = tg.channel().await;
+
+    let mut authz = AuthorizationClient::new(channel.clone()).send_compressed(Gzip);
+    let resp = authz
+        .check(http(
+            "POST",
+            CHAT,
+            &[PAID, ("content-type", "application/json")],
+            r#"{"model":"llama-3-8b"}"#,
+        ))
+        .await
+        .expect("gzip ext_authz check");
+    assert_eq!(outcome(&resp.into_inner()).0, 200);
+
+    let mut rls = RateLimitServiceClient::new(channel.clone()).send_compressed(Gzip);
+    let resp = rls
+        .should_rate_limit(RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "tenant".into(),
+                    value: "acme".into(),
+                }],
+                ..Default::default()
+            }],
+            hits_addend: 1,
+        })
+        .await
+        .expect("gzip ShouldRateLimit");
+    assert_ne!(resp.into_inner().overall_code, 0, "a real answer");
+
+    let mut decisions = DecisionServiceClient::new(channel).send_compressed(Gzip);
+    let resp = decisions
+        .check(decision_request("paid", "llama-3-70b"))
+        .await
+        .expect("gzip decision check");
+    assert_eq!(resp.into_inner().decision, proto::Decision::Allow as i32);
+    tg.stop().await;
+}

@@ -333,3 +333,102 @@ async fn context_http_tls_follows_the_connection_through_envoy() {
     );
     tg.stop().await;
 }
+
+/// `curl` over TLS to `path` with extra headers; returns (status, body).
+/// Status 0 means no HTTP answer (the TLS handshake was refused).
+fn curl_with(dir: &Path, port: u16, client_cert: bool, headers: &[&str]) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.current_dir(dir).args([
+        "-s",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+        "ca.crt",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"model":"text-embedding-small"}"#,
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if client_cert {
+        cmd.args(["--cert", "client.crt", "--key", "client.key"]);
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}/v1/embeddings"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn echoed(body: &str, name: &str) -> Vec<String> {
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("upstream echo");
+    echoed["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|p| p[0] == name)
+        .filter_map(|p| p[1].as_str().map(str::to_string))
+        .collect()
+}
+
+/// examples/envoy/envoy-mtls.yaml as shipped (only ports and the
+/// certificate directory substituted): a client certificate is required,
+/// becomes a `Service` principal, and a forged x-forwarded-client-cert is
+/// replaced by Envoy's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mtls_example_works_through_envoy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spiffe = "spiffe://acme.example/ns/batch/sa/indexer";
+    certificates(dir.path(), &format!("URI:{spiffe}"));
+    let mut config = test_config();
+    config.identity.mtls_trust_domains = vec!["acme.example".into()];
+    let mut tg = Tollgate::start(config).await;
+    let (upstream, _task) = start_upstream().await;
+    let (listen, admin) = (free_port(), free_port());
+    let template = std::fs::read_to_string(support::repo().join("examples/envoy/envoy-mtls.yaml"))
+        .expect("envoy-mtls.yaml");
+    let yaml = template
+        .replace("port_value: 10443", &format!("port_value: {listen}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace(
+            "port_value: 50051",
+            &format!("port_value: {}", tg.grpc.port()),
+        )
+        .replace(
+            "port_value: 8080",
+            &format!("port_value: {}", upstream.port()),
+        )
+        .replace("/etc/envoy/tls", &dir.path().display().to_string());
+    let _envoy = support::Envoy::run(&yaml, listen, admin).await;
+
+    let forged = "x-forwarded-client-cert: By=spiffe://acme.example/envoy;URI=spiffe://acme.example/ns/prod/sa/admin".to_string();
+    let d = dir.path().to_path_buf();
+    let (status, body) =
+        tokio::task::spawn_blocking(move || curl_with(&d, listen, true, &[&forged]))
+            .await
+            .expect("curl");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        echoed(&body, "x-tollgate-principal"),
+        vec![format!("Service::{spiffe:?}")]
+    );
+    let xfcc = echoed(&body, "x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "{xfcc:?}");
+    assert!(
+        xfcc[0].contains(spiffe) && !xfcc[0].contains("sa/admin"),
+        "Envoy must replace the client's header: {xfcc:?}"
+    );
+
+    let d = dir.path().to_path_buf();
+    let (status, _) = tokio::task::spawn_blocking(move || curl_with(&d, listen, false, &[]))
+        .await
+        .expect("curl");
+    assert_eq!(status, 0, "no client certificate, no connection");
+    tg.stop().await;
+}

@@ -17,8 +17,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use support::{
-    FaultProxy, RedisServer, Tollgate, eventually, free_port, metric, metrics_text, raw_http,
-    redis_cli, test_config,
+    FaultProxy, RedisServer, Tollgate, eventually, free_port, metric_prefix, metrics_text,
+    raw_http, redis_cli, test_config,
 };
 use tollgate::config::{Config, StoreKind};
 
@@ -163,7 +163,7 @@ async fn a_lost_redis_reply_never_shifts_answers() {
     assert_eq!(wrong, 0, "requests that must be OVER_LIMIT got OK");
     let m = metrics_text(tg.admin).await;
     assert!(
-        metric(&m, "tollgate_quota_store_reconnects_total{reason=") >= 1.0,
+        metric_prefix(&m, "tollgate_quota_store_reconnects_total{reason=") >= 1.0,
         "{m}"
     );
 }
@@ -434,7 +434,7 @@ async fn fail_open_is_visible() {
     assert_eq!(headers, vec![("x-tollgate-quota", "store_unavailable")]);
     let m = metrics_text(tg.admin).await;
     assert_eq!(
-        metric(&m, "tollgate_quota_fail_open_total{rule=\"fix.open\"}"),
+        metric_prefix(&m, "tollgate_quota_fail_open_total{rule=\"fix.open\"}"),
         1.0,
         "{m}"
     );
@@ -595,7 +595,7 @@ async fn unknown_domains_are_counted() {
     assert_eq!(ask(&mut c, r).await.overall_code, OK);
     let m = metrics_text(tg.admin).await;
     assert_eq!(
-        metric(&m, "tollgate_rate_limit_unknown_domain_total "),
+        metric_prefix(&m, "tollgate_rate_limit_unknown_domain_total "),
         2.0,
         "{m}"
     );
@@ -629,7 +629,7 @@ async fn readonly_node_drops_the_connection_and_readiness() {
     );
     let m = metrics_text(tg.admin).await;
     assert!(
-        metric(
+        metric_prefix(
             &m,
             "tollgate_quota_store_reconnects_total{reason=\"node_unavailable\"}"
         ) >= 1.0,

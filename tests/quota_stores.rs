@@ -292,6 +292,71 @@ async fn long_units_count(store: Arc<dyn QuotaStore>) {
     }
 }
 
+/// Reservations: a record is kept and read back; a settlement applies its
+/// adjustments exactly once, never below zero, in the reserved window.
+async fn settles_exactly_once(store: Arc<dyn QuotaStore>) {
+    use tollgate::quota::Adjustment;
+    let k = key("budget", "acme");
+    let other = key("budget-2", "acme");
+    let r = store
+        .charge(&[charge(&k, 1000, 600), charge(&other, 1000, 50)])
+        .await
+        .expect("reserve");
+    assert!(r.applied);
+    let ttl = Duration::from_secs(60);
+    store
+        .put_reservation("req-1", "{\"record\":1}", ttl)
+        .await
+        .expect("put");
+    assert_eq!(
+        store
+            .get_reservation("req-1")
+            .await
+            .expect("get")
+            .as_deref(),
+        Some("{\"record\":1}")
+    );
+    assert_eq!(store.get_reservation("req-2").await.expect("get"), None);
+    let adjust = |key: &CounterKey, i: usize, delta| Adjustment {
+        key: key.clone(),
+        unit: Unit::Hour,
+        algorithm: Algorithm::FixedWindow,
+        window: u(&r, i).window,
+        delta,
+    };
+    let adjustments = [adjust(&k, 0, -450), adjust(&other, 1, -80)];
+    assert!(
+        store
+            .settle("req-1", &adjustments, ttl)
+            .await
+            .expect("settle")
+    );
+    assert!(
+        !store
+            .settle("req-1", &adjustments, ttl)
+            .await
+            .expect("again"),
+        "twice"
+    );
+    assert_eq!(used(&*store, &k).await, 150);
+    assert_eq!(used(&*store, &other).await, 0, "never below zero");
+    // A different window (expired) is left alone.
+    let stale = Adjustment {
+        window: u(&r, 0).window - 5,
+        ..adjust(&k, 0, 1000)
+    };
+    assert!(store.settle("req-3", &[stale], ttl).await.expect("stale"));
+    assert_eq!(used(&*store, &k).await, 150);
+    // Excess is charged in full, past the limit.
+    assert!(
+        store
+            .settle("req-4", &[adjust(&k, 0, 2000)], ttl)
+            .await
+            .expect("excess")
+    );
+    assert_eq!(used(&*store, &k).await, 2150);
+}
+
 macro_rules! contract {
     ($($store:ident),*) => {
         mod contract {
@@ -316,6 +381,7 @@ macro_rules! contract {
                     case!(usage_is_recorded_past_the_limit);
                     case!(zero_limit_refuses_everything);
                     case!(long_units_count);
+                    case!(settles_exactly_once);
                 }
             )*
         }

@@ -548,10 +548,10 @@ descriptors:
             ),
         )
     };
-    assert_eq!(series("test.tenant", "within_limit"), 2.0, "{m}");
-    assert_eq!(series("test.tenant", "over_limit"), 1.0, "{m}");
-    assert_eq!(series("test.shadowed", "within_limit"), 1.0, "{m}");
-    assert_eq!(series("test.shadowed", "shadow_over"), 1.0, "{m}");
+    assert_eq!(series("test.tenant", "within_limit"), Some(2.0), "{m}");
+    assert_eq!(series("test.tenant", "over_limit"), Some(1.0), "{m}");
+    assert_eq!(series("test.shadowed", "within_limit"), Some(1.0), "{m}");
+    assert_eq!(series("test.shadowed", "shadow_over"), Some(1.0), "{m}");
     assert!(
         !m.contains("test.plain"),
         "no series without detailed_metric: {m}"

@@ -68,7 +68,43 @@ impl DecisionService for DecisionApi {
         let responses = self.decide(requests, true)?;
         Ok(Response::new(proto::BatchCheckResponse { responses }))
     }
+
+    async fn report_usage(
+        &self,
+        request: Request<proto::ReportUsageRequest>,
+    ) -> Result<Response<proto::ReportUsageResponse>, Status> {
+        use crate::engine::UsageError;
+        use crate::quota::reserve::Settled;
+        use proto::report_usage_response::Result as R;
+        let proto::ReportUsageRequest {
+            request_id,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+        } = request.into_inner();
+        let usage = crate::usage::TokenUsage {
+            input: input_tokens,
+            output: output_tokens,
+            cached_input: cached_input_tokens,
+        };
+        let result = match self.engine.report_usage(&request_id, usage).await {
+            Ok(Settled::Now) => R::Settled,
+            Ok(Settled::Already) => R::AlreadySettled,
+            Ok(Settled::Unknown) => R::UnknownRequest,
+            Err(e @ (UsageError::NoRequestId | UsageError::Absurd)) => {
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+            // Nothing was applied (the settle step is atomic): a retry is safe.
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        };
+        Ok(Response::new(proto::ReportUsageResponse {
+            result: result as i32,
+        }))
+    }
 }
+
+/// Deepest `context_json` / `entities_json` accepted.
+const MAX_JSON_DEPTH: usize = 32;
 
 fn to_query(request: proto::CheckRequest) -> Result<CedarQuery, QueryError> {
     let proto::CheckRequest {
@@ -95,12 +131,19 @@ fn to_query(request: proto::CheckRequest) -> Result<CedarQuery, QueryError> {
         if text.trim().is_empty() {
             return Ok(None);
         }
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| QueryError {
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| QueryError {
+            field: field.into(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        // Cedar converts JSON recursively on this request thread; serde_json
+        // stops at 128 levels, which is still too deep for a small stack.
+        if crate::policy::guard::json_depth(&value) > MAX_JSON_DEPTH {
+            return Err(QueryError {
                 field: field.into(),
-                message: format!("not valid JSON: {e}"),
-            })
+                message: format!("nests deeper than {MAX_JSON_DEPTH} levels"),
+            });
+        }
+        Ok(Some(value))
     };
     Ok(CedarQuery {
         principal: uid("principal", principal)?,

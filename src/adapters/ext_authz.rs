@@ -150,6 +150,24 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
     } else {
         None
     };
+    let jwt_authn_payloads = metadata_context
+        .and_then(|mut m| {
+            m.filter_metadata
+                .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
+        })
+        .map(|s| {
+            s.fields
+                .into_iter()
+                .map(|(k, v)| json_of(v, 1).map(|v| (k, v)))
+                .collect::<Option<HashMap<_, _>>>()
+        })
+        .unwrap_or_else(|| Some(HashMap::new()))
+        .ok_or_else(|| {
+            (
+                request_id.clone(),
+                MalformedRequest::MetadataTooDeep(MAX_METADATA_DEPTH),
+            )
+        })?;
     let mut ext = context_extensions;
     Ok(HttpRequest {
         body_partial: headers
@@ -171,13 +189,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
             tenant: ext.remove("tenant"),
             identity: ext.remove("identity"),
         },
-        jwt_authn_payloads: metadata_context
-            .and_then(|mut m| {
-                m.filter_metadata
-                    .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
-            })
-            .map(|s| s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
-            .unwrap_or_default(),
+        jwt_authn_payloads,
         headers,
     })
 }
@@ -203,22 +215,41 @@ fn raw_headers(map: HeaderMap) -> Result<HashMap<String, String>, MalformedReque
     Ok(out)
 }
 
-/// A protobuf `Value` as JSON.
-fn json_of(value: envoy_types::pb::google::protobuf::Value) -> serde_json::Value {
+/// Deepest `metadata_context` value converted. prost already refuses
+/// messages nested deeper than 100 levels while decoding (about 46 levels of
+/// `Value` lists, two messages each); this keeps the
+/// conversion's own recursion bounded whatever the decoder allows.
+const MAX_METADATA_DEPTH: usize = 16;
+
+/// A protobuf `Value` as JSON; `None` when it nests deeper than
+/// [`MAX_METADATA_DEPTH`].
+fn json_of(
+    value: envoy_types::pb::google::protobuf::Value,
+    depth: usize,
+) -> Option<serde_json::Value> {
     use envoy_types::pb::google::protobuf::value::Kind;
-    match value.kind {
+    if depth > MAX_METADATA_DEPTH {
+        return None;
+    }
+    Some(match value.kind {
         Some(Kind::StringValue(s)) => serde_json::Value::String(s),
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
             .map_or(serde_json::Value::Null, serde_json::Value::Number),
         Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
-        Some(Kind::StructValue(s)) => {
-            serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, json_of(v))).collect())
-        }
-        Some(Kind::ListValue(l)) => {
-            serde_json::Value::Array(l.values.into_iter().map(json_of).collect())
-        }
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(
+            s.fields
+                .into_iter()
+                .map(|(k, v)| json_of(v, depth + 1).map(|v| (k, v)))
+                .collect::<Option<_>>()?,
+        ),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(
+            l.values
+                .into_iter()
+                .map(|v| json_of(v, depth + 1))
+                .collect::<Option<_>>()?,
+        ),
         Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
-    }
+    })
 }
 
 /// What a CheckRequest says about one end of the connection.

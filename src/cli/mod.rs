@@ -1,9 +1,11 @@
 //! The `tollgate` command line: serve, validate, check, test, keys, quota.
 
 mod keys;
+mod lint;
 mod quota;
 
 pub use keys::{CreateKey, KeysCommand};
+pub use lint::LintCommand;
 pub use quota::{CounterArgs, QuotaCommand};
 
 use std::path::PathBuf;
@@ -59,6 +61,15 @@ pub enum Command {
     },
     /// Run the policy tests in DIR/tests (DIR defaults to policy.dir).
     Test { dir: Option<PathBuf> },
+    /// Validate the policy directory (DIR overrides policy.dir) and write
+    /// DIR/manifest.json: the files, their SHA-256 and policy counts a
+    /// reload must then match. Run it after every policy change.
+    Manifest { dir: Option<PathBuf> },
+    /// Check a gateway configuration for settings Tollgate depends on.
+    Lint {
+        #[command(subcommand)]
+        command: LintCommand,
+    },
     /// API key helpers.
     Keys {
         #[command(subcommand)]
@@ -126,6 +137,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             entities,
         ),
         Command::Test { dir } => Ok(test(config, dir)),
+        Command::Manifest { dir } => Ok(manifest(config, dir)),
+        Command::Lint { command } => Ok(lint::run(command)),
         Command::Keys { command } => {
             let changed = command.changed_key();
             let code = keys::run(config.clone(), command).await?;
@@ -198,6 +211,13 @@ fn validate(config: Config, dir: Option<PathBuf>) -> ExitCode {
                 s.policy_count(),
                 s.version
             );
+            if store
+                .dir()
+                .join(crate::policy::manifest::MANIFEST_FILE)
+                .exists()
+            {
+                println!("manifest ok: the directory matches manifest.json");
+            }
         }
         Err(e) => {
             eprintln!("{e}");
@@ -226,6 +246,63 @@ fn validate(config: Config, dir: Option<PathBuf>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+fn manifest(config: Config, dir: Option<PathBuf>) -> ExitCode {
+    use crate::policy::manifest::MANIFEST_FILE;
+    let dir = dir.unwrap_or_else(|| config.resolve(&config.policy.dir));
+    let path = dir.join(MANIFEST_FILE);
+    // The manifest describes the files as they are, so an old one must not
+    // stand in the way of loading them.
+    let previous = std::fs::read(&path).ok();
+    if previous.is_some()
+        && let Err(e) = std::fs::remove_file(&path)
+    {
+        eprintln!("cannot replace {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let restore = |previous: Option<Vec<u8>>| {
+        if let Some(bytes) = previous {
+            let _ = std::fs::write(&path, bytes);
+        }
+    };
+    let store = match load_store(&config, Some(dir.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            restore(previous);
+            eprintln!("{e}");
+            eprintln!("manifest not written: fix the policies first");
+            return ExitCode::FAILURE;
+        }
+    };
+    let snapshot = store.snapshot();
+    let written = snapshot
+        .manifest(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|m| serde_json::to_string_pretty(&m).map_err(|e| e.to_string()))
+        .and_then(|text| {
+            // Write beside it and rename, so a reload never sees half a manifest.
+            let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
+            std::fs::write(&tmp, text + "\n")
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        });
+    match written {
+        Ok(()) => {
+            println!(
+                "manifest written: {} ({} policies, version {})",
+                path.display(),
+                snapshot.policy_count(),
+                snapshot.version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            restore(previous);
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -147,12 +147,34 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
         groups: Vec::new(),
         models: Vec::new(),
     };
+    // The counter only: any estimate will do, since nothing is charged.
+    let estimate = crate::usage::Estimate {
+        model: Some(args.model.clone()),
+        input_tokens: Some(0),
+        max_output_tokens: Some(0),
+    };
+    let mut prices = config.quota.price_table();
+    prices
+        .models
+        .entry(args.model.clone())
+        .or_insert(crate::usage::Price {
+            input: 0.0,
+            output: 0.0,
+            cached_input: None,
+            above_input_tokens: None,
+            input_above: None,
+            output_above: None,
+        });
     let mut plan = rule
-        .plan(
-            &principal,
-            rule.actions.first().map_or("", String::as_str),
-            &args.model,
-        )
+        .plan(&crate::quota::rules::PlanInput {
+            principal: &principal,
+            action: rule.actions.first().map_or("", String::as_str),
+            resource_id: &args.model,
+            estimate: &estimate,
+            prices: &prices,
+        })
+        .ok()
+        .and_then(|mut p| p.pop())
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "rule {name:?} does not apply to that principal (tier not in its profile?)"

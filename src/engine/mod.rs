@@ -12,6 +12,7 @@ mod query;
 mod quota;
 
 pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
+pub use quota::UsageError;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,6 +69,8 @@ pub struct Engine {
     rules: Vec<QuotaRule>,
     limits: Arc<LimitsStore>,
     unknown_domain_warning: crate::metrics::Throttle,
+    prices: crate::usage::Prices,
+    reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
 }
 
@@ -105,6 +108,8 @@ impl Engine {
             unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(
                 60,
             )),
+            prices: config.quota.price_table(),
+            reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
         }
     }
@@ -187,7 +192,7 @@ impl Engine {
             }
         };
         if decision.outcome.is_allow() {
-            self.charge_rules(&mut decision).await;
+            self.charge_rules(&mut decision, request).await;
         }
         crate::audit::record(&decision, started.elapsed());
         self.audit_trail(&decision, request, started.elapsed());

@@ -6,13 +6,51 @@ use std::time::Instant;
 use super::Engine;
 use super::query::parse_uid;
 use crate::decision::{Decision, Outcome, QuotaReport, Reason};
+use crate::quota::reserve::{Record, Settled};
 use crate::quota::rls::{RlsAnswer, RlsRequest};
-use crate::quota::rules::Planned;
-use crate::quota::{FailureMode, QuotaDecision};
+use crate::quota::rules::{PlanInput, Planned};
+use crate::quota::{FailureMode, QuotaDecision, StoreError};
+use crate::request::HttpRequest;
+use crate::usage::{Estimate, MAX_TOKENS, TokenUsage};
+
+/// A usage report that cannot be settled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsageError {
+    #[error("request_id is empty")]
+    NoRequestId,
+    #[error(
+        "token counts must be at most {MAX_TOKENS}, and cached input tokens at most the input tokens"
+    )]
+    Absurd,
+    #[error("the stored reservation of this request cannot be read")]
+    BadRecord,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
 
 impl Engine {
-    /// Charges the quota rules that apply to an allowed decision.
-    pub(super) async fn charge_rules(&self, decision: &mut Decision) {
+    /// What the request is expected to use, read only when a budget rule
+    /// needs it.
+    fn estimate(&self, request: &HttpRequest) -> Estimate {
+        let facts = super::body::inspect(request, self.context.max_body_bytes).ok();
+        let complete = facts.as_ref().is_some_and(|f| f.complete);
+        Estimate {
+            model: facts.as_ref().and_then(|f| f.model.clone()),
+            input_tokens: request
+                .body
+                .as_deref()
+                .filter(|_| complete)
+                .and_then(crate::usage::estimate_input_tokens),
+            max_output_tokens: facts
+                .and_then(|f| f.max_tokens)
+                .and_then(|n| u64::try_from(n).ok()),
+        }
+    }
+
+    /// Charges the quota rules that apply to an allowed decision; budget
+    /// rules reserve the request's estimated usage (see
+    /// [`crate::quota::reserve`]).
+    pub(super) async fn charge_rules(&self, decision: &mut Decision, request: &HttpRequest) {
         if self.rules.is_empty() {
             return;
         }
@@ -23,16 +61,37 @@ impl Engine {
         };
         let action_id = uid_id(action);
         let resource_id = uid_id(resource);
-        let plans: Vec<Planned> = self
-            .rules
-            .iter()
-            .filter_map(|r| r.plan(principal, &action_id, &resource_id))
-            .collect();
+        let estimate = if self.rules.iter().any(|r| r.cost.is_usage()) {
+            self.estimate(request)
+        } else {
+            Estimate::default()
+        };
+        let input = PlanInput {
+            principal,
+            action: &action_id,
+            resource_id: &resource_id,
+            estimate: &estimate,
+            prices: &self.prices,
+        };
+        let mut plans: Vec<Planned> = Vec::new();
+        for rule in &self.rules {
+            match rule.plan(&input) {
+                Ok(p) => plans.extend(p),
+                Err(e) => {
+                    tracing::info!(request_id = %decision.request_id, error = %e, "budget cannot be reserved");
+                    decision.outcome = Outcome::Invalid(Reason::UsageUnknown);
+                    return;
+                }
+            }
+        }
         if plans.is_empty() {
             return;
         }
         match self.quota.charge(&plans).await {
             QuotaDecision::Allowed { usage } => {
+                if let Some(record) = Record::of(&plans, &usage, estimate.model.as_deref()) {
+                    self.keep_reservation(&decision.request_id, &record).await;
+                }
                 decision.quota = plans
                     .iter()
                     .zip(&usage)
@@ -47,7 +106,12 @@ impl Engine {
                     .get(blocking)
                     .zip(usage.get(blocking).copied().flatten())
                     .map(|(p, u)| report(p, &u));
-                decision.outcome = Outcome::OverQuota(Reason::OverQuota);
+                let budget = plans.get(blocking).is_some_and(|p| p.measure.is_usage());
+                decision.outcome = Outcome::OverQuota(if budget {
+                    Reason::OverBudget
+                } else {
+                    Reason::OverQuota
+                });
             }
             QuotaDecision::Failed { error, mode } => {
                 tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
@@ -65,6 +129,108 @@ impl Engine {
                 };
             }
         }
+    }
+
+    async fn keep_reservation(&self, request_id: &str, record: &Record) {
+        let text = match serde_json::to_string(record) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        let amounts: Vec<String> = record
+            .reserved
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}={}{}",
+                    r.rule,
+                    r.amount,
+                    if r.measure == crate::quota::rules::Cost::Usd {
+                        "u$"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        let kept = tokio::time::timeout(
+            self.reservation_deadline(),
+            self.quota
+                .store()
+                .put_reservation(request_id, &text, self.reservation_ttl),
+        )
+        .await;
+        match kept {
+            Ok(Ok(())) => tracing::info!(
+                target: "tollgate::decision",
+                request_id = %request_id,
+                reserved = %amounts.join(","),
+                "usage reserved"
+            ),
+            // The reservation stays charged either way; without its record it
+            // is never refunded, so the budget errs on the safe side.
+            _ => {
+                self.metrics.usage_settlement("record_lost");
+                tracing::warn!(request_id = %request_id, reserved = %amounts.join(","), "usage reserved, but its record could not be kept; it will not be refunded");
+            }
+        }
+    }
+
+    fn reservation_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(2)
+    }
+
+    /// Settles a request's reservation from its actual usage, exactly once
+    /// per request id (see [`crate::quota::reserve`]).
+    pub async fn report_usage(
+        &self,
+        request_id: &str,
+        usage: TokenUsage,
+    ) -> Result<Settled, UsageError> {
+        if request_id.is_empty() {
+            return Err(UsageError::NoRequestId);
+        }
+        if usage.input > MAX_TOKENS || usage.output > MAX_TOKENS || usage.cached_input > usage.input
+        {
+            self.metrics.usage_settlement("refused");
+            return Err(UsageError::Absurd);
+        }
+        let store = self.quota.store();
+        let deadline = self.reservation_deadline();
+        let record = tokio::time::timeout(deadline, store.get_reservation(request_id))
+            .await
+            .map_err(|_| StoreError::Timeout(deadline))??;
+        let Some(text) = record else {
+            self.metrics.usage_settlement(Settled::Unknown.label());
+            return Ok(Settled::Unknown);
+        };
+        let record: Record = serde_json::from_str(&text).map_err(|_| UsageError::BadRecord)?;
+        let adjustments = record.adjustments(&usage, &self.prices);
+        let applied = tokio::time::timeout(
+            deadline,
+            store.settle(request_id, &adjustments, self.reservation_ttl),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(deadline))??;
+        let settled = if applied {
+            Settled::Now
+        } else {
+            Settled::Already
+        };
+        if applied {
+            // Counters changed under cached answers.
+            self.quota.forget_known_over();
+        }
+        self.metrics.usage_settlement(settled.label());
+        tracing::info!(
+            target: "tollgate::decision",
+            request_id = %request_id,
+            input_tokens = usage.input,
+            output_tokens = usage.output,
+            cached_input_tokens = usage.cached_input,
+            result = settled.label(),
+            "usage settled"
+        );
+        Ok(settled)
     }
 
     /// Decides an Envoy rate limit service request.

@@ -15,6 +15,8 @@ use cedar_policy::{
 };
 use sha2::{Digest, Sha256};
 
+use super::guard::Syntax;
+use super::manifest::{Loaded, Manifest};
 use crate::config::line_col;
 
 /// One problem in one file, at a position.
@@ -78,20 +80,30 @@ pub struct Snapshot {
     pub sources: BTreeMap<String, String>,
     /// The policies per (principal type, action) whose scope can match.
     pub slices: super::slice::Slices,
+    /// Policy file name (inside the directory) → how many policies it holds.
+    pub file_policies: BTreeMap<String, usize>,
 }
 
 struct SourceFile {
+    /// The path as given, for messages.
     name: String,
+    /// The file name inside the directory, for the manifest.
+    rel: String,
     text: String,
 }
 
-impl Snapshot {
-    /// Loads `dir`: `*.cedar` policies, exactly one `*.cedarschema`, and an
-    /// optional `entities.json`. Hidden entries (Kubernetes' `..data`) are
-    /// skipped; symlinks are followed.
-    pub fn load(dir: &Path, expect: &Expectations) -> Result<Self, LoadError> {
+/// The files of a policy directory as read, and the version they hash to.
+pub struct Sources {
+    files: Vec<SourceFile>,
+    version: String,
+}
+
+impl Sources {
+    /// Reads `*.cedar`, `*.cedarschema` and `entities.json` from `dir`.
+    /// Hidden entries (Kubernetes' `..data`) are skipped; symlinks are
+    /// followed.
+    pub fn read(dir: &Path) -> Result<Self, LoadError> {
         let files = read_dir(dir)?;
-        let mut diags = Vec::new();
         let mut hasher = Sha256::new();
         for f in &files {
             hasher.update(f.name.as_bytes());
@@ -100,6 +112,51 @@ impl Snapshot {
             hasher.update([0]);
         }
         let version = hex::encode(&hasher.finalize()[..6]);
+        Ok(Self { files, version })
+    }
+
+    /// Short content hash of every file; the version a snapshot built from
+    /// these files carries.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+}
+
+impl Snapshot {
+    /// Loads `dir`: `*.cedar` policies, exactly one `*.cedarschema`, and an
+    /// optional `entities.json`, checked against `manifest.json` when there
+    /// is one. Runs on a thread with a large stack, after bounding how deep
+    /// every file nests (see [`super::guard`]).
+    pub fn load(dir: &Path, expect: &Expectations) -> Result<Self, LoadError> {
+        let sources = Sources::read(dir)?;
+        Self::build(dir, sources, expect)
+    }
+
+    /// Builds a snapshot from files already read (see [`Snapshot::load`]).
+    pub fn build(dir: &Path, sources: Sources, expect: &Expectations) -> Result<Self, LoadError> {
+        let (owned, expect) = (dir.to_path_buf(), expect.clone());
+        super::guard::on_load_thread(move || Self::build_here(&owned, sources, &expect))
+            .map_err(|message| single(&dir_name(dir), &message))?
+    }
+
+    fn build_here(dir: &Path, sources: Sources, expect: &Expectations) -> Result<Self, LoadError> {
+        let Sources { files, version } = sources;
+        let mut diags = Vec::new();
+        for f in &files {
+            let syntax = if f.name.ends_with(".cedarschema") {
+                Syntax::Schema
+            } else if f.name.ends_with(".cedar") {
+                Syntax::Policy
+            } else {
+                Syntax::Json
+            };
+            if let Err(d) = super::guard::scan(&f.name, &f.text, syntax) {
+                diags.push(d);
+            }
+        }
+        if !diags.is_empty() {
+            return Err(LoadError { diagnostics: diags });
+        }
 
         let schemas: Vec<&SourceFile> = files
             .iter()
@@ -109,7 +166,7 @@ impl Snapshot {
             [one] => *one,
             [] => {
                 return Err(single(
-                    &dir.display().to_string(),
+                    &dir_name(dir),
                     "no *.cedarschema file; policies are validated against a schema",
                 ));
             }
@@ -130,6 +187,10 @@ impl Snapshot {
         };
 
         let (policies, sources, texts) = parse_policies(&files, &mut diags);
+        if !diags.is_empty() {
+            // Too deep or unparsable: validating would only repeat it.
+            return Err(LoadError { diagnostics: diags });
+        }
         let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
         for err in validation.validation_errors() {
             let id = err.policy_id().to_string();
@@ -140,10 +201,34 @@ impl Snapshot {
         }
 
         let entities = match files.iter().find(|f| f.name.ends_with("entities.json")) {
-            Some(f) => load_entities(f, &schema, &mut diags),
+            Some(f) => super::entities::load(&f.name, &f.text, &schema, &mut diags),
             None => Entities::empty().add_entities([], Some(&schema)).ok(),
         };
         check_expectations(expect, &schema, &schema_file.name, &mut diags);
+
+        let file_policies: BTreeMap<String, usize> = files
+            .iter()
+            .filter(|f| f.name.ends_with(".cedar"))
+            .map(|f| {
+                let n = sources.values().filter(|src| **src == f.name).count();
+                (f.rel.clone(), n)
+            })
+            .collect();
+        match Manifest::read(dir) {
+            Ok(Some(manifest)) => {
+                let loaded: Vec<Loaded<'_>> = files
+                    .iter()
+                    .map(|f| Loaded {
+                        name: &f.rel,
+                        text: &f.text,
+                        policies: file_policies.get(&f.rel).copied().unwrap_or(0),
+                    })
+                    .collect();
+                diags.extend(manifest.check(dir, &loaded));
+            }
+            Ok(None) => {}
+            Err(d) => diags.push(d),
+        }
 
         match entities {
             Some(entities) if diags.is_empty() => Ok(Self {
@@ -154,6 +239,7 @@ impl Snapshot {
                 version,
                 loaded_at: SystemTime::now(),
                 sources,
+                file_policies,
             }),
             _ => Err(LoadError { diagnostics: diags }),
         }
@@ -163,6 +249,32 @@ impl Snapshot {
     pub fn policy_count(&self) -> usize {
         self.policies.policies().count()
     }
+
+    /// The manifest describing the files this snapshot was built from, read
+    /// again from `dir` (fails if they changed since).
+    pub fn manifest(&self, dir: &Path) -> Result<Manifest, LoadError> {
+        let sources = Sources::read(dir)?;
+        if sources.version != self.version {
+            return Err(single(
+                &dir_name(dir),
+                "the files changed while the manifest was being written; run it again",
+            ));
+        }
+        let loaded: Vec<Loaded<'_>> = sources
+            .files
+            .iter()
+            .map(|f| Loaded {
+                name: &f.rel,
+                text: &f.text,
+                policies: self.file_policies.get(&f.rel).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(Manifest::describe(&loaded))
+    }
+}
+
+fn dir_name(dir: &Path) -> String {
+    dir.display().to_string()
 }
 
 fn single(file: &str, message: &str) -> LoadError {
@@ -200,9 +312,14 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, LoadError> {
         .into_iter()
         .map(|p| {
             let name = p.display().to_string();
+            let rel = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             std::fs::read_to_string(&p)
                 .map(|text| SourceFile {
                     name: name.clone(),
+                    rel,
                     text,
                 })
                 .map_err(|e| single(&name, &format!("cannot read: {e}")))
@@ -264,6 +381,20 @@ fn parse_policies(
                 });
                 continue;
             }
+            if let Err(message) = super::guard::check_expression_depth(policy) {
+                let offset = super::guard::policy_starts(&file.text)
+                    .get(n)
+                    .copied()
+                    .unwrap_or(0);
+                let (line, col) = line_col(&file.text, offset);
+                diags.push(Diagnostic {
+                    file: file.name.clone(),
+                    line,
+                    col,
+                    message: format!("policy {id:?}: {message}"),
+                });
+                continue;
+            }
             if let Err(e) = set.add(policy.new_id(PolicyId::new(&id))) {
                 diags.push(Diagnostic {
                     file: file.name.clone(),
@@ -301,63 +432,7 @@ fn diagnose(file: &str, text: &str, err: &dyn miette::Diagnostic) -> Diagnostic 
     }
 }
 
-fn load_entities(
-    file: &SourceFile,
-    schema: &Schema,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<Entities> {
-    let at = |offset: usize, message: String| {
-        let (line, col) = line_col(&file.text, offset);
-        Diagnostic {
-            file: file.name.clone(),
-            line,
-            col,
-            message,
-        }
-    };
-    let value: serde_json::Value = match serde_json::from_str(&file.text) {
-        Ok(v) => v,
-        Err(e) => {
-            diags.push(Diagnostic {
-                file: file.name.clone(),
-                line: e.line(),
-                col: e.column(),
-                message: e.to_string(),
-            });
-            return None;
-        }
-    };
-    let Some(items) = value.as_array() else {
-        diags.push(at(
-            0,
-            "entities file must be a JSON array of entities".into(),
-        ));
-        return None;
-    };
-    // Check each entity alone first, so a problem is reported where it is.
-    let offsets = array_element_offsets(&file.text);
-    let before = diags.len();
-    for (i, item) in items.iter().enumerate() {
-        if let Err(e) =
-            Entities::from_json_value(serde_json::Value::Array(vec![item.clone()]), Some(schema))
-        {
-            let offset = offsets.get(i).copied().unwrap_or(0);
-            diags.push(at(offset, format!("entity #{}: {}", i + 1, flatten(&e))));
-        }
-    }
-    if diags.len() > before {
-        return None;
-    }
-    match Entities::from_json_value(value, Some(schema)) {
-        Ok(entities) => Some(entities),
-        Err(e) => {
-            diags.push(at(0, flatten(&e)));
-            None
-        }
-    }
-}
-
-fn flatten(err: &dyn miette::Diagnostic) -> String {
+pub(super) fn flatten(err: &dyn miette::Diagnostic) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -373,40 +448,6 @@ fn flatten(err: &dyn miette::Diagnostic) -> String {
         message.push_str(&help.to_string());
     }
     message.replace('\n', " ")
-}
-
-/// Byte offsets of the elements of a top-level JSON array.
-fn array_element_offsets(text: &str) -> Vec<usize> {
-    let mut offsets = Vec::new();
-    let (mut depth, mut in_string, mut escaped, mut expecting) = (0usize, false, false, false);
-    for (i, c) in text.char_indices() {
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if expecting && !c.is_whitespace() && c != ']' {
-            offsets.push(i);
-            expecting = false;
-        }
-        match c {
-            '"' => in_string = true,
-            '[' | '{' => {
-                depth += 1;
-                if depth == 1 && c == '[' {
-                    expecting = true;
-                }
-            }
-            ']' | '}' => depth = depth.saturating_sub(1),
-            ',' if depth == 1 => expecting = true,
-            _ => {}
-        }
-    }
-    offsets
 }
 
 fn check_expectations(
@@ -457,20 +498,5 @@ fn check_expectations(
                 break;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn element_offsets_skip_strings_and_nesting() {
-        let text = r#"[ {"a": "x,]"}, {"b": [1, 2]} ,3]"#;
-        let offs = array_element_offsets(text);
-        assert_eq!(offs.len(), 3);
-        assert!(text[offs[0]..].starts_with("{\"a\""));
-        assert!(text[offs[1]..].starts_with("{\"b\""));
-        assert!(text[offs[2]..].starts_with('3'));
     }
 }

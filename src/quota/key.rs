@@ -63,6 +63,25 @@ impl CounterKey {
     pub fn group(&self) -> [u8; 8] {
         self.tag
     }
+
+    /// A printable form (80 hex digits: digest then tag) that
+    /// [`CounterKey::from_hex`] reads back, for reservation records.
+    pub fn to_hex(&self) -> String {
+        format!("{}{}", hex::encode(self.digest), hex::encode(self.tag))
+    }
+
+    /// Reads [`CounterKey::to_hex`]'s form.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let bytes = hex::decode(text).ok()?;
+        if bytes.len() != 40 {
+            return None;
+        }
+        let mut digest = [0u8; 32];
+        let mut tag = [0u8; 8];
+        digest.copy_from_slice(&bytes[..32]);
+        tag.copy_from_slice(&bytes[32..]);
+        Some(Self { digest, tag })
+    }
 }
 
 #[cfg(test)]

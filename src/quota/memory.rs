@@ -12,9 +12,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Duration;
+
 use super::{
-    Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError, Usage, fits,
-    reset_after, sliding_used,
+    Adjustment, Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError,
+    Usage, fits, reset_after, sliding_used,
 };
 
 /// A source of "now", injected so tests can move time.
@@ -88,6 +90,31 @@ pub struct MemoryStore {
     shards: Vec<Mutex<HashMap<[u8; 16], Slot>>>,
     clock: Arc<dyn Clock>,
     per_shard_max: usize,
+    /// Reservation records by request id, with their expiry (ms).
+    reservations: Mutex<HashMap<String, (String, u64)>>,
+    /// Settled request ids, with their expiry (ms).
+    settled: Mutex<HashMap<String, u64>>,
+    max_reservations: usize,
+}
+
+/// Inserts into an expiring map, sweeping expired entries when it is full;
+/// `false` when it is still full.
+fn insert_expiring<V>(
+    map: &mut HashMap<String, V>,
+    key: String,
+    value: V,
+    now: u64,
+    max: usize,
+    expiry: impl Fn(&V) -> u64,
+) -> bool {
+    if map.len() >= max && !map.contains_key(&key) {
+        map.retain(|_, v| expiry(v) > now);
+        if map.len() >= max {
+            return false;
+        }
+    }
+    map.insert(key, value);
+    true
 }
 
 impl MemoryStore {
@@ -97,6 +124,9 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             clock,
             per_shard_max: max_keys.div_ceil(SHARDS).max(1),
+            reservations: Mutex::new(HashMap::new()),
+            settled: Mutex::new(HashMap::new()),
+            max_reservations: max_keys.max(1),
         }
     }
 
@@ -156,6 +186,7 @@ impl MemoryStore {
                 fits,
                 used,
                 reset: reset_after(now, window_ms),
+                window: w,
             });
         }
         // Admission charges apply only all together; usage is recorded always.
@@ -235,6 +266,86 @@ impl QuotaStore for MemoryStore {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn put_reservation(
+        &self,
+        request_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = self.clock.now_ms();
+        let until = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let mut map = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        if insert_expiring(
+            &mut map,
+            request_id.to_string(),
+            (record.to_string(), until),
+            now,
+            self.max_reservations,
+            |v| v.1,
+        ) {
+            Ok(())
+        } else {
+            Err(StoreError::Full(self.max_reservations))
+        }
+    }
+
+    async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        let now = self.clock.now_ms();
+        let map = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .get(request_id)
+            .filter(|(_, until)| *until > now)
+            .map(|(r, _)| r.clone()))
+    }
+
+    async fn settle(
+        &self,
+        request_id: &str,
+        adjustments: &[Adjustment],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = self.clock.now_ms();
+        let until = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        {
+            let mut settled = self.settled.lock().unwrap_or_else(|p| p.into_inner());
+            if settled.get(request_id).is_some_and(|&u| u > now) {
+                return Ok(false);
+            }
+            if !insert_expiring(
+                &mut settled,
+                request_id.to_string(),
+                until,
+                now,
+                self.max_reservations,
+                |v| *v,
+            ) {
+                return Err(StoreError::Full(self.max_reservations));
+            }
+        }
+        for a in adjustments {
+            let id = a.key.short();
+            let mut shard = self.lock(Self::shard_of(&id));
+            let Some(slot) = shard.get_mut(&id) else {
+                continue;
+            };
+            let apply = |n: u64| -> u64 {
+                if a.delta >= 0 {
+                    n.saturating_add(a.delta.unsigned_abs())
+                } else {
+                    n.saturating_sub(a.delta.unsigned_abs())
+                }
+            };
+            if slot.window == a.window {
+                slot.count = apply(slot.count);
+            } else if slot.window == a.window + 1 {
+                // The window moved on: its count is the previous one now,
+                // which a sliding window still weighs.
+                slot.prev = apply(slot.prev);
+            }
+        }
+        Ok(true)
     }
 }
 

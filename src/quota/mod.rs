@@ -12,6 +12,7 @@ pub mod key;
 pub mod limits;
 pub mod memory;
 pub mod redis;
+pub mod reserve;
 pub mod rls;
 pub mod rules;
 
@@ -29,7 +30,7 @@ pub use key::CounterKey;
 /// Windows are aligned to the Unix epoch, as the reference service aligns
 /// them: a week is 7 days, a month 30 days and a year 365 days, so a "month"
 /// window does not follow the calendar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {
     Second,
@@ -125,7 +126,7 @@ pub enum ChargeMode {
 }
 
 /// How a window is counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
     /// Windows aligned to the epoch, as Envoy's reference service counts:
@@ -193,6 +194,9 @@ pub struct Usage {
     pub used: u64,
     /// Time until the window resets.
     pub reset: Duration,
+    /// The window the count belongs to (`now / window length`), so a later
+    /// settlement adjusts the same window.
+    pub window: u64,
 }
 
 impl Usage {
@@ -211,6 +215,18 @@ pub struct ChargeResult {
     /// One per charge, in order; `None` where the store was not asked (a
     /// later Redis Cluster slot group after an earlier one refused).
     pub usage: Vec<Option<Usage>>,
+}
+
+/// A settlement's change to one counter: `delta` (actual usage minus what
+/// was reserved) applied to the window the reservation was charged in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    pub key: CounterKey,
+    pub unit: Unit,
+    pub algorithm: Algorithm,
+    /// The window index the reservation was counted in.
+    pub window: u64,
+    pub delta: i64,
 }
 
 /// A store that could not answer. Every variant is transient: the next
@@ -248,6 +264,26 @@ pub trait QuotaStore: Send + Sync {
     fn clock_offset_ms(&self) -> Option<i64> {
         None
     }
+    /// Keeps `record` (an opaque reservation record) for `request_id` for
+    /// `ttl`, replacing any earlier one.
+    async fn put_reservation(
+        &self,
+        request_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// The reservation record of `request_id`, if it is still kept.
+    async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError>;
+    /// Applies `adjustments` for `request_id` **exactly once**: `Ok(true)`
+    /// when applied now, `Ok(false)` when this request was settled before
+    /// (within `ttl`). A count never goes below zero, and a window that has
+    /// already expired is left alone (its count no longer matters).
+    async fn settle(
+        &self,
+        request_id: &str,
+        adjustments: &[Adjustment],
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Clamps a window position into a reset duration.

@@ -56,8 +56,8 @@ use crate::redis_conn::{Link, PoisonReason};
 
 use super::memory::{Clock, SystemClock};
 use super::{
-    Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError, Unit, Usage,
-    reset_after,
+    Adjustment, Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError,
+    Unit, Usage, reset_after,
 };
 
 /// Largest count or limit handled exactly (Lua numbers are doubles).
@@ -138,6 +138,37 @@ redis.call('DEL', unpack(KEYS))
 return {ARGV[1]}
 ";
 
+const RECORD_LUA: &str = r"
+-- KEYS[1]: a reservation record. ARGV[1]: nonce; ARGV[2]: put | get;
+-- ARGV[3]: record text, ARGV[4]: ttl ms (put). Returns {nonce, record or ''}.
+if ARGV[2] == 'put' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  return {ARGV[1], ''}
+end
+return {ARGV[1], redis.call('GET', KEYS[1]) or ''}
+";
+
+const SETTLE_LUA: &str = r"
+-- KEYS[1]: the request's settled marker in this slot; KEYS[2..]: window keys.
+-- ARGV[1]: nonce; ARGV[2]: marker ttl ms; ARGV[i + 1]: delta for KEYS[i].
+-- Returns {nonce, 1} when applied now, {nonce, 0} when settled before.
+-- A missing window (expired) is left alone, so no key is ever written
+-- without its expiry; a count never goes below zero.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then
+  return {ARGV[1], 0}
+end
+for i = 2, #KEYS do
+  local d = tonumber(ARGV[i + 1])
+  local v = redis.call('GET', KEYS[i])
+  if v and d ~= 0 then
+    local n = tonumber(v) + d
+    if n < 0 then n = 0 end
+    redis.call('SET', KEYS[i], string.format('%d', n), 'KEEPTTL')
+  end
+end
+return {ARGV[1], 1}
+";
+
 #[derive(Clone)]
 enum Conn {
     Single(MultiplexedConnection),
@@ -193,6 +224,8 @@ pub struct RedisStore {
     charge: Script,
     refund: Script,
     reset: Script,
+    record: Script,
+    settle: Script,
     prefix: String,
     kind: &'static str,
     clocks: Arc<Clocks>,
@@ -216,7 +249,7 @@ async fn set_up(conn: &mut MultiplexedConnection, clocks: &Clocks) -> Result<(),
             "node is not a master",
         )));
     }
-    for lua in [CHARGE_LUA, REFUND_LUA, RESET_LUA] {
+    for lua in [CHARGE_LUA, REFUND_LUA, RESET_LUA, RECORD_LUA, SETTLE_LUA] {
         Script::new(lua).prepare_invoke().load_async(conn).await?;
     }
     read_time(conn, clocks).await
@@ -360,6 +393,8 @@ impl RedisStore {
             charge: Script::new(CHARGE_LUA),
             refund: Script::new(REFUND_LUA),
             reset: Script::new(RESET_LUA),
+            record: Script::new(RECORD_LUA),
+            settle: Script::new(SETTLE_LUA),
             prefix: prefix.to_string(),
             kind,
             clocks,
@@ -415,6 +450,43 @@ impl RedisStore {
         guard.disarm();
         reply.remove(0);
         Ok(reply)
+    }
+
+    /// SHA-256 of a request id, hex: request ids come from callers and never
+    /// reach Redis in the clear.
+    fn request_hash(request_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(request_id.as_bytes()))
+    }
+
+    fn record_key(&self, request_id: &str) -> String {
+        let h = Self::request_hash(request_id);
+        format!("{}{{r:{}}}:resv:{h}", self.prefix, &h[..16])
+    }
+
+    async fn record_op(
+        &self,
+        request_id: &str,
+        op: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let (mut conn, generation) = self.conn()?;
+        let nonce = self.next_nonce();
+        let mut inv = self.record.prepare_invoke();
+        inv.key(self.record_key(request_id))
+            .arg(&nonce)
+            .arg(op)
+            .arg(record)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let out = self.call(&mut conn, generation, &inv, &nonce).await?;
+        Ok(match out.first() {
+            Some(Value::BulkString(b)) if !b.is_empty() => Some(
+                String::from_utf8(b.clone())
+                    .map_err(|_| StoreError::Backend("reservation record is not text".into()))?,
+            ),
+            _ => None,
+        })
     }
 
     fn window_key(&self, c: &Charge, w: u64) -> String {
@@ -572,7 +644,7 @@ impl QuotaStore for RedisStore {
         for (_, idx) in &groups {
             let group: Vec<&Charge> = idx.iter().map(|&i| &charges[i]).collect();
             let answer = self.charge_group(&mut conn, generation, &group).await?;
-            for (&i, &(used, fits)) in idx.iter().zip(&answer.per) {
+            for (pos, (&i, &(used, fits))) in idx.iter().zip(&answer.per).enumerate() {
                 let c = &charges[i];
                 let counted = answer.applied || c.mode == ChargeMode::Always;
                 usage[i] = Some(Usage {
@@ -583,6 +655,7 @@ impl QuotaStore for RedisStore {
                         used
                     },
                     reset: reset_after(answer.now, c.unit.millis()),
+                    window: answer.windows.get(pos).copied().unwrap_or(0),
                 });
             }
             if answer.applied {
@@ -645,6 +718,74 @@ impl QuotaStore for RedisStore {
 
     fn clock_offset_ms(&self) -> Option<i64> {
         self.clocks.known()
+    }
+
+    async fn put_reservation(
+        &self,
+        request_id: &str,
+        record: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.record_op(request_id, "put", record, ttl)
+            .await
+            .map(|_| ())
+    }
+
+    async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        self.record_op(request_id, "get", "", Duration::from_millis(1))
+            .await
+    }
+
+    async fn settle(
+        &self,
+        request_id: &str,
+        adjustments: &[Adjustment],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (mut conn, generation) = self.conn()?;
+        let rid = Self::request_hash(request_id);
+        // One script per hash slot group (all of them on standalone Redis):
+        // each marks the request settled in its slot and applies its
+        // adjustments atomically, so a retried report applies nothing twice.
+        let mut groups: Vec<([u8; 8], Vec<&Adjustment>)> = Vec::new();
+        for a in adjustments {
+            let g = if matches!(conn, Conn::Single(_)) {
+                [0; 8]
+            } else {
+                a.key.group()
+            };
+            match groups.iter_mut().find(|(k, _)| *k == g) {
+                Some((_, v)) => v.push(a),
+                None => groups.push((g, vec![a])),
+            }
+        }
+        if groups.is_empty() {
+            groups.push(([0; 8], Vec::new()));
+        }
+        let mut applied_any = false;
+        for (_, group) in &groups {
+            // The marker shares the slot of the group's counters.
+            let tag_of = |a: &Adjustment| {
+                let base = a.key.redis_base(&self.prefix);
+                base[..base.find('}').map_or(0, |i| i + 1)].to_string()
+            };
+            let marker = match group.first() {
+                Some(a) => format!("{}:settled:{rid}", tag_of(a)),
+                None => format!("{}{{r:{}}}:settled:{rid}", self.prefix, &rid[..16]),
+            };
+            let nonce = self.next_nonce();
+            let mut inv = self.settle.prepare_invoke();
+            inv.key(marker)
+                .arg(&nonce)
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+            for a in group {
+                inv.key(format!("{}:{}", a.key.redis_base(&self.prefix), a.window))
+                    .arg(a.delta);
+            }
+            let out = self.call(&mut conn, generation, &inv, &nonce).await?;
+            applied_any |= matches!(out.first(), Some(Value::Int(1)));
+        }
+        Ok(applied_any)
     }
 }
 

@@ -215,6 +215,7 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
             },
             failure_mode: limit.failure_mode,
             label: limit.full_key.clone(),
+            measure: super::rules::Cost::Requests,
         });
     }
 

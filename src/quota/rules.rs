@@ -3,18 +3,26 @@
 //! ```toml
 //! [[quota.rules]]
 //! name = "key-per-minute"
-//! per = ["key"]                 # key, tenant, model, tier; empty = one global counter
+//! per = ["key"]                 # key, tenant, group, model, tier; empty = one global counter
 //! unit = "minute"
 //! tiers = { free = 20, paid = 600, enterprise = 6000 }
 //! requests_per_unit = 100       # for tiers not listed (optional)
+//! cost = "requests"             # or tokens, input_tokens, output_tokens, usd
 //! ```
+//!
+//! A rule whose `cost` is not `requests` is a **budget**: the request's
+//! estimated usage is reserved when it is admitted (all-or-nothing with every
+//! other rule), and settled from the actual usage reported afterwards
+//! ([`crate::quota::reserve`]). Limits of `usd` rules are in US dollars (held
+//! as integer micro-dollars); the others count whole units.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{Algorithm, Charge, CounterKey, FailureMode, Unit};
+use super::{Algorithm, Charge, ChargeMode, CounterKey, FailureMode, Unit};
 use crate::identity::Principal;
+use crate::usage::{Estimate, Prices, TokenUsage};
 
 /// The counter domain of ext_authz quota rules (as seen by `tollgate quota`).
 pub const DOMAIN: &str = "tollgate.authz";
@@ -26,45 +34,102 @@ pub enum Per {
     /// The authenticated principal (API key id, service id, …).
     Key,
     Tenant,
+    /// Each group (team) the principal belongs to: one counter per group, all
+    /// charged. A principal in no group is not limited by the rule.
+    Group,
     /// The request's resource (the model).
     Model,
     Tier,
 }
 
-/// What a request costs. Only requests for now; tokens come with the LLM
-/// accounting work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+/// What a request costs against a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cost {
+    /// One per request.
     #[default]
     Requests,
+    /// Input plus output tokens.
+    Tokens,
+    InputTokens,
+    OutputTokens,
+    /// US dollars by `quota.prices`, counted in micro-dollars.
+    Usd,
+}
+
+impl Cost {
+    /// The amount `usage` costs in this measure (micro-dollars for `usd`);
+    /// `None` when the model has no price.
+    pub fn amount(self, usage: &TokenUsage, model: Option<&str>, prices: &Prices) -> Option<u64> {
+        Some(match self {
+            Self::Requests => 1,
+            Self::Tokens => usage.input.saturating_add(usage.output),
+            Self::InputTokens => usage.input,
+            Self::OutputTokens => usage.output,
+            Self::Usd => prices.price(model)?.cost_micros(usage),
+        })
+    }
+
+    /// Whether a request's usage must be estimated and settled.
+    pub fn is_usage(self) -> bool {
+        self != Self::Requests
+    }
+
+    /// The metric / log name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Tokens => "tokens",
+            Self::InputTokens => "input_tokens",
+            Self::OutputTokens => "output_tokens",
+            Self::Usd => "usd",
+        }
+    }
 }
 
 /// One quota rule.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaRule {
     pub name: String,
     #[serde(default)]
     pub per: Vec<Per>,
     pub unit: Unit,
-    /// The limit for principals whose tier is not in `tiers`.
-    #[serde(default)]
-    pub requests_per_unit: Option<u64>,
+    /// The limit for principals whose tier is not in `tiers`, in the rule's
+    /// `cost` measure (US dollars for `usd`). `limit` is an alias.
+    #[serde(default, alias = "limit")]
+    pub requests_per_unit: Option<f64>,
     /// Tier profile: the limit for each tier.
     #[serde(default)]
-    pub tiers: BTreeMap<String, u64>,
+    pub tiers: BTreeMap<String, f64>,
     #[serde(default)]
     pub algorithm: Algorithm,
     #[serde(default)]
     pub failure_mode: FailureMode,
-    #[serde(default)]
+    /// Counted and reported, never denies (an `audit` budget).
+    #[serde(default, alias = "audit")]
     pub shadow: bool,
     /// Only these actions (empty: all).
     #[serde(default)]
     pub actions: Vec<String>,
     #[serde(default)]
     pub cost: Cost,
+    /// Budgets: the output part of a reservation is at most this share of
+    /// the limit (0 < share ≤ 1), so a large `max_tokens` alone does not lock
+    /// a caller out while its usage is low. Settlement charges what was
+    /// actually used either way. Unset: the whole `max_tokens`.
+    #[serde(default)]
+    pub max_output_share: Option<f64>,
+    /// Budgets: the output tokens reserved when the request names no
+    /// `max_tokens`. Unset: such a request cannot be estimated.
+    #[serde(default)]
+    pub default_output_tokens: Option<u64>,
+    /// Budgets: what a request whose usage cannot be estimated (unreadable
+    /// body, no `max_tokens` and no `default_output_tokens`) reserves, in the
+    /// rule's measure. Unset (the default): it is refused (`over_budget`),
+    /// never let through free.
+    #[serde(default)]
+    pub unestimated_reserve: Option<f64>,
 }
 
 /// A charge with what the engine needs to report and fail it.
@@ -74,6 +139,26 @@ pub struct Planned {
     pub failure_mode: FailureMode,
     /// Rule name or limit path, for reason codes, logs and headers.
     pub label: String,
+    /// What the charge counts; anything but requests is reserved and settled.
+    pub measure: Cost,
+}
+
+/// Why a budget cannot be planned for a request; the request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("quota rule {rule:?}: the request's usage cannot be estimated")]
+    Unestimated { rule: String },
+    #[error("quota rule {rule:?}: model {model:?} has no price and unknown models are denied")]
+    Unpriced { rule: String, model: String },
+}
+
+/// What a rule needs to know about a request.
+pub struct PlanInput<'a> {
+    pub principal: &'a Principal,
+    pub action: &'a str,
+    pub resource_id: &'a str,
+    pub estimate: &'a Estimate,
+    pub prices: &'a Prices,
 }
 
 impl QuotaRule {
@@ -84,11 +169,52 @@ impl QuotaRule {
         }
         if self.requests_per_unit.is_none() && self.tiers.is_empty() {
             return Err(format!(
-                "quota.rules {:?}: set requests_per_unit or tiers",
+                "quota.rules {:?}: set requests_per_unit (or limit) or tiers",
+                self.name
+            ));
+        }
+        let amounts = self.requests_per_unit.iter().chain(self.tiers.values());
+        for &v in amounts.chain(self.unestimated_reserve.iter()) {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!(
+                    "quota.rules {:?}: limits must be 0 or more, not {v}",
+                    self.name
+                ));
+            }
+            if self.cost != Cost::Usd && v.fract() != 0.0 {
+                return Err(format!(
+                    "quota.rules {:?}: {} limits are whole numbers, not {v}",
+                    self.name,
+                    self.cost.name()
+                ));
+            }
+        }
+        if let Some(share) = self.max_output_share
+            && !(share > 0.0 && share <= 1.0)
+        {
+            return Err(format!(
+                "quota.rules {:?}: max_output_share must be in (0, 1], not {share}",
+                self.name
+            ));
+        }
+        if !self.cost.is_usage()
+            && (self.max_output_share.is_some()
+                || self.default_output_tokens.is_some()
+                || self.unestimated_reserve.is_some())
+        {
+            return Err(format!(
+                "quota.rules {:?}: max_output_share, default_output_tokens and unestimated_reserve apply to token and usd budgets only",
                 self.name
             ));
         }
         Ok(())
+    }
+
+    /// A configured amount in counted units (micro-dollars for `usd`).
+    fn units(&self, v: f64) -> u64 {
+        let v = if self.cost == Cost::Usd { v * 1e6 } else { v };
+        // Validated finite and not negative; saturates for absurd values.
+        v.round() as u64
     }
 
     /// The limit for `principal`, if the rule applies to it.
@@ -98,49 +224,124 @@ impl QuotaRule {
             .as_ref()
             .and_then(|t| self.tiers.get(t).copied())
             .or(self.requests_per_unit)
+            .map(|v| self.units(v))
     }
 
-    /// The charge this rule makes for a request, if it applies.
-    pub fn plan(&self, principal: &Principal, action: &str, resource_id: &str) -> Option<Planned> {
-        if !self.actions.is_empty() && !self.actions.iter().any(|a| a == action) {
-            return None;
+    /// What this request reserves against the rule.
+    fn reservation(&self, limit: u64, input: &PlanInput<'_>) -> Result<u64, PlanError> {
+        let e = input.estimate;
+        if self.cost == Cost::Requests {
+            return Ok(1);
         }
-        let limit = self.limit_for(principal)?;
-        let tenant = principal.tenant.as_deref().unwrap_or("-");
-        let mut entries = vec![("rule".to_string(), self.name.clone())];
-        for per in &self.per {
-            let (k, v) = match per {
-                Per::Key => ("principal", principal.uid()),
-                Per::Tenant => ("tenant", tenant.to_string()),
-                Per::Model => ("model", resource_id.to_string()),
-                Per::Tier => ("tier", principal.tier.clone().unwrap_or_else(|| "-".into())),
-            };
-            entries.push((k.to_string(), v));
-        }
-        // The hash-slot group must follow from the counter alone: a tenant's
-        // (and its keys') counters share their tenant's slot.
-        let group = if self.per.iter().any(|p| matches!(p, Per::Key | Per::Tenant)) {
-            format!("tenant:{tenant}")
-        } else {
-            entries
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
+        let output = e.max_output_tokens.or(self.default_output_tokens);
+        let (Some(input_tokens), Some(output)) = (e.input_tokens, output) else {
+            return self
+                .unestimated_reserve
+                .map(|v| self.units(v))
+                .ok_or_else(|| PlanError::Unestimated {
+                    rule: self.name.clone(),
+                });
         };
-        Some(Planned {
-            charge: Charge {
-                key: CounterKey::new(DOMAIN, &entries, &group),
-                limit,
-                unit: self.unit,
-                algorithm: self.algorithm,
-                cost: 1,
-                shadow: self.shadow,
-                mode: super::ChargeMode::Admission,
-            },
-            failure_mode: self.failure_mode,
-            label: self.name.clone(),
+        let output = match self.max_output_share {
+            // The cap is in tokens for token rules; for usd it caps the
+            // output tokens so their price is at most the share.
+            Some(share) if self.cost != Cost::Usd => output.min((limit as f64 * share) as u64),
+            _ => output,
+        };
+        let usage = TokenUsage {
+            input: input_tokens,
+            output,
+            cached_input: 0,
+        };
+        let amount = self
+            .cost
+            .amount(&usage, e.model.as_deref(), input.prices)
+            .ok_or_else(|| PlanError::Unpriced {
+                rule: self.name.clone(),
+                model: e.model.clone().unwrap_or_default(),
+            })?;
+        Ok(match (self.cost, self.max_output_share) {
+            (Cost::Usd, Some(share)) => {
+                let input_only = self
+                    .cost
+                    .amount(
+                        &TokenUsage { output: 0, ..usage },
+                        e.model.as_deref(),
+                        input.prices,
+                    )
+                    .unwrap_or(amount);
+                let output_part = amount - input_only.min(amount);
+                input_only + output_part.min((limit as f64 * share) as u64)
+            }
+            _ => amount,
         })
+    }
+
+    /// The charges this rule makes for a request: none when it does not
+    /// apply, one per group for `per = ["group"]`, else one.
+    pub fn plan(&self, input: &PlanInput<'_>) -> Result<Vec<Planned>, PlanError> {
+        let principal = input.principal;
+        if !self.actions.is_empty() && !self.actions.iter().any(|a| a == input.action) {
+            return Ok(Vec::new());
+        }
+        let Some(limit) = self.limit_for(principal) else {
+            return Ok(Vec::new());
+        };
+        let groups: Vec<Option<&str>> = if self.per.contains(&Per::Group) {
+            principal.groups.iter().map(|g| Some(g.as_str())).collect()
+        } else {
+            vec![None]
+        };
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cost = self.reservation(limit, input)?;
+        let tenant = principal.tenant.as_deref().unwrap_or("-");
+        let mut planned = Vec::with_capacity(groups.len());
+        for group_id in groups {
+            let mut entries = vec![("rule".to_string(), self.name.clone())];
+            for per in &self.per {
+                let (k, v) = match per {
+                    Per::Key => ("principal", principal.uid()),
+                    Per::Tenant => ("tenant", tenant.to_string()),
+                    Per::Group => ("group", group_id.unwrap_or("-").to_string()),
+                    Per::Model => ("model", input.resource_id.to_string()),
+                    Per::Tier => ("tier", principal.tier.clone().unwrap_or_else(|| "-".into())),
+                };
+                entries.push((k.to_string(), v));
+            }
+            // The hash-slot group must follow from the counter alone: a
+            // tenant's (and its teams' and keys') counters share their
+            // tenant's slot, so a request's budgets are charged atomically.
+            let slot = if self
+                .per
+                .iter()
+                .any(|p| matches!(p, Per::Key | Per::Tenant | Per::Group))
+            {
+                format!("tenant:{tenant}")
+            } else {
+                entries
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            planned.push(Planned {
+                charge: Charge {
+                    key: CounterKey::new(DOMAIN, &entries, &slot),
+                    limit,
+                    unit: self.unit,
+                    algorithm: self.algorithm,
+                    cost,
+                    shadow: self.shadow,
+                    mode: ChargeMode::Admission,
+                },
+                failure_mode: self.failure_mode,
+                label: self.name.clone(),
+                measure: self.cost,
+            });
+        }
+        Ok(planned)
     }
 }
 
@@ -167,24 +368,41 @@ mod tests {
             per: vec![Per::Key],
             unit: Unit::Minute,
             requests_per_unit: None,
-            tiers: [("free".to_string(), 10), ("enterprise".to_string(), 1000)].into(),
+            tiers: [
+                ("free".to_string(), 10.0),
+                ("enterprise".to_string(), 1000.0),
+            ]
+            .into(),
             algorithm: Algorithm::FixedWindow,
             failure_mode: FailureMode::Deny,
             shadow: false,
             actions: vec![],
             cost: Cost::Requests,
+            max_output_share: None,
+            default_output_tokens: None,
+            unestimated_reserve: None,
         }
+    }
+
+    fn plan(r: &QuotaRule, p: &Principal) -> Option<Planned> {
+        let estimate = Estimate::default();
+        let prices = Prices::default();
+        r.plan(&PlanInput {
+            principal: p,
+            action: "chat",
+            resource_id: "m",
+            estimate: &estimate,
+            prices: &prices,
+        })
+        .expect("plans")
+        .pop()
     }
 
     #[test]
     fn the_tier_picks_the_limit_and_keys_get_their_own_counters() {
         let r = rule();
-        let free = r
-            .plan(&key("a", "acme", "free"), "chat", "m")
-            .expect("applies");
-        let ent = r
-            .plan(&key("b", "acme", "enterprise"), "chat", "m")
-            .expect("applies");
+        let free = plan(&r, &key("a", "acme", "free")).expect("applies");
+        let ent = plan(&r, &key("b", "acme", "enterprise")).expect("applies");
         assert_eq!((free.charge.limit, ent.charge.limit), (10, 1000));
         assert_ne!(free.charge.key, ent.charge.key);
         assert_eq!(
@@ -193,7 +411,7 @@ mod tests {
             "one tenant, one slot"
         );
         assert!(
-            r.plan(&key("c", "acme", "paid"), "chat", "m").is_none(),
+            plan(&r, &key("c", "acme", "paid")).is_none(),
             "unlisted tier, no default"
         );
     }
@@ -204,7 +422,41 @@ mod tests {
         r.tiers.clear();
         assert!(r.validate().expect_err("no limits").contains("per-key"));
         // 0 is a valid limit: it refuses every request (a blocked tier).
-        r.requests_per_unit = Some(0);
+        r.requests_per_unit = Some(0.0);
         assert!(r.validate().is_ok());
+        r.requests_per_unit = Some(1.5);
+        assert!(r.validate().is_err(), "requests are whole");
+        r.cost = Cost::Usd;
+        assert!(r.validate().is_ok(), "dollars need not be");
+    }
+
+    #[test]
+    fn a_group_rule_charges_every_group_of_the_key_and_skips_keys_in_none() {
+        let mut r = rule();
+        r.per = vec![Per::Group];
+        r.requests_per_unit = Some(5.0);
+        let mut p = key("a", "acme", "paid");
+        assert!(plan(&r, &p).is_none(), "no group, no counter");
+        p.groups = vec!["research".into(), "ops".into()];
+        let estimate = Estimate::default();
+        let prices = Prices::default();
+        let plans = r
+            .plan(&PlanInput {
+                principal: &p,
+                action: "chat",
+                resource_id: "m",
+                estimate: &estimate,
+                prices: &prices,
+            })
+            .expect("plans");
+        assert_eq!(plans.len(), 2);
+        assert_ne!(plans[0].charge.key, plans[1].charge.key);
+        // Another key of the same team shares its counter.
+        let mut q = key("b", "acme", "free");
+        q.groups = vec!["research".into()];
+        assert_eq!(
+            plan(&r, &q).expect("applies").charge.key,
+            plans[0].charge.key
+        );
     }
 }

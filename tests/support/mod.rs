@@ -626,7 +626,7 @@ pub async fn metrics_text(admin: SocketAddr) -> String {
 }
 
 /// The value of the first metric line starting with `prefix` (0 if none).
-pub fn metric(text: &str, prefix: &str) -> f64 {
+pub fn metric_prefix(text: &str, prefix: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
@@ -806,6 +806,106 @@ pub fn set_source(
 /// The demo keys of `examples/keys.toml` (README, "Quick start").
 pub const DEMO_PAID_KEY: &str = "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen";
 pub const DEMO_FREE_KEY: &str = "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY";
+
+/// The real `tollgate serve` binary in its own process, on free loopback
+/// ports, killed on drop.
+pub struct TollgateProcess {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl TollgateProcess {
+    /// Serves `policies` with the example keys and limits; `extra` is TOML
+    /// appended to the generated config (sections `[server]` and `[policy]`
+    /// are already open, so extra keys go under a new section header).
+    /// Waits until `/readyz` answers 200.
+    pub async fn start(policies: &Path, server_extra: &str, policy_extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (grpc, admin) = (free_port(), free_port());
+        let config = dir.path().join("tollgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{server_extra}\n\
+                 [policy]\ndir = {:?}\n{policy_extra}\n\
+                 [identity]\napi_keys_file = {:?}\n[quota]\nlimits_file = {:?}\n",
+                policies,
+                repo().join("examples/keys.toml"),
+                repo().join("examples/limits.yaml"),
+            ),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(dir.path().join("tollgate.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate");
+        let process = Self {
+            child,
+            grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            dir,
+        };
+        let admin_addr = process.admin;
+        let ready = eventually(Duration::from_secs(30), || async move {
+            match TcpStream::connect(admin_addr).await {
+                Ok(_) => raw_http(admin_addr, "GET", "/readyz", &[], "").await.status == 200,
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(ready, "tollgate did not become ready: {}", process.log());
+        process
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tollgate.log")).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM, as an orchestrator does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// A gRPC channel to the listener.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for TollgateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an unlabelled-or-labelled sample in a Prometheus text
+/// exposition, e.g. `tollgate_reloads_total{source="policies",result="rejected"}`.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}
 
 /// The nginx binary: `$NGINX_BIN`, else `nginx` on the PATH or in
 /// /usr/sbin (Debian package `nginx`; scripts/test installs it).
