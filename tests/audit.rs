@@ -434,6 +434,16 @@ async fn decision_api_and_rate_limit_answers_are_audited() {
     .await
     .expect("decision api check");
 
+    // A usage report for a request that reserved nothing is audited too.
+    api.report_usage(proto::ReportUsageRequest {
+        request_id: "never-reserved".into(),
+        input_tokens: 12,
+        output_tokens: 34,
+        cached_input_tokens: 0,
+    })
+    .await
+    .expect("report usage");
+
     let mut rls = RateLimitServiceClient::new(tg.channel().await);
     for _ in 0..2 {
         rls.should_rate_limit(RateLimitRequest {
@@ -483,10 +493,16 @@ async fn decision_api_and_rate_limit_answers_are_audited() {
         !text.contains("acme-descriptor-value"),
         "no descriptor values"
     );
+    let usage = of("usage");
+    assert_eq!(usage.len(), 1, "{text}");
+    assert_eq!(usage[0]["request_id"], "never-reserved");
+    assert_eq!(usage[0]["decision"], "settlement");
+    assert_eq!(usage[0]["usage"]["output_tokens"], 34);
+    assert_eq!(usage[0]["usage"]["result"], "unknown_request");
     assert_eq!(
         verify(std::slice::from_ref(&path))
             .expect("verifies")
             .records,
-        3
+        4
     );
 }

@@ -17,7 +17,7 @@ mod record;
 mod trail;
 mod verify;
 
-pub use record::{AuditRecord, Caller, QuotaOutcome, SCHEMA_VERSION};
+pub use record::{AuditRecord, Caller, QuotaOutcome, SCHEMA_VERSION, UsageFacts};
 pub use trail::{AuditConfig, AuditError, AuditSink, AuditTrail};
 pub use verify::{GENESIS, VerifyError, VerifyReport, verify};
 

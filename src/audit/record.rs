@@ -41,6 +41,16 @@ pub struct QuotaOutcome {
     pub remaining: Option<u64>,
 }
 
+/// What a usage report settled (`api = usage`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UsageFacts {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    /// `settled`, `already_settled` or `unknown_request`.
+    pub result: &'static str,
+}
+
 /// One audit record, before the writer chains it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -81,6 +91,8 @@ pub struct AuditRecord {
     /// The downstream client address as the gateway reported it.
     pub client_address: Option<String>,
     pub latency_us: u64,
+    /// Token usage settled by a usage report (`api = usage` only).
+    pub usage: Option<UsageFacts>,
 }
 
 impl AuditRecord {
@@ -140,6 +152,7 @@ impl AuditRecord {
             body_bytes: body.map(|b| b.len() as u64),
             client_address: request.source_ip.map(|ip| ip.to_string()),
             latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            usage: None,
         }
     }
 }

@@ -201,6 +201,7 @@ impl Engine {
             .map_err(|_| StoreError::Timeout(deadline))??;
         let Some(text) = record else {
             self.metrics.usage_settlement(Settled::Unknown.label());
+            self.audit_usage(request_id, &usage, Settled::Unknown);
             return Ok(Settled::Unknown);
         };
         let record: Record = serde_json::from_str(&text).map_err(|_| UsageError::BadRecord)?;
@@ -221,6 +222,7 @@ impl Engine {
             self.quota.forget_known_over();
         }
         self.metrics.usage_settlement(settled.label());
+        self.audit_usage(request_id, &usage, settled);
         tracing::info!(
             target: "tollgate::decision",
             request_id = %request_id,
@@ -307,6 +309,33 @@ impl Engine {
 }
 
 impl Engine {
+    /// Sends a usage settlement to the audit trail, if one is attached.
+    fn audit_usage(&self, request_id: &str, usage: &TokenUsage, settled: Settled) {
+        let Some(trail) = self.audit.get() else {
+            return;
+        };
+        let decision = Decision::early(
+            request_id.to_string(),
+            Outcome::Allow,
+            self.policies.snapshot().version.clone(),
+        );
+        let mut record = crate::audit::AuditRecord::of(
+            &decision,
+            &crate::request::HttpRequest::default(),
+            std::time::Duration::ZERO,
+        );
+        record.api = "usage";
+        record.decision = "settlement";
+        record.reason = settled.label();
+        record.usage = Some(crate::audit::UsageFacts {
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            cached_input_tokens: usage.cached_input,
+            result: settled.label(),
+        });
+        trail.submit(record);
+    }
+
     /// The audit record of a rate limit answer: the domain and the limit
     /// that refused (else the tightest counted one), never descriptor
     /// values (a gateway may put anything in them).
