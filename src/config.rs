@@ -40,6 +40,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The OpenID AuthZEN Authorization API (served on `server.authzen_listen`).
     pub authzen: crate::adapters::authzen::AuthzenConfig,
+    /// The audit trail (`[audit]`).
+    pub audit: crate::audit::AuditConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -65,6 +67,29 @@ pub struct ServerConfig {
     /// this long, then connections still open (health watch streams) are
     /// closed.
     pub shutdown_grace_ms: u64,
+    /// HTTP forward-auth listener (nginx `auth_request`, Traefik
+    /// `forwardAuth`, Caddy `forward_auth`); off when unset.
+    pub forward_auth_listen: Option<SocketAddr>,
+    /// Which forwarded-request headers the forward-auth listener believes.
+    pub forward_auth_trust: ForwardAuthTrust,
+}
+
+/// The forwarded-request headers a forward-auth listener trusts: the hop in
+/// front of it sets them and a client cannot. Bound to the listener, off by
+/// default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardAuthTrust {
+    /// None: the request is decided on the auth request's own method, path
+    /// and `Host`, and any forwarded-request header refuses it (400).
+    #[default]
+    None,
+    /// nginx `auth_request`: `X-Original-Method`, `X-Original-URI` (both
+    /// required), `Host`, `X-Real-IP`.
+    Original,
+    /// Traefik `forwardAuth` / Caddy `forward_auth`: `X-Forwarded-Method`,
+    /// `-Uri`, `-Host` (required), `-Proto`, `-For` (rightmost entry).
+    Forwarded,
 }
 
 /// What to do when evaluating a policy raises an error.
@@ -312,6 +337,7 @@ impl Default for Config {
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
             authzen: Default::default(),
+            audit: crate::audit::AuditConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -326,6 +352,8 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             authzen_listen: None,
             shutdown_grace_ms: 5000,
+            forward_auth_listen: None,
+            forward_auth_trust: ForwardAuthTrust::None,
         }
     }
 }

@@ -71,6 +71,13 @@ pub enum Reason {
     /// The stored API key record has a field that does not parse; the key
     /// is refused until the record is fixed.
     InvalidKeyRecord,
+    /// A forward-auth request carries a forwarded-request header
+    /// (`X-Original-*`, `X-Forwarded-Method`/`-Uri`/`-Host`) that the
+    /// listener does not trust (`server.forward_auth_trust`).
+    UntrustedForwardedHeader,
+    /// A forward-auth request lacks a forwarded-request header the trusted
+    /// convention requires, or carries it twice.
+    MissingForwardedHeader,
 }
 
 impl Reason {
@@ -103,6 +110,8 @@ impl Reason {
             Self::AmbiguousModel => "ambiguous_model",
             Self::InvalidParameter => "invalid_parameter",
             Self::InvalidKeyRecord => "invalid_key_record",
+            Self::UntrustedForwardedHeader => "untrusted_forwarded_header",
+            Self::MissingForwardedHeader => "missing_forwarded_header",
         }
     }
 }
@@ -190,6 +199,8 @@ pub struct Decision {
     /// Allowed only because the quota store failed and the limit's failure
     /// mode is `allow` (nothing was counted).
     pub quota_fail_open: bool,
+    /// The model the request names, when the engine read one.
+    pub model: Option<String>,
 }
 
 impl Decision {
@@ -206,6 +217,7 @@ impl Decision {
             policy_version,
             quota: None,
             quota_fail_open: false,
+            model: None,
         }
     }
 }

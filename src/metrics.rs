@@ -99,16 +99,24 @@ pub struct Metrics {
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
+    audit_records: Family<ResultLabel, Counter>,
+    limit_decisions: Family<LimitLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RuleLabel {
-    rule: String,
+struct LimitLabels {
+    limit: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -273,6 +281,18 @@ impl Metrics {
             "JWKS members skipped as malformed or too weak (RSA under 2048 bits), by issuer",
             jwks_keys_refused.clone(),
         );
+        let limit_decisions = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limit_limit_decisions",
+            "Rate limit service answers per limit (only limits with detailed_metric: true), by outcome: within_limit, over_limit, shadow_over, unlimited, store_failed",
+            limit_decisions.clone(),
+        );
+        let audit_records = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "audit_records",
+            "Audit trail records by result: written, dropped (queue full), failed (sink error)",
+            audit_records.clone(),
+        );
         Self {
             fail_open,
             settlements,
@@ -289,6 +309,8 @@ impl Metrics {
             store_errors,
             jwks_fetches,
             jwks_keys_refused,
+            audit_records,
+            limit_decisions,
         }
     }
 
@@ -347,6 +369,24 @@ impl Metrics {
     /// Counts an applied invalidation of `kind`.
     pub fn invalidation(&self, kind: &'static str) {
         self.invalidations.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts one descriptor's answer for a `detailed_metric` limit
+    /// (`limit` is its path in the limits file).
+    pub fn limit_decision(&self, limit: &str, outcome: &'static str) {
+        self.limit_decisions
+            .get_or_create(&LimitLabels {
+                limit: limit.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts an audit record by `result` (`written`, `dropped`, `failed`).
+    pub fn audit_record(&self, result: &'static str) {
+        self.audit_records
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The quota store's own metrics.

@@ -374,6 +374,86 @@ pub fn rate_limit_response(
     }
 }
 
+/// A decision as a plain HTTP answer (the forward-auth listener's): status,
+/// headers (lowercase names) and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// Builds the HTTP answer for a gateway that reads a status: 2xx with the
+/// identity headers to copy upstream on allow (an absent value is sent as
+/// an empty header so the gateway overwrites any client copy with nothing);
+/// on deny the status of [`status_of`] with `WWW-Authenticate` (401),
+/// `Retry-After` and RateLimit headers (429) and [`deny_body`].
+pub fn http_answer(decision: &Decision, config: &ResponseConfig, style: HeaderStyle) -> HttpAnswer {
+    // Same guard as `check_response`: an allow never carries a value that
+    // is not a valid field value.
+    if decision.outcome.is_allow()
+        && decision
+            .principal
+            .as_ref()
+            .is_some_and(|p| !principal_is_expressible(p))
+    {
+        let mut refused = decision.clone();
+        refused.outcome = Outcome::Unauthenticated(Reason::InvalidClaim);
+        return http_answer(&refused, config, style);
+    }
+    let quota: Vec<(String, String)> = decision
+        .quota
+        .as_ref()
+        .map(|q| rate_limit_headers(style, q))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let status = status_of(decision.outcome).http;
+    let mut headers = Vec::new();
+    if decision.outcome.is_allow() {
+        let principal = decision.principal.as_ref();
+        for (name, value) in [
+            (&config.principal_header, principal.map(|p| p.uid())),
+            (
+                &config.tenant_header,
+                principal.and_then(|p| p.tenant.clone()),
+            ),
+            (&config.tier_header, principal.and_then(|p| p.tier.clone())),
+        ] {
+            headers.push((name.clone(), value.unwrap_or_default()));
+        }
+        headers.extend(quota);
+        if decision.quota_fail_open && !config.quota_fail_open_header.is_empty() {
+            headers.push((
+                config.quota_fail_open_header.clone(),
+                "store_unavailable".into(),
+            ));
+        }
+        return HttpAnswer {
+            status,
+            headers,
+            body: String::new(),
+        };
+    }
+    headers.push(("content-type".into(), "application/json".into()));
+    if let Outcome::Unauthenticated(reason) = decision.outcome {
+        headers.push((
+            "www-authenticate".into(),
+            www_authenticate(reason, &config.realm),
+        ));
+    }
+    if let (Outcome::OverQuota(_), Some(q)) = (decision.outcome, &decision.quota) {
+        headers.push(("retry-after".into(), ceil_secs(q.reset).max(1).to_string()));
+        headers.extend(quota);
+    }
+    HttpAnswer {
+        status,
+        headers,
+        body: deny_body(decision),
+    }
+}
+
 fn set_names(config: &ResponseConfig) -> impl Iterator<Item = &String> {
     [
         &config.principal_header,

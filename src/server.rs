@@ -62,6 +62,8 @@ pub enum StartError {
     Watch { what: String, source: notify::Error },
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// Tollgate's assembled parts, before anything listens.
@@ -117,6 +119,14 @@ impl App {
             metrics.clone(),
             quota,
         ));
+        if config.audit.enabled {
+            let trail = crate::audit::AuditTrail::start(
+                &config.audit,
+                &config.resolve(&config.audit.path),
+                Some(metrics.clone()),
+            )?;
+            engine.attach_audit(Arc::new(trail));
+        }
         Ok(Self {
             engine,
             metrics,
@@ -254,6 +264,14 @@ impl App {
         let admin_listener = bind("admin", self.config.server.admin_listen).await?;
         let grpc_addr = local_addr(&grpc_listener, "grpc")?;
         let admin_addr = local_addr(&admin_listener, "admin")?;
+        let forward_auth_listener = match self.config.server.forward_auth_listen {
+            Some(addr) => Some(bind("forward_auth", addr).await?),
+            None => None,
+        };
+        let forward_auth_addr = match &forward_auth_listener {
+            Some(l) => Some(local_addr(l, "forward_auth")?),
+            None => None,
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
 
@@ -385,6 +403,26 @@ impl App {
             None => None,
             Some(addr) => Some(self.start_authzen(addr, stop_rx.clone()).await?),
         };
+        let forward_auth = forward_auth_listener.map(|listener| {
+            let service = Arc::new(crate::adapters::forward_auth::ForwardAuth::new(
+                self.engine.clone(),
+                self.config.response.clone(),
+                self.config.quota.headers,
+                self.config.server.forward_auth_trust,
+                self.config.context.max_body_bytes,
+            ));
+            let mut stop = stop_rx.clone();
+            let app = service
+                .router()
+                .into_make_service_with_connect_info::<SocketAddr>();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    })
+                    .await
+            })
+        });
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
             axum::serve(admin_listener, crate::admin::router(admin_state))
@@ -407,6 +445,9 @@ impl App {
             admin_addr,
             authzen_addr: authzen.as_ref().map(|(a, _)| *a),
             authzen: authzen.map(|(_, h)| h),
+            forward_auth_addr,
+            forward_auth,
+            audit: self.engine.audit().cloned(),
             stop: stop_tx,
             ready,
             health,
@@ -591,6 +632,10 @@ pub struct Running {
     /// The AuthZEN listener, when `server.authzen_listen` is set.
     pub authzen_addr: Option<SocketAddr>,
     authzen: Option<JoinHandle<std::io::Result<()>>>,
+    /// The forward-auth listener's address, when `server.forward_auth_listen` is set.
+    pub forward_auth_addr: Option<SocketAddr>,
+    forward_auth: Option<JoinHandle<std::io::Result<()>>>,
+    audit: Option<Arc<crate::audit::AuditTrail>>,
     stop: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     health: tonic_health::server::HealthReporter,
@@ -661,6 +706,24 @@ impl Running {
                 }
                 Ok(_) => {}
             }
+        }
+        if let Some(mut forward_auth) = self.forward_auth {
+            match tokio::time::timeout_at(deadline, &mut forward_auth).await {
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(error = %e, "forward-auth server ended with an error")
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "forward-auth clients still connected after the shutdown grace; closing them"
+                    );
+                    forward_auth.abort();
+                }
+                Ok(_) => {}
+            }
+        }
+        // After the listeners: every decision made is in the queue now.
+        if let Some(trail) = self.audit {
+            let _ = tokio::task::spawn_blocking(move || trail.close()).await;
         }
     }
 }

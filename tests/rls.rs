@@ -509,3 +509,56 @@ async fn limits_hot_reload_and_keep_the_last_good_set() {
     );
     tg.stop().await;
 }
+
+/// `detailed_metric: true` asks for per-limit series; other limits get none,
+/// and the label is the limit's path, never a descriptor value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detailed_metric_limits_get_per_limit_series() {
+    const DETAILED: &str = r#"
+domain: test
+descriptors:
+  - key: tenant
+    rate_limit: { unit: hour, requests_per_unit: 2 }
+    detailed_metric: true
+  - key: shadowed
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+    shadow_mode: true
+    detailed_metric: true
+  - key: plain
+    rate_limit: { unit: hour, requests_per_unit: 1 }
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tg = Tollgate::start(config_with_limits(dir.path(), DETAILED)).await;
+    let mut c = RateLimitServiceClient::new(tg.channel().await);
+    for (entry, times) in [
+        (("tenant", "acme-secret-value"), 3),
+        (("shadowed", "x"), 2),
+        (("plain", "y"), 2),
+    ] {
+        for _ in 0..times {
+            ask(&mut c, request("test", vec![descriptor(&[entry])], 0)).await;
+        }
+    }
+    let m = support::metrics_text(tg.admin).await;
+    let series = |limit: &str, outcome: &str| {
+        support::metric(
+            &m,
+            &format!(
+                "tollgate_rate_limit_limit_decisions_total{{limit=\"{limit}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("test.tenant", "within_limit"), Some(2.0), "{m}");
+    assert_eq!(series("test.tenant", "over_limit"), Some(1.0), "{m}");
+    assert_eq!(series("test.shadowed", "within_limit"), Some(1.0), "{m}");
+    assert_eq!(series("test.shadowed", "shadow_over"), Some(1.0), "{m}");
+    assert!(
+        !m.contains("test.plain"),
+        "no series without detailed_metric: {m}"
+    );
+    assert!(
+        !m.contains("acme-secret-value"),
+        "descriptor values are never labels"
+    );
+    tg.stop().await;
+}

@@ -65,7 +65,7 @@ impl Authorization for ExtAuthz {
                     Outcome::Invalid(Reason::MalformedRequest),
                     version,
                 );
-                crate::audit::record(&decision, std::time::Duration::ZERO);
+                self.engine.record_refused(&decision, &http);
                 decision
             }
         };

@@ -6,4 +6,5 @@ pub mod authzen;
 pub mod decision_api;
 pub mod ext_authz;
 pub mod ext_proc;
+pub mod forward_auth;
 pub mod rls;

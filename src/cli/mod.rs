@@ -80,6 +80,22 @@ pub enum Command {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// `tollgate audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files (rotated files oldest first:
+    /// PATH.1 PATH.2 ... PATH) and name the first bad line.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Initializes logging for `config`.
@@ -134,6 +150,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(code)
         }
         Command::Quota { command } => quota::run(config, command).await,
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => {
+            let report = crate::audit::verify(&files)?;
+            println!(
+                "ok: {} records in {} files, seq {}..; chain head {}",
+                report.records,
+                report.files,
+                report.first_seq.unwrap_or(0),
+                report.head.as_deref().unwrap_or("-")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -71,6 +71,7 @@ pub struct Engine {
     unknown_domain_warning: crate::metrics::Throttle,
     prices: crate::usage::Prices,
     reservation_ttl: std::time::Duration,
+    audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -109,6 +110,7 @@ impl Engine {
             )),
             prices: config.quota.price_table(),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
+            audit: std::sync::OnceLock::new(),
         }
     }
 
@@ -125,6 +127,35 @@ impl Engine {
     /// The live rate limit service limits.
     pub fn limits(&self) -> &Arc<LimitsStore> {
         &self.limits
+    }
+
+    /// Sends every later decision to `trail` as well; false if one is
+    /// attached already.
+    pub fn attach_audit(&self, trail: Arc<crate::audit::AuditTrail>) -> bool {
+        self.audit.set(trail).is_ok()
+    }
+
+    /// The attached audit trail.
+    pub fn audit(&self) -> Option<&Arc<crate::audit::AuditTrail>> {
+        self.audit.get()
+    }
+
+    /// Logs and audits a decision an adapter reached without the engine
+    /// (a request it could not even read).
+    pub fn record_refused(&self, decision: &Decision, request: &HttpRequest) {
+        crate::audit::record(decision, std::time::Duration::ZERO);
+        self.audit_trail(decision, request, std::time::Duration::ZERO);
+    }
+
+    fn audit_trail(
+        &self,
+        decision: &Decision,
+        request: &HttpRequest,
+        elapsed: std::time::Duration,
+    ) {
+        if let Some(trail) = self.audit.get() {
+            trail.submit(crate::audit::AuditRecord::of(decision, request, elapsed));
+        }
     }
 
     /// The quota engine.
@@ -164,6 +195,7 @@ impl Engine {
             self.charge_rules(&mut decision, request).await;
         }
         crate::audit::record(&decision, started.elapsed());
+        self.audit_trail(&decision, request, started.elapsed());
         self.metrics.decision(
             Api::ExtAuthz,
             decision.outcome.verdict(),
@@ -238,6 +270,13 @@ impl Engine {
         let (Ok(principal_uid), Ok(action_uid), Ok(resource_uid)) = uids else {
             return decision.with(Outcome::Invalid(Reason::MissingResource));
         };
+        // check_single made sure the places that name a model agree.
+        decision.model = body.model.clone().or_else(|| {
+            vars.path_params
+                .iter()
+                .find(|(name, _)| name == "model")
+                .map(|(_, v)| v.clone())
+        });
         decision.action = Some(action_uid.to_string());
         decision.resource = Some(resource_uid.to_string());
 

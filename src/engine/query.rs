@@ -108,11 +108,57 @@ impl Engine {
         };
         self.metrics
             .decision(api, outcome, reason, started.elapsed().as_secs_f64());
+        if let Some(trail) = self.audit.get() {
+            trail.submit(query_record(q, &verdict, &snapshot.version, started, api));
+        }
         Ok(CedarAnswer {
             verdict,
             policy_version: snapshot.version.clone(),
         })
     }
+}
+
+/// The audit record of a direct query: UIDs and verdict, never the
+/// context (it may carry request content).
+fn query_record(
+    q: &CedarQuery,
+    verdict: &Verdict,
+    version: &str,
+    started: Instant,
+    api: Api,
+) -> crate::audit::AuditRecord {
+    use crate::decision::{Decision, Outcome};
+    let uid = |(ty, id): &(String, String)| format!("{ty}::{id:?}");
+    let outcome = if verdict.allow {
+        Outcome::Allow
+    } else if verdict.errors.is_empty() {
+        Outcome::Forbidden(Reason::PolicyDenied)
+    } else {
+        Outcome::Forbidden(Reason::PolicyError)
+    };
+    let mut decision = Decision::early(
+        uuid::Uuid::new_v4().to_string(),
+        outcome,
+        version.to_string(),
+    );
+    decision.action = Some(uid(&q.action));
+    decision.resource = Some(uid(&q.resource));
+    decision.policies = verdict.policies.clone();
+    decision.errors = verdict.errors.clone();
+    let mut record = crate::audit::AuditRecord::of(
+        &decision,
+        &crate::request::HttpRequest::default(),
+        started.elapsed(),
+    );
+    record.api = api.label();
+    record.caller = Some(crate::audit::Caller {
+        principal: uid(&q.principal),
+        tenant: None,
+        tier: None,
+        authn: "query",
+        key_id: None,
+    });
+    record
 }
 
 /// Evaluates one direct query against `snapshot`.

@@ -234,6 +234,13 @@ impl Engine {
             .map_err(|_| StoreError::Timeout(deadline))??;
         let Some(text) = record else {
             self.metrics.usage_settlement(Settled::Unknown.label());
+            let usage = usage_of(&Record {
+                v: 1,
+                model: None,
+                input_estimate: None,
+                reserved: Vec::new(),
+            });
+            self.audit_usage(request_id, &usage, Settled::Unknown);
             return Ok(Settled::Unknown);
         };
         let record: Record = serde_json::from_str(&text).map_err(|_| UsageError::BadRecord)?;
@@ -255,6 +262,7 @@ impl Engine {
             self.quota.forget_known_over();
         }
         self.metrics.usage_settlement(settled.label());
+        self.audit_usage(request_id, &usage, settled);
         tracing::info!(
             target: "tollgate::decision",
             request_id = %request_id,
@@ -300,6 +308,25 @@ impl Engine {
         } else {
             "ok"
         };
+        for s in answer.statuses.iter().filter(|s| s.detailed) {
+            // The label is the limit's path in the limits file: bounded by
+            // the operator's config, never by what callers send.
+            let Some(label) = &s.label else { continue };
+            let outcome = if s.over {
+                "over_limit"
+            } else if s.shadow_over {
+                "shadow_over"
+            } else if s.unlimited {
+                "unlimited"
+            } else if s.remaining.is_some() {
+                "within_limit"
+            } else if answer.store_failed {
+                "store_failed"
+            } else {
+                continue;
+            };
+            self.metrics.limit_decision(label, outcome);
+        }
         let shadow_over = answer.statuses.iter().filter(|s| s.shadow_over).count();
         tracing::info!(
             target: "tollgate::decision",
@@ -314,7 +341,85 @@ impl Engine {
         );
         self.metrics
             .rate_limit(outcome, shadow_over, started.elapsed().as_secs_f64());
+        if let Some(trail) = self.audit.get() {
+            trail.submit(self.rls_record(request, &answer, started));
+        }
         answer
+    }
+}
+
+impl Engine {
+    /// Sends a usage settlement to the audit trail, if one is attached.
+    fn audit_usage(&self, request_id: &str, usage: &TokenUsage, settled: Settled) {
+        let Some(trail) = self.audit.get() else {
+            return;
+        };
+        let decision = Decision::early(
+            request_id.to_string(),
+            Outcome::Allow,
+            self.policies.snapshot().version.clone(),
+        );
+        let mut record = crate::audit::AuditRecord::of(
+            &decision,
+            &crate::request::HttpRequest::default(),
+            std::time::Duration::ZERO,
+        );
+        record.api = "usage";
+        record.decision = "settlement";
+        record.reason = settled.label();
+        record.usage = Some(crate::audit::UsageFacts {
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            cached_input_tokens: usage.cached_input,
+            result: settled.label(),
+        });
+        trail.submit(record);
+    }
+
+    /// The audit record of a rate limit answer: the domain and the limit
+    /// that refused (else the tightest counted one), never descriptor
+    /// values (a gateway may put anything in them).
+    fn rls_record(
+        &self,
+        request: &RlsRequest,
+        answer: &RlsAnswer,
+        started: Instant,
+    ) -> crate::audit::AuditRecord {
+        let outcome = if answer.defer {
+            Outcome::Defer(Reason::QuotaUnavailable)
+        } else if answer.over && answer.store_failed {
+            Outcome::Unavailable(Reason::QuotaUnavailable)
+        } else if answer.over {
+            Outcome::OverQuota(Reason::OverQuota)
+        } else {
+            Outcome::Allow
+        };
+        let mut decision = Decision::early(
+            uuid::Uuid::new_v4().to_string(),
+            outcome,
+            self.policies.snapshot().version.clone(),
+        );
+        decision.quota = answer
+            .statuses
+            .iter()
+            .filter_map(|s| Some((s, s.label.as_ref()?, s.limit.as_ref()?, s.remaining?)))
+            .min_by_key(|(s, _, _, remaining)| (!s.over, *remaining))
+            .map(|(s, label, limit, remaining)| QuotaReport {
+                rule: label.clone(),
+                limit: limit.requests_per_unit,
+                remaining,
+                reset: s.reset.unwrap_or_default(),
+                unit_secs: limit.unit.millis() / 1000,
+            });
+        decision.quota_fail_open = answer.store_failed && !answer.over && !answer.defer;
+        let mut record = crate::audit::AuditRecord::of(
+            &decision,
+            &crate::request::HttpRequest::default(),
+            started.elapsed(),
+        );
+        record.api = "ratelimit";
+        record.domain = Some(request.domain.clone());
+        record
     }
 }
 

@@ -116,6 +116,8 @@ pub struct DescriptorAnswer {
     pub unlimited: bool,
     /// Over its limit, but the limit is in shadow mode.
     pub shadow_over: bool,
+    /// The limit asked for per-limit metrics (`detailed_metric: true`).
+    pub detailed: bool,
 }
 
 /// The answer to a request.
@@ -224,6 +226,7 @@ pub async fn decide(limits: &LimitSet, quota: &QuotaEngine, request: &RlsRequest
         if let Some(l) = limit {
             status.unlimited = l.unlimited;
             status.label = Some(l.full_key.clone());
+            status.detailed = l.detailed_metric;
             if !l.unlimited {
                 status.limit = Some(ShownLimit {
                     name: l.name.clone(),

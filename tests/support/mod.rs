@@ -949,3 +949,76 @@ pub async fn wait_listening(addr: SocketAddr) -> bool {
     })
     .await
 }
+
+/// The nginx binary: `$NGINX_BIN`, else `nginx` on the PATH or in
+/// /usr/sbin (Debian package `nginx`; scripts/test installs it).
+pub fn nginx_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("NGINX_BIN") {
+        return PathBuf::from(path);
+    }
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|p| p.exists());
+    found.expect("no nginx; run scripts/test, which installs the Debian package")
+}
+
+/// A real nginx in the foreground with its own prefix (a temp dir holding
+/// its config, pid, error log and temp files), killed on drop.
+pub struct Nginx {
+    child: Child,
+    pub listener: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    /// Starts nginx on `conf` (paths relative to the prefix), whose server
+    /// listens on `listen`, and waits until it accepts connections.
+    pub async fn run(conf: &str, listen: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("tmp")).expect("mkdir tmp");
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).expect("write nginx.conf");
+        let error_log = dir.path().join("error.log");
+        let child = Command::new(nginx_bin())
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(&error_log)
+            .arg("-c")
+            .arg(&path)
+            // In the foreground, one process: as root, no switch to a user
+            // that could not read the temp prefix.
+            .args(["-g", "daemon off; master_process off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let nginx = Self {
+            child,
+            listener: SocketAddr::from(([127, 0, 0, 1], listen)),
+            dir,
+        };
+        let addr = nginx.listener;
+        let ready = eventually(Duration::from_secs(20), || async move {
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(ready, "nginx did not start; see {}", nginx.error_log());
+        nginx
+    }
+
+    /// The error log's contents, for assertion messages.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}

@@ -1,9 +1,25 @@
-//! The decision log: one structured line per decision, through `tracing`
-//! (target `tollgate::decision`; JSON when `log.format = "json"`).
+//! The decision log and the audit trail.
 //!
-//! It carries who, what, the verdict, which policies decided and the quota
-//! outcome (the reporting rule and what remains) — never a credential, a
-//! header value or a body.
+//! The decision log ([`record`]) is one structured `tracing` line per
+//! decision (target `tollgate::decision`; JSON when `log.format = "json"`).
+//!
+//! The audit trail ([`AuditTrail`], `[audit]` in the config) is a side
+//! channel beside it: one hash-chained JSON line per decision
+//! ([`AuditRecord`], schema [`SCHEMA_VERSION`]), queued without blocking the
+//! decision and written by its own thread to a size-rotated file or stdout.
+//! [`verify`] checks a chain (`tollgate audit verify FILE...`).
+//!
+//! Both carry who, what, the verdict, which policies decided and the quota
+//! outcome — never a credential, a header value or a body (the trail keeps
+//! the body's SHA-256).
+
+mod record;
+mod trail;
+mod verify;
+
+pub use record::{AuditRecord, Caller, QuotaOutcome, SCHEMA_VERSION, UsageFacts};
+pub use trail::{AuditConfig, AuditError, AuditSink, AuditTrail};
+pub use verify::{GENESIS, VerifyError, VerifyReport, verify};
 
 use std::time::Duration;
 

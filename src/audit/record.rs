@@ -1,0 +1,158 @@
+//! The audit record: what one decision leaves in the trail.
+//!
+//! Schema `tollgate.audit/1` (field `v: 1`), one JSON object per line, keys
+//! in this order; optional values are `null`, never absent. The writer adds
+//! `seq`, `prev` and `hash` (see [`super::trail`]). Documented in README.md,
+//! "Audit record schema".
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::decision::{Decision, Outcome, Reason};
+use crate::identity::PrincipalKind;
+use crate::request::HttpRequest;
+
+/// The `v` of every record this version writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Who asked: never a credential, only what the credential resolved to.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Caller {
+    /// Cedar UID, `ApiKey::"demo-paid"`.
+    pub principal: String,
+    pub tenant: Option<String>,
+    pub tier: Option<String>,
+    /// `api_key`, `jwt`, `mtls` or `none` (as `context.authn`).
+    pub authn: &'static str,
+    /// The API key's id (the part before the secret), for API keys only.
+    pub key_id: Option<String>,
+}
+
+/// What the quota side did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QuotaOutcome {
+    /// `charged`, `over`, `fail_open`, `unavailable` or `none`.
+    pub outcome: &'static str,
+    /// The reported rule (the refusing one, else the tightest).
+    pub rule: Option<String>,
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+}
+
+/// What a usage report settled (`api = usage`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UsageFacts {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    /// `settled`, `already_settled` or `unknown_request`.
+    pub result: &'static str,
+}
+
+/// One audit record, before the writer chains it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub v: u32,
+    /// RFC 3339, UTC, milliseconds: when the decision was made.
+    pub time: String,
+    pub request_id: String,
+    /// Which question: `http` (ext_authz, forward-auth), `decision_api`
+    /// (tollgate.v1: `caller.principal` is the principal the query names,
+    /// `authn` is `query`) or `ratelimit` (Envoy RLS: no caller; `quota`
+    /// and `domain` say what was counted).
+    pub api: &'static str,
+    /// The rate limit domain (`api = ratelimit` only).
+    pub domain: Option<String>,
+    /// `null` when authentication did not get that far.
+    pub caller: Option<Caller>,
+    pub method: Option<String>,
+    /// The request path without its query (a query may carry secrets).
+    pub path: Option<String>,
+    pub action: Option<String>,
+    pub resource: Option<String>,
+    pub model: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The stable reason code.
+    pub reason: &'static str,
+    /// The HTTP status the decision maps to.
+    pub status: u16,
+    /// Ids of the policies that determined the decision.
+    pub policies: Vec<String>,
+    pub errored_policies: Vec<String>,
+    pub policy_version: String,
+    pub quota: QuotaOutcome,
+    /// Lowercase hex SHA-256 of the request body as received; `null`
+    /// without a body.
+    pub body_sha256: Option<String>,
+    pub body_bytes: Option<u64>,
+    /// The downstream client address as the gateway reported it.
+    pub client_address: Option<String>,
+    pub latency_us: u64,
+    /// Token usage settled by a usage report (`api = usage` only).
+    pub usage: Option<UsageFacts>,
+}
+
+impl AuditRecord {
+    /// The record of `decision` on `request`.
+    pub fn of(decision: &Decision, request: &HttpRequest, elapsed: Duration) -> Self {
+        let caller = decision.principal.as_ref().map(|p| Caller {
+            principal: p.uid(),
+            tenant: p.tenant.clone(),
+            tier: p.tier.clone(),
+            authn: p.kind.authn(),
+            key_id: (p.kind == PrincipalKind::ApiKey).then(|| p.id.clone()),
+        });
+        let quota = decision.quota.as_ref();
+        let outcome = match decision.outcome {
+            Outcome::OverQuota(_) => "over",
+            _ if decision.outcome.reason() == Reason::QuotaUnavailable => "unavailable",
+            _ if decision.quota_fail_open => "fail_open",
+            _ if quota.is_some() => "charged",
+            _ => "none",
+        };
+        let path = request
+            .raw_path
+            .split('?')
+            .next()
+            .filter(|p| !p.is_empty())
+            .map(str::to_string);
+        let body = request.body.as_deref().filter(|b| !b.is_empty());
+        Self {
+            v: SCHEMA_VERSION,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: decision.request_id.clone(),
+            api: "http",
+            domain: None,
+            caller,
+            method: Some(request.method.clone()).filter(|m| !m.is_empty()),
+            path,
+            action: decision.action.clone(),
+            resource: decision.resource.clone(),
+            model: decision.model.clone(),
+            decision: decision.outcome.verdict(),
+            reason: decision.outcome.reason().code(),
+            status: crate::respond::status_of(decision.outcome).http,
+            policies: decision.policies.clone(),
+            errored_policies: decision
+                .errors
+                .iter()
+                .map(|e| e.policy_id.clone())
+                .collect(),
+            policy_version: decision.policy_version.clone(),
+            quota: QuotaOutcome {
+                outcome,
+                rule: quota.map(|q| q.rule.clone()),
+                limit: quota.map(|q| q.limit),
+                remaining: quota.map(|q| q.remaining),
+            },
+            body_sha256: body.map(|b| hex::encode(Sha256::digest(b))),
+            body_bytes: body.map(|b| b.len() as u64),
+            client_address: request.source_ip.map(|ip| ip.to_string()),
+            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            usage: None,
+        }
+    }
+}
