@@ -11,8 +11,9 @@
 //! calls by order only, so after one lost reply every later caller would get
 //! the previous caller's answer; a poisoned connection is dropped and never
 //! used again, and the task reconnects at once, then with a backoff capped at
-//! [`MAX_BACKOFF`] — so service resumes within about a quarter second of the
-//! server accepting connections again, however long the outage was.
+//! [`MAX_BACKOFF`] — so service resumes well within a second of the server
+//! accepting connections again, however long the outage was (tested with
+//! 1, 5 and 10 s outages).
 //!
 //! Until a connection is made, callers fail fast instead of waiting (no
 //! request ever sets up a connection). Connections skip `CLIENT SETINFO`:
@@ -240,6 +241,20 @@ impl<C: Clone + Send + Sync + 'static> Drop for Guard<'_, C> {
             self.link.poison(self.generation, PoisonReason::Timeout);
         }
     }
+}
+
+/// A nonce for one Redis call, echoed in its reply to prove the reply
+/// belongs to it: unique within the process (a counter), and unlikely to
+/// meet another process's (the counter starts at a random value).
+pub fn next_nonce() -> String {
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    let counter = NEXT.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // Without randomness the start is 0: still unique per call here.
+        let _ = getrandom::fill(&mut bytes);
+        AtomicU64::new(u64::from_le_bytes(bytes) >> 1)
+    });
+    counter.fetch_add(1, Ordering::Relaxed).to_string()
 }
 
 /// `url` as connection info without `CLIENT SETINFO`.

@@ -482,7 +482,7 @@ impl KeySource for RedisKeys {
         // does not end with this call's nonce proves the stream is out of
         // step and the connection is dropped (see `crate::redis_conn`). A
         // caller that gives up mid-call drops it too (the guard).
-        let nonce = format!("{:016x}", rand_u64());
+        let nonce = crate::redis_conn::next_nonce();
         let guard = self.conn.guard(generation);
         let reply: Result<(HashMap<String, String>, String), redis::RedisError> = redis::pipe()
             .cmd("HGETALL")
@@ -518,15 +518,6 @@ impl KeySource for RedisKeys {
             Err(message) => Stored::Invalid(message),
         }))
     }
-}
-
-fn rand_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // Uniqueness per call is what matters; a failed read leaves zeros, and
-    // a zero nonce still cannot match another call's reply by accident
-    // unless that call also drew zeros.
-    let _ = getrandom::fill(&mut bytes);
-    u64::from_le_bytes(bytes)
 }
 
 /// Latest time accepted in `expires_at`, `grace_until` and `revoked_at`:

@@ -232,7 +232,6 @@ pub struct RedisStore {
     prefix: String,
     kind: &'static str,
     clocks: Arc<Clocks>,
-    nonce: AtomicU64,
     ticker: tokio::task::JoinHandle<()>,
 }
 
@@ -401,7 +400,6 @@ impl RedisStore {
             prefix: prefix.to_string(),
             kind,
             clocks,
-            nonce: AtomicU64::new(seed()),
             ticker,
         })
     }
@@ -425,7 +423,7 @@ impl RedisStore {
     }
 
     fn next_nonce(&self) -> String {
-        self.nonce.fetch_add(1, Ordering::Relaxed).to_string()
+        crate::redis_conn::next_nonce()
     }
 
     /// Runs `inv` and returns its reply after the nonce, or an error. The
@@ -607,14 +605,6 @@ async fn check_clock(link: &Link<Conn>, clocks: &Clocks) -> Result<(), StoreErro
         }
         Err(e) => Err(failed(guard, &e)),
     }
-}
-
-fn seed() -> u64 {
-    let mut bytes = [0u8; 8];
-    // A fixed start is still unique per call within this process; the random
-    // start only makes nonces of two processes unlikely to meet.
-    let _ = getrandom::fill(&mut bytes);
-    u64::from_le_bytes(bytes) >> 1
 }
 
 struct GroupAnswer {
