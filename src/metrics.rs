@@ -101,6 +101,7 @@ pub struct Metrics {
     store: std::sync::Arc<StoreMetrics>,
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
+    listener: std::sync::Arc<crate::listener::ListenerMetrics>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -293,7 +294,10 @@ impl Metrics {
             "Audit trail records by result: written, dropped (queue full), failed (sink error)",
             audit_records.clone(),
         );
+        let listener = std::sync::Arc::new(crate::listener::ListenerMetrics::default());
+        listener.register(&mut registry);
         Self {
+            listener,
             fail_open,
             settlements,
             unknown_domain,
@@ -312,6 +316,11 @@ impl Metrics {
             audit_records,
             limit_decisions,
         }
+    }
+
+    /// The listeners' connection metrics (see [`crate::listener`]).
+    pub fn listener(&self) -> std::sync::Arc<crate::listener::ListenerMetrics> {
+        self.listener.clone()
     }
 
     /// Counts one decision and its latency.

@@ -747,6 +747,8 @@ impl Drop for Sentinel {
 
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
+/// A throwaway PKI and raw TLS clients for the listener tests.
+pub mod tls;
 /// What an ext_authz answer means for the client: the HTTP status Envoy
 /// would send (200 for OK), the reason code of a deny body ("allowed" for
 /// OK), and the headers an allow sets for the upstream.
