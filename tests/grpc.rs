@@ -435,12 +435,7 @@ fn key_entity(id: &str, tier: &str) -> String {
 }
 
 fn chat_context() -> String {
-    let mut ctx = tollgate::engine::context::base();
-    tollgate::engine::context::merge(
-        &mut ctx,
-        &serde_json::json!({"http": {"method": "POST"}, "authn": "api_key"}),
-    );
-    ctx.to_string()
+    support::chat_query_context()
 }
 
 fn decision_request(tier: &str, model: &str) -> proto::CheckRequest {

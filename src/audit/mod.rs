@@ -39,6 +39,7 @@ pub fn record(decision: &Decision, elapsed: Duration) {
     tracing::info!(
         target: "tollgate::decision",
         request_id = %decision.request_id,
+        trace_id = decision.trace_id.as_deref().unwrap_or("-"),
         principal = principal.as_deref().unwrap_or("-"),
         tenant = tenant.as_deref().unwrap_or("-"),
         action = decision.action.as_deref().unwrap_or("-"),

@@ -58,6 +58,9 @@ pub struct AuditRecord {
     /// RFC 3339, UTC, milliseconds: when the decision was made.
     pub time: String,
     pub request_id: String,
+    /// W3C trace id (32 lowercase hex digits) of the decision: its span's
+    /// when tracing is on, else the caller's `traceparent`'s.
+    pub trace_id: Option<String>,
     /// Which question: `http` (ext_authz, forward-auth), `decision_api`
     /// (tollgate.v1: `caller.principal` is the principal the query names,
     /// `authn` is `query`) or `ratelimit` (Envoy RLS: no caller; `quota`
@@ -124,6 +127,7 @@ impl AuditRecord {
             v: SCHEMA_VERSION,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             request_id: decision.request_id.clone(),
+            trace_id: decision.trace_id.clone(),
             api: "http",
             domain: None,
             caller,

@@ -164,9 +164,41 @@ impl Engine {
     }
 
     /// Decides an HTTP request — policy, then quota rules if the policy
-    /// allowed — and records the decision log line and metrics.
+    /// allowed — and records the decision log line and metrics. The work is
+    /// one `tollgate.decision` span continuing the request's `traceparent`.
     pub async fn decide_http(&self, request: &HttpRequest) -> Decision {
+        use tracing::Instrument as _;
         let started = Instant::now();
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "tollgate.decision",
+            otel.kind = "server",
+            request_id = %request.request_id,
+            decision = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        );
+        let traceparent = request.header("traceparent");
+        crate::telemetry::continue_trace(&span, traceparent);
+        let mut decision = self
+            .decide_http_traced(request)
+            .instrument(span.clone())
+            .await;
+        decision.trace_id = crate::telemetry::trace_id(&span, traceparent);
+        span.record("decision", decision.outcome.verdict());
+        span.record("reason", decision.outcome.reason().code());
+        crate::audit::record(&decision, started.elapsed());
+        self.audit_trail(&decision, request, started.elapsed());
+        self.metrics.decision(
+            Api::ExtAuthz,
+            decision.outcome.verdict(),
+            decision.outcome.reason().code(),
+            started.elapsed().as_secs_f64(),
+        );
+        decision
+    }
+
+    async fn decide_http_traced(&self, request: &HttpRequest) -> Decision {
+        use tracing::Instrument as _;
         let snapshot = self.policies.snapshot();
         let early = |outcome| {
             Decision::early(
@@ -183,7 +215,13 @@ impl Engine {
             Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
             Ok(path) => {
                 let matched = self.routes.find(&request.method, &path);
-                match self.authenticate(request, matched.as_ref()).await {
+                let identity =
+                    tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.identity");
+                match self
+                    .authenticate(request, matched.as_ref())
+                    .instrument(identity)
+                    .await
+                {
                     Ok(principal) => {
                         self.decide_with(&snapshot, request, &path, matched, principal)
                     }
@@ -192,16 +230,11 @@ impl Engine {
             }
         };
         if decision.outcome.is_allow() {
-            self.charge_rules(&mut decision, request).await;
+            let quota = tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.quota");
+            self.charge_rules(&mut decision, request)
+                .instrument(quota)
+                .await;
         }
-        crate::audit::record(&decision, started.elapsed());
-        self.audit_trail(&decision, request, started.elapsed());
-        self.metrics.decision(
-            Api::ExtAuthz,
-            decision.outcome.verdict(),
-            decision.outcome.reason().code(),
-            started.elapsed().as_secs_f64(),
-        );
         decision
     }
 
@@ -280,6 +313,8 @@ impl Engine {
         decision.action = Some(action_uid.to_string());
         decision.resource = Some(resource_uid.to_string());
 
+        let _policy =
+            tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.policy").entered();
         let cedar_context = context::build_cedar(
             &self.context,
             &context::ContextInputs {

@@ -715,6 +715,7 @@ impl Drop for Sentinel {
 
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
+pub mod otlp;
 /// What an ext_authz answer means for the client: the HTTP status Envoy
 /// would send (200 for OK), the reason code of a deny body ("allowed" for
 /// OK), and the headers an allow sets for the upstream.
@@ -801,6 +802,17 @@ pub fn set_source(
         .to_string(),
         ..Default::default()
     });
+}
+
+/// A `tollgate.v1` request context for a chat call with an API key: the
+/// base context every route action gets, as JSON.
+pub fn chat_query_context() -> String {
+    let mut ctx = tollgate::engine::context::base();
+    tollgate::engine::context::merge(
+        &mut ctx,
+        &serde_json::json!({"http": {"method": "POST"}, "authn": "api_key"}),
+    );
+    ctx.to_string()
 }
 
 /// The demo keys of `examples/keys.toml` (README, "Quick start").
