@@ -120,6 +120,14 @@ pub struct PolicyConfig {
     /// net for file systems that do not report changes). 0 disables.
     pub reload_poll_secs: u64,
     pub on_evaluation_error: OnEvaluationError,
+    /// A second policy directory evaluated beside the live one on every
+    /// request, never changing the answer; disagreements are counted and
+    /// audited. `tollgate policy promote` makes it live. Off when unset.
+    pub shadow_dir: Option<PathBuf>,
+    /// Where `tollgate policy promote` keeps the set it replaced (and
+    /// `tollgate policy rollback` swaps back); default: `DIR.previous`
+    /// beside `policy.dir`.
+    pub previous_dir: Option<PathBuf>,
 }
 
 /// Identity sources.
@@ -369,6 +377,8 @@ impl Default for PolicyConfig {
             reload_debounce_ms: 200,
             reload_poll_secs: 30,
             on_evaluation_error: OnEvaluationError::Deny,
+            shadow_dir: None,
+            previous_dir: None,
         }
     }
 }

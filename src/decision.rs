@@ -204,6 +204,9 @@ pub struct Decision {
     /// The W3C trace id (32 hex digits) of the decision's span, or of the
     /// caller's `traceparent` when tracing is off; see [`crate::telemetry`].
     pub trace_id: Option<String>,
+    /// What the shadow policy set would have decided, when it disagrees
+    /// with the live set (see [`crate::policy::shadow`]).
+    pub shadow: Option<crate::policy::shadow::ShadowVerdict>,
 }
 
 impl Decision {
@@ -222,6 +225,7 @@ impl Decision {
             quota_fail_open: false,
             model: None,
             trace_id: None,
+            shadow: None,
         }
     }
 }

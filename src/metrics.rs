@@ -101,6 +101,12 @@ pub struct Metrics {
     store: std::sync::Arc<StoreMetrics>,
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
+    shadow_disagreements: Family<DirectionLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -293,7 +299,14 @@ impl Metrics {
             "Audit trail records by result: written, dropped (queue full), failed (sink error)",
             audit_records.clone(),
         );
+        let shadow_disagreements = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "shadow_disagreements",
+            "Decisions where the shadow policy set (policy.shadow_dir) would have answered otherwise, by direction: allow_to_deny, deny_to_allow",
+            shadow_disagreements.clone(),
+        );
         Self {
+            shadow_disagreements,
             fail_open,
             settlements,
             unknown_domain,
@@ -386,6 +399,14 @@ impl Metrics {
     pub fn audit_record(&self, result: &'static str) {
         self.audit_records
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a shadow policy disagreement (`allow_to_deny` when the live
+    /// set allows and the shadow set would deny, `deny_to_allow` the other way).
+    pub fn shadow_disagreement(&self, direction: &'static str) {
+        self.shadow_disagreements
+            .get_or_create(&DirectionLabel { direction })
             .inc();
     }
 

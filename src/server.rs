@@ -64,6 +64,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("policy.shadow_dir: the shadow policy set is invalid:\n{0}")]
+    Shadow(String),
 }
 
 /// Tollgate's assembled parts, before anything listens.
@@ -86,6 +88,11 @@ impl App {
                 message: e.to_string(),
             })?;
         let expect = engine::expectations(&config, &routes);
+        let shadow_expect = config
+            .policy
+            .shadow_dir
+            .is_some()
+            .then(|| engine::expectations(&config, &routes));
         let policies = Arc::new(PolicyStore::load(
             &config.resolve(&config.policy.dir),
             expect,
@@ -119,6 +126,11 @@ impl App {
             metrics.clone(),
             quota,
         ));
+        if let (Some(dir), Some(expect)) = (&config.policy.shadow_dir, shadow_expect) {
+            let shadow = PolicyStore::load(&config.resolve(dir), expect)
+                .map_err(|e| StartError::Shadow(e.to_string()))?;
+            engine.attach_shadow(Arc::new(shadow));
+        }
         if config.audit.enabled {
             let trail = crate::audit::AuditTrail::start(
                 &config.audit,
@@ -159,6 +171,21 @@ impl App {
             }
             // Reported and counted when it was first seen.
             Reload::StillRejected => metrics.reload("policies", "unchanged"),
+        }
+        if let Some(shadow) = engine.shadow() {
+            match shadow.reload() {
+                Reload::Swapped { version } => {
+                    tracing::info!(%version, "shadow policies reloaded");
+                    metrics.reload("shadow_policies", "swapped");
+                }
+                Reload::Rejected(e) => {
+                    tracing::error!(error = %e, "shadow policy reload rejected; still comparing with the last good set");
+                    metrics.reload("shadow_policies", "rejected");
+                }
+                Reload::Unchanged | Reload::StillRejected => {
+                    metrics.reload("shadow_policies", "unchanged");
+                }
+            }
         }
         let limits = engine.limits().reload();
         let new_failure = seen.record("limits", limits.as_ref().err().map(ToString::to_string));
@@ -277,6 +304,9 @@ impl App {
 
         let watcher = if self.config.policy.watch {
             let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
+            if let Some(shadow) = self.engine.shadow() {
+                dirs.push(shadow.dir().to_path_buf());
+            }
             let keys_dir = self
                 .keys
                 .as_ref()

@@ -426,12 +426,7 @@ fn uid(ty: &str, id: &str) -> Option<EntityUid> {
 }
 
 fn key_entity(id: &str, tier: &str) -> String {
-    serde_json::json!([{
-        "uid": {"type": "ApiKey", "id": id},
-        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": tier, "scopes": ["llm:generate"], "models": []},
-        "parents": [{"type": "Tenant", "id": "acme"}]
-    }])
-    .to_string()
+    support::api_key_entity_json(id, tier)
 }
 
 fn chat_context() -> String {

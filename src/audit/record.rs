@@ -96,6 +96,10 @@ pub struct AuditRecord {
     pub latency_us: u64,
     /// Token usage settled by a usage report (`api = usage` only).
     pub usage: Option<UsageFacts>,
+    /// What the shadow policy set (`policy.shadow_dir`) would have decided,
+    /// only when it disagrees with the live set: `{decision, direction,
+    /// policies, errored_policies, policy_version}`.
+    pub shadow: Option<crate::policy::shadow::ShadowVerdict>,
 }
 
 impl AuditRecord {
@@ -157,6 +161,7 @@ impl AuditRecord {
             client_address: request.source_ip.map(|ip| ip.to_string()),
             latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             usage: None,
+            shadow: decision.shadow.clone(),
         }
     }
 }

@@ -2,10 +2,12 @@
 
 mod keys;
 mod lint;
+mod policy;
 mod quota;
 
 pub use keys::{CreateKey, KeysCommand};
 pub use lint::LintCommand;
+pub use policy::PolicyCommand;
 pub use quota::{CounterArgs, QuotaCommand};
 
 use std::path::PathBuf;
@@ -79,6 +81,11 @@ pub enum Command {
     Quota {
         #[command(subcommand)]
         command: QuotaCommand,
+    },
+    /// Safe policy rollout: promote the shadow set, roll back.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Audit trail tools.
     Audit {
@@ -174,6 +181,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(code)
         }
         Command::Quota { command } => quota::run(config, command).await,
+        Command::Policy { command } => Ok(policy::run(&config, &command)),
         Command::Audit {
             command: AuditCommand::Verify { files },
         } => {

@@ -72,6 +72,7 @@ pub struct Engine {
     prices: crate::usage::Prices,
     reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
+    shadow: std::sync::OnceLock<Arc<PolicyStore>>,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -111,6 +112,7 @@ impl Engine {
             prices: config.quota.price_table(),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
+            shadow: std::sync::OnceLock::new(),
         }
     }
 
@@ -133,6 +135,17 @@ impl Engine {
     /// attached already.
     pub fn attach_audit(&self, trail: Arc<crate::audit::AuditTrail>) -> bool {
         self.audit.set(trail).is_ok()
+    }
+
+    /// Evaluates every later request against `shadow` too (see
+    /// [`crate::policy::shadow`]); false if one is attached already.
+    pub fn attach_shadow(&self, shadow: Arc<PolicyStore>) -> bool {
+        self.shadow.set(shadow).is_ok()
+    }
+
+    /// The shadow policy set, when `policy.shadow_dir` is set.
+    pub fn shadow(&self) -> Option<&Arc<PolicyStore>> {
+        self.shadow.get()
     }
 
     /// The attached audit trail.
@@ -353,6 +366,7 @@ impl Engine {
             &entities,
             self.on_error,
         );
+        decision.shadow = self.shadow_http(&cedar_request, &principal, verdict.allow);
         decision.policies = verdict.policies;
         decision.errors = verdict.errors;
         decision.outcome = if verdict.allow {
@@ -439,6 +453,48 @@ impl Engine {
         let entities = Arc::new(entities);
         self.entity_cache.insert(key, entities.clone());
         Ok(entities)
+    }
+}
+
+impl Engine {
+    /// Evaluates the request the live set just decided against the shadow
+    /// set; `Some` when the two disagree (counted here).
+    fn shadow_http(
+        &self,
+        request: &Request,
+        principal: &Principal,
+        live_allow: bool,
+    ) -> Option<crate::policy::shadow::ShadowVerdict> {
+        let shadow = self.shadow.get()?;
+        let _span = tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.shadow_policy")
+            .entered();
+        let snapshot = shadow.snapshot();
+        let entities = match self.entities_with(&snapshot, principal) {
+            Ok(entities) => entities,
+            Err(error) => {
+                tracing::warn!(%error, "shadow policy set cannot take this principal; not compared");
+                return None;
+            }
+        };
+        let verdict = evaluate(
+            &self.authorizer,
+            &snapshot,
+            request,
+            &entities,
+            self.on_error,
+        );
+        self.shadow_outcome(live_allow, &verdict, &snapshot.version)
+    }
+
+    fn shadow_outcome(
+        &self,
+        live_allow: bool,
+        verdict: &crate::policy::evaluate::Verdict,
+        version: &str,
+    ) -> Option<crate::policy::shadow::ShadowVerdict> {
+        let disagreement = crate::policy::shadow::compare(live_allow, verdict, version)?;
+        self.metrics.shadow_disagreement(disagreement.direction);
+        Some(disagreement)
     }
 }
 

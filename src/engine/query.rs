@@ -113,6 +113,7 @@ impl Engine {
             }
             None => decide_query(&self.authorizer, snapshot, q, self.on_error)?,
         };
+        let shadow = self.shadow_query(q, entities, verdict.allow);
         tracing::info!(
             target: "tollgate::decision",
             api = api.label(),
@@ -123,6 +124,7 @@ impl Engine {
             policies = %verdict.policies.join(","),
             policy_version = %snapshot.version,
             trace_id = trace_id.unwrap_or("-"),
+            shadow = shadow.as_ref().map_or("-", |s| s.direction),
             "decision"
         );
         let (outcome, reason) = if verdict.allow {
@@ -137,12 +139,41 @@ impl Engine {
         if let Some(trail) = self.audit.get() {
             let mut record = query_record(q, &verdict, &snapshot.version, started, api);
             record.trace_id = trace_id.map(str::to_string);
+            record.shadow = shadow;
             trail.submit(record);
         }
         Ok(CedarAnswer {
             verdict,
             policy_version: snapshot.version.clone(),
         })
+    }
+}
+
+impl Engine {
+    /// Decides `q` with the shadow policy set too; `Some` when it disagrees
+    /// with the live verdict. A query the shadow schema cannot type is not
+    /// compared.
+    fn shadow_query(
+        &self,
+        q: &CedarQuery,
+        entities: Option<&Entities>,
+        live_allow: bool,
+    ) -> Option<crate::policy::shadow::ShadowVerdict> {
+        let shadow = self.shadow.get()?;
+        let snapshot = shadow.snapshot();
+        let verdict = match entities {
+            Some(entities) => cedar_request(&snapshot, q).ok().map(|request| {
+                evaluate(
+                    &self.authorizer,
+                    &snapshot,
+                    &request,
+                    entities,
+                    self.on_error,
+                )
+            }),
+            None => decide_query(&self.authorizer, &snapshot, q, self.on_error).ok(),
+        }?;
+        self.shadow_outcome(live_allow, &verdict, &snapshot.version)
     }
 }
 

@@ -815,6 +815,17 @@ pub fn chat_query_context() -> String {
     ctx.to_string()
 }
 
+/// `tollgate.v1` `entities_json` for an API key of tenant acme with the
+/// `llm:generate` scope on `tier`.
+pub fn api_key_entity_json(id: &str, tier: &str) -> String {
+    serde_json::json!([{
+        "uid": {"type": "ApiKey", "id": id},
+        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": tier, "scopes": ["llm:generate"], "models": []},
+        "parents": [{"type": "Tenant", "id": "acme"}]
+    }])
+    .to_string()
+}
+
 /// The demo keys of `examples/keys.toml` (README, "Quick start").
 pub const DEMO_PAID_KEY: &str = "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen";
 pub const DEMO_FREE_KEY: &str = "tg_demo-free_Zo1EA1GPtbzUyiAXemXygiWhrfueKedx182ArY";
