@@ -42,6 +42,8 @@ pub struct Config {
     pub authzen: crate::adapters::authzen::AuthzenConfig,
     /// The audit trail (`[audit]`).
     pub audit: crate::audit::AuditConfig,
+    /// OpenTelemetry span export (`[tracing]`); off unless an endpoint is set.
+    pub tracing: crate::telemetry::TracingConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -133,6 +135,14 @@ pub struct PolicyConfig {
     /// net for file systems that do not report changes). 0 disables.
     pub reload_poll_secs: u64,
     pub on_evaluation_error: OnEvaluationError,
+    /// A second policy directory evaluated beside the live one on every
+    /// request, never changing the answer; disagreements are counted and
+    /// audited. `tollgate policy promote` makes it live. Off when unset.
+    pub shadow_dir: Option<PathBuf>,
+    /// Where `tollgate policy promote` keeps the set it replaced (and
+    /// `tollgate policy rollback` swaps back); default: `DIR.previous`
+    /// beside `policy.dir`.
+    pub previous_dir: Option<PathBuf>,
 }
 
 /// Identity sources.
@@ -353,6 +363,7 @@ impl Default for Config {
             log: LogConfig::default(),
             authzen: Default::default(),
             audit: crate::audit::AuditConfig::default(),
+            tracing: crate::telemetry::TracingConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -390,6 +401,8 @@ impl Default for PolicyConfig {
             reload_debounce_ms: 200,
             reload_poll_secs: 30,
             on_evaluation_error: OnEvaluationError::Deny,
+            shadow_dir: None,
+            previous_dir: None,
         }
     }
 }
@@ -484,6 +497,7 @@ impl Config {
         };
         self.route_table().map_err(|e| invalid(e.to_string()))?;
         self.authzen.check().map_err(|e| invalid(e.to_string()))?;
+        self.tracing.check().map_err(|e| invalid(e.to_string()))?;
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

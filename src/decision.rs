@@ -201,6 +201,12 @@ pub struct Decision {
     pub quota_fail_open: bool,
     /// The model the request names, when the engine read one.
     pub model: Option<String>,
+    /// The W3C trace id (32 hex digits) of the decision's span, or of the
+    /// caller's `traceparent` when tracing is off; see [`crate::telemetry`].
+    pub trace_id: Option<String>,
+    /// What the shadow policy set would have decided, when it disagrees
+    /// with the live set (see [`crate::policy::shadow`]).
+    pub shadow: Option<crate::policy::shadow::ShadowVerdict>,
 }
 
 impl Decision {
@@ -218,6 +224,8 @@ impl Decision {
             quota: None,
             quota_fail_open: false,
             model: None,
+            trace_id: None,
+            shadow: None,
         }
     }
 }

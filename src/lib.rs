@@ -27,6 +27,7 @@ pub mod request;
 pub mod respond;
 pub mod routes;
 pub mod server;
+pub mod telemetry;
 pub mod usage;
 
 /// Generated types of Tollgate's own `tollgate.v1` gRPC API.

@@ -102,6 +102,12 @@ pub struct Metrics {
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
     listener: std::sync::Arc<crate::listener::ListenerMetrics>,
+    shadow_disagreements: Family<DirectionLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -296,8 +302,15 @@ impl Metrics {
         );
         let listener = std::sync::Arc::new(crate::listener::ListenerMetrics::default());
         listener.register(&mut registry);
+        let shadow_disagreements = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "shadow_disagreements",
+            "Decisions where the shadow policy set (policy.shadow_dir) would have answered otherwise, by direction: allow_to_deny, deny_to_allow",
+            shadow_disagreements.clone(),
+        );
         Self {
             listener,
+            shadow_disagreements,
             fail_open,
             settlements,
             unknown_domain,
@@ -395,6 +408,14 @@ impl Metrics {
     pub fn audit_record(&self, result: &'static str) {
         self.audit_records
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a shadow policy disagreement (`allow_to_deny` when the live
+    /// set allows and the shadow set would deny, `deny_to_allow` the other way).
+    pub fn shadow_disagreement(&self, direction: &'static str) {
+        self.shadow_disagreements
+            .get_or_create(&DirectionLabel { direction })
             .inc();
     }
 

@@ -71,6 +71,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("policy.shadow_dir: the shadow policy set is invalid:\n{0}")]
+    Shadow(String),
 }
 
 /// Tollgate's assembled parts, before anything listens.
@@ -95,6 +97,11 @@ impl App {
                 message: e.to_string(),
             })?;
         let expect = engine::expectations(&config, &routes);
+        let shadow_expect = config
+            .policy
+            .shadow_dir
+            .is_some()
+            .then(|| engine::expectations(&config, &routes));
         let policies = Arc::new(PolicyStore::load(
             &config.resolve(&config.policy.dir),
             expect,
@@ -128,6 +135,11 @@ impl App {
             metrics.clone(),
             quota,
         ));
+        if let (Some(dir), Some(expect)) = (&config.policy.shadow_dir, shadow_expect) {
+            let shadow = PolicyStore::load(&config.resolve(dir), expect)
+                .map_err(|e| StartError::Shadow(e.to_string()))?;
+            engine.attach_shadow(Arc::new(shadow));
+        }
         if config.audit.enabled {
             let trail = crate::audit::AuditTrail::start(
                 &config.audit,
@@ -184,6 +196,21 @@ impl App {
             }
             // Reported and counted when it was first seen.
             Reload::StillRejected => metrics.reload("policies", "unchanged"),
+        }
+        if let Some(shadow) = engine.shadow() {
+            match shadow.reload() {
+                Reload::Swapped { version } => {
+                    tracing::info!(%version, "shadow policies reloaded");
+                    metrics.reload("shadow_policies", "swapped");
+                }
+                Reload::Rejected(e) => {
+                    tracing::error!(error = %e, "shadow policy reload rejected; still comparing with the last good set");
+                    metrics.reload("shadow_policies", "rejected");
+                }
+                Reload::Unchanged | Reload::StillRejected => {
+                    metrics.reload("shadow_policies", "unchanged");
+                }
+            }
         }
         let limits = engine.limits().reload();
         let new_failure = seen.record("limits", limits.as_ref().err().map(ToString::to_string));
@@ -313,7 +340,11 @@ impl App {
         let (stop_tx, stop_rx) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
         let tls_watcher = crate::listener::watch_tls(
-            self.grpc_tls.iter().chain(&self.admin_tls).cloned().collect(),
+            self.grpc_tls
+                .iter()
+                .chain(&self.admin_tls)
+                .cloned()
+                .collect(),
             Duration::from_secs(self.config.policy.reload_poll_secs),
             self.metrics.clone(),
         )
@@ -324,6 +355,9 @@ impl App {
 
         let watcher = if self.config.policy.watch {
             let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
+            if let Some(shadow) = self.engine.shadow() {
+                dirs.push(shadow.dir().to_path_buf());
+            }
             let keys_dir = self
                 .keys
                 .as_ref()
@@ -426,7 +460,11 @@ impl App {
         let mut accept_loops =
             vec![grpc_accept.serve_tcp(grpc_listener, grpc_queue.clone(), stop_rx.clone())];
         let grpc_unix_socket = unix_socket.map(|(path, listener)| {
-            accept_loops.push(grpc_accept.serve_unix(listener, grpc_queue.clone(), stop_rx.clone()));
+            accept_loops.push(grpc_accept.serve_unix(
+                listener,
+                grpc_queue.clone(),
+                stop_rx.clone(),
+            ));
             path
         });
         drop(grpc_queue);

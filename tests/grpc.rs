@@ -426,21 +426,11 @@ fn uid(ty: &str, id: &str) -> Option<EntityUid> {
 }
 
 fn key_entity(id: &str, tier: &str) -> String {
-    serde_json::json!([{
-        "uid": {"type": "ApiKey", "id": id},
-        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": tier, "scopes": ["llm:generate"], "models": []},
-        "parents": [{"type": "Tenant", "id": "acme"}]
-    }])
-    .to_string()
+    support::api_key_entity_json(id, tier)
 }
 
 fn chat_context() -> String {
-    let mut ctx = tollgate::engine::context::base();
-    tollgate::engine::context::merge(
-        &mut ctx,
-        &serde_json::json!({"http": {"method": "POST"}, "authn": "api_key"}),
-    );
-    ctx.to_string()
+    support::chat_query_context()
 }
 
 fn decision_request(tier: &str, model: &str) -> proto::CheckRequest {

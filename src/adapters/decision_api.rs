@@ -22,6 +22,7 @@ impl DecisionApi {
         &self,
         requests: Vec<proto::CheckRequest>,
         batch: bool,
+        traceparent: Option<&str>,
     ) -> Result<Vec<proto::CheckResponse>, Status> {
         let invalid = |i: usize, e: QueryError| {
             let field = if batch {
@@ -38,7 +39,7 @@ impl DecisionApi {
             .collect::<Result<Vec<_>, _>>()?;
         let answers = self
             .engine
-            .decide_queries(&queries)
+            .decide_queries(&queries, traceparent)
             .map_err(|(i, e)| invalid(i, e))?;
         Ok(answers.into_iter().map(to_response).collect())
     }
@@ -50,7 +51,9 @@ impl DecisionService for DecisionApi {
         &self,
         request: Request<proto::CheckRequest>,
     ) -> Result<Response<proto::CheckResponse>, Status> {
-        let mut responses = self.decide(vec![request.into_inner()], false)?;
+        let traceparent = traceparent(&request);
+        let mut responses =
+            self.decide(vec![request.into_inner()], false, traceparent.as_deref())?;
         let response = responses
             .pop()
             .ok_or_else(|| Status::internal("no answer"))?;
@@ -61,11 +64,12 @@ impl DecisionService for DecisionApi {
         &self,
         request: Request<proto::BatchCheckRequest>,
     ) -> Result<Response<proto::BatchCheckResponse>, Status> {
+        let traceparent = traceparent(&request);
         let proto::BatchCheckRequest { requests } = request.into_inner();
         if requests.len() > 1000 {
             return Err(Status::invalid_argument("requests: at most 1000 per batch"));
         }
-        let responses = self.decide(requests, true)?;
+        let responses = self.decide(requests, true, traceparent.as_deref())?;
         Ok(Response::new(proto::BatchCheckResponse { responses }))
     }
 
@@ -101,6 +105,12 @@ impl DecisionService for DecisionApi {
             result: result as i32,
         }))
     }
+}
+
+/// The caller's W3C `traceparent` gRPC metadata, if readable.
+fn traceparent<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("traceparent")?;
+    value.to_str().ok().map(str::to_string)
 }
 
 /// Deepest `context_json` / `entities_json` accepted.

@@ -39,6 +39,7 @@ pub fn record(decision: &Decision, elapsed: Duration) {
     tracing::info!(
         target: "tollgate::decision",
         request_id = %decision.request_id,
+        trace_id = decision.trace_id.as_deref().unwrap_or("-"),
         principal = principal.as_deref().unwrap_or("-"),
         tenant = tenant.as_deref().unwrap_or("-"),
         action = decision.action.as_deref().unwrap_or("-"),
@@ -50,6 +51,7 @@ pub fn record(decision: &Decision, elapsed: Duration) {
         policy_version = %decision.policy_version,
         quota_rule = quota_rule.unwrap_or("-"),
         quota_remaining,
+        shadow = decision.shadow.as_ref().map_or("-", |s| s.direction),
         latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         "decision"
     );

@@ -58,6 +58,9 @@ pub struct AuditRecord {
     /// RFC 3339, UTC, milliseconds: when the decision was made.
     pub time: String,
     pub request_id: String,
+    /// W3C trace id (32 lowercase hex digits) of the decision: its span's
+    /// when tracing is on, else the caller's `traceparent`'s.
+    pub trace_id: Option<String>,
     /// Which question: `http` (ext_authz, forward-auth), `decision_api`
     /// (tollgate.v1: `caller.principal` is the principal the query names,
     /// `authn` is `query`) or `ratelimit` (Envoy RLS: no caller; `quota`
@@ -93,6 +96,10 @@ pub struct AuditRecord {
     pub latency_us: u64,
     /// Token usage settled by a usage report (`api = usage` only).
     pub usage: Option<UsageFacts>,
+    /// What the shadow policy set (`policy.shadow_dir`) would have decided,
+    /// only when it disagrees with the live set: `{decision, direction,
+    /// policies, errored_policies, policy_version}`.
+    pub shadow: Option<crate::policy::shadow::ShadowVerdict>,
 }
 
 impl AuditRecord {
@@ -124,6 +131,7 @@ impl AuditRecord {
             v: SCHEMA_VERSION,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             request_id: decision.request_id.clone(),
+            trace_id: decision.trace_id.clone(),
             api: "http",
             domain: None,
             caller,
@@ -153,6 +161,7 @@ impl AuditRecord {
             client_address: request.source_ip.map(|ip| ip.to_string()),
             latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             usage: None,
+            shadow: decision.shadow.clone(),
         }
     }
 }

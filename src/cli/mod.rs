@@ -2,10 +2,12 @@
 
 mod keys;
 mod lint;
+mod policy;
 mod quota;
 
 pub use keys::{CreateKey, KeysCommand};
 pub use lint::LintCommand;
+pub use policy::PolicyCommand;
 pub use quota::{CounterArgs, QuotaCommand};
 
 use std::path::PathBuf;
@@ -80,6 +82,11 @@ pub enum Command {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// Safe policy rollout: promote the shadow set, roll back.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Audit trail tools.
     Audit {
         #[command(subcommand)]
@@ -98,18 +105,39 @@ pub enum AuditCommand {
     },
 }
 
-/// Initializes logging for `config`.
-pub fn init_tracing(config: &Config) {
+/// Initializes logging for `config`, and span export when `[tracing]`
+/// names an OTLP endpoint; keep the returned exporter until shutdown (its
+/// drop flushes queued spans).
+pub fn init_tracing(config: &Config) -> anyhow::Result<Option<crate::telemetry::Exporter>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    // Decision spans are for the exporter only: the log never subscribes to
+    // them, so without an exporter nothing does and they cost nothing.
+    let filter = match format!("{}=off", crate::telemetry::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
     };
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log = match config.log.format {
+        LogFormat::Json => log.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Text => log.with_filter(filter).boxed(),
+    };
+    let exporter = crate::telemetry::Exporter::start(&config.tracing)?;
+    let spans = exporter.as_ref().map(|e| {
+        e.layer().with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target(crate::telemetry::TARGET, tracing::Level::TRACE),
+        )
+    });
+    let _ = tracing_subscriber::registry()
+        .with(log)
+        .with(spans)
+        .try_init();
+    Ok(exporter)
 }
 
 /// Runs a parsed command line.
@@ -117,8 +145,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => {
-            init_tracing(&config);
-            crate::server::serve(config, shutdown_signal()).await?;
+            let exporter = init_tracing(&config)?;
+            let served = crate::server::serve(config, shutdown_signal()).await;
+            // Flushing blocks on the export; keep it off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || drop(exporter)).await;
+            served?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { dir } => Ok(validate(config, dir)),
@@ -150,6 +181,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(code)
         }
         Command::Quota { command } => quota::run(config, command).await,
+        Command::Policy { command } => Ok(policy::run(&config, &command)),
         Command::Audit {
             command: AuditCommand::Verify { files },
         } => {

@@ -72,6 +72,7 @@ pub struct Engine {
     prices: crate::usage::Prices,
     reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
+    shadow: std::sync::OnceLock<Arc<PolicyStore>>,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -111,6 +112,7 @@ impl Engine {
             prices: config.quota.price_table(),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
+            shadow: std::sync::OnceLock::new(),
         }
     }
 
@@ -133,6 +135,17 @@ impl Engine {
     /// attached already.
     pub fn attach_audit(&self, trail: Arc<crate::audit::AuditTrail>) -> bool {
         self.audit.set(trail).is_ok()
+    }
+
+    /// Evaluates every later request against `shadow` too (see
+    /// [`crate::policy::shadow`]); false if one is attached already.
+    pub fn attach_shadow(&self, shadow: Arc<PolicyStore>) -> bool {
+        self.shadow.set(shadow).is_ok()
+    }
+
+    /// The shadow policy set, when `policy.shadow_dir` is set.
+    pub fn shadow(&self) -> Option<&Arc<PolicyStore>> {
+        self.shadow.get()
     }
 
     /// The attached audit trail.
@@ -164,9 +177,41 @@ impl Engine {
     }
 
     /// Decides an HTTP request — policy, then quota rules if the policy
-    /// allowed — and records the decision log line and metrics.
+    /// allowed — and records the decision log line and metrics. The work is
+    /// one `tollgate.decision` span continuing the request's `traceparent`.
     pub async fn decide_http(&self, request: &HttpRequest) -> Decision {
+        use tracing::Instrument as _;
         let started = Instant::now();
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "tollgate.decision",
+            otel.kind = "server",
+            request_id = %request.request_id,
+            decision = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        );
+        let traceparent = request.header("traceparent");
+        crate::telemetry::continue_trace(&span, traceparent);
+        let mut decision = self
+            .decide_http_traced(request)
+            .instrument(span.clone())
+            .await;
+        decision.trace_id = crate::telemetry::trace_id(&span, traceparent);
+        span.record("decision", decision.outcome.verdict());
+        span.record("reason", decision.outcome.reason().code());
+        crate::audit::record(&decision, started.elapsed());
+        self.audit_trail(&decision, request, started.elapsed());
+        self.metrics.decision(
+            Api::ExtAuthz,
+            decision.outcome.verdict(),
+            decision.outcome.reason().code(),
+            started.elapsed().as_secs_f64(),
+        );
+        decision
+    }
+
+    async fn decide_http_traced(&self, request: &HttpRequest) -> Decision {
+        use tracing::Instrument as _;
         let snapshot = self.policies.snapshot();
         let early = |outcome| {
             Decision::early(
@@ -183,7 +228,13 @@ impl Engine {
             Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
             Ok(path) => {
                 let matched = self.routes.find(&request.method, &path);
-                match self.authenticate(request, matched.as_ref()).await {
+                let identity =
+                    tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.identity");
+                match self
+                    .authenticate(request, matched.as_ref())
+                    .instrument(identity)
+                    .await
+                {
                     Ok(principal) => {
                         self.decide_with(&snapshot, request, &path, matched, principal)
                     }
@@ -192,16 +243,11 @@ impl Engine {
             }
         };
         if decision.outcome.is_allow() {
-            self.charge_rules(&mut decision, request).await;
+            let quota = tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.quota");
+            self.charge_rules(&mut decision, request)
+                .instrument(quota)
+                .await;
         }
-        crate::audit::record(&decision, started.elapsed());
-        self.audit_trail(&decision, request, started.elapsed());
-        self.metrics.decision(
-            Api::ExtAuthz,
-            decision.outcome.verdict(),
-            decision.outcome.reason().code(),
-            started.elapsed().as_secs_f64(),
-        );
         decision
     }
 
@@ -280,6 +326,8 @@ impl Engine {
         decision.action = Some(action_uid.to_string());
         decision.resource = Some(resource_uid.to_string());
 
+        let _policy =
+            tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.policy").entered();
         let cedar_context = context::build_cedar(
             &self.context,
             &context::ContextInputs {
@@ -318,6 +366,7 @@ impl Engine {
             &entities,
             self.on_error,
         );
+        decision.shadow = self.shadow_http(&cedar_request, &principal, verdict.allow);
         decision.policies = verdict.policies;
         decision.errors = verdict.errors;
         decision.outcome = if verdict.allow {
@@ -404,6 +453,48 @@ impl Engine {
         let entities = Arc::new(entities);
         self.entity_cache.insert(key, entities.clone());
         Ok(entities)
+    }
+}
+
+impl Engine {
+    /// Evaluates the request the live set just decided against the shadow
+    /// set; `Some` when the two disagree (counted here).
+    fn shadow_http(
+        &self,
+        request: &Request,
+        principal: &Principal,
+        live_allow: bool,
+    ) -> Option<crate::policy::shadow::ShadowVerdict> {
+        let shadow = self.shadow.get()?;
+        let _span = tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.shadow_policy")
+            .entered();
+        let snapshot = shadow.snapshot();
+        let entities = match self.entities_with(&snapshot, principal) {
+            Ok(entities) => entities,
+            Err(error) => {
+                tracing::warn!(%error, "shadow policy set cannot take this principal; not compared");
+                return None;
+            }
+        };
+        let verdict = evaluate(
+            &self.authorizer,
+            &snapshot,
+            request,
+            &entities,
+            self.on_error,
+        );
+        self.shadow_outcome(live_allow, &verdict, &snapshot.version)
+    }
+
+    fn shadow_outcome(
+        &self,
+        live_allow: bool,
+        verdict: &crate::policy::evaluate::Verdict,
+        version: &str,
+    ) -> Option<crate::policy::shadow::ShadowVerdict> {
+        let disagreement = crate::policy::shadow::compare(live_allow, verdict, version)?;
+        self.metrics.shadow_disagreement(disagreement.direction);
+        Some(disagreement)
     }
 }
 

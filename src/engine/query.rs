@@ -46,16 +46,28 @@ pub struct CedarAnswer {
 
 impl Engine {
     /// Decides direct Cedar queries against one snapshot. A malformed query
-    /// fails the whole batch, with its index.
+    /// fails the whole batch, with its index. `traceparent` is the caller's
+    /// W3C trace context (gRPC metadata), continued by the batch's
+    /// `tollgate.decision` span and recorded as each answer's trace id.
     pub fn decide_queries(
         &self,
         queries: &[CedarQuery],
+        traceparent: Option<&str>,
     ) -> Result<Vec<CedarAnswer>, (usize, QueryError)> {
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "tollgate.decision",
+            otel.kind = "server",
+            queries = queries.len(),
+        );
+        crate::telemetry::continue_trace(&span, traceparent);
+        let trace_id = crate::telemetry::trace_id(&span, traceparent);
+        let _entered = span.enter();
         let snapshot = self.policies.snapshot();
         let mut answers = Vec::with_capacity(queries.len());
         for (i, q) in queries.iter().enumerate() {
             answers.push(
-                self.decide_on(&snapshot, q, None, Api::DecisionApi)
+                self.decide_traced(&snapshot, q, None, Api::DecisionApi, trace_id.as_deref())
                     .map_err(|e| (i, e))?,
             );
         }
@@ -74,6 +86,19 @@ impl Engine {
         entities: Option<&Entities>,
         api: Api,
     ) -> Result<CedarAnswer, QueryError> {
+        self.decide_traced(snapshot, q, entities, api, None)
+    }
+
+    fn decide_traced(
+        &self,
+        snapshot: &Snapshot,
+        q: &CedarQuery,
+        entities: Option<&Entities>,
+        api: Api,
+        trace_id: Option<&str>,
+    ) -> Result<CedarAnswer, QueryError> {
+        let _policy =
+            tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.policy").entered();
         let started = Instant::now();
         let verdict = match entities {
             Some(entities) => {
@@ -88,6 +113,7 @@ impl Engine {
             }
             None => decide_query(&self.authorizer, snapshot, q, self.on_error)?,
         };
+        let shadow = self.shadow_query(q, entities, verdict.allow);
         tracing::info!(
             target: "tollgate::decision",
             api = api.label(),
@@ -97,6 +123,8 @@ impl Engine {
             decision = if verdict.allow { "allow" } else { "deny" },
             policies = %verdict.policies.join(","),
             policy_version = %snapshot.version,
+            trace_id = trace_id.unwrap_or("-"),
+            shadow = shadow.as_ref().map_or("-", |s| s.direction),
             "decision"
         );
         let (outcome, reason) = if verdict.allow {
@@ -109,12 +137,43 @@ impl Engine {
         self.metrics
             .decision(api, outcome, reason, started.elapsed().as_secs_f64());
         if let Some(trail) = self.audit.get() {
-            trail.submit(query_record(q, &verdict, &snapshot.version, started, api));
+            let mut record = query_record(q, &verdict, &snapshot.version, started, api);
+            record.trace_id = trace_id.map(str::to_string);
+            record.shadow = shadow;
+            trail.submit(record);
         }
         Ok(CedarAnswer {
             verdict,
             policy_version: snapshot.version.clone(),
         })
+    }
+}
+
+impl Engine {
+    /// Decides `q` with the shadow policy set too; `Some` when it disagrees
+    /// with the live verdict. A query the shadow schema cannot type is not
+    /// compared.
+    fn shadow_query(
+        &self,
+        q: &CedarQuery,
+        entities: Option<&Entities>,
+        live_allow: bool,
+    ) -> Option<crate::policy::shadow::ShadowVerdict> {
+        let shadow = self.shadow.get()?;
+        let snapshot = shadow.snapshot();
+        let verdict = match entities {
+            Some(entities) => cedar_request(&snapshot, q).ok().map(|request| {
+                evaluate(
+                    &self.authorizer,
+                    &snapshot,
+                    &request,
+                    entities,
+                    self.on_error,
+                )
+            }),
+            None => decide_query(&self.authorizer, &snapshot, q, self.on_error).ok(),
+        }?;
+        self.shadow_outcome(live_allow, &verdict, &snapshot.version)
     }
 }
 

@@ -7,6 +7,8 @@ pub mod evaluate;
 pub mod guard;
 pub mod manifest;
 pub mod reload;
+pub mod rollout;
+pub mod shadow;
 pub mod slice;
 pub mod store;
 pub mod testing;

@@ -104,7 +104,14 @@ impl QuotaEngine {
             };
         };
         let charges: Vec<_> = plans.iter().map(|p| p.charge.clone()).collect();
-        let result = match tokio::time::timeout(self.deadline, self.store.charge(&charges)).await {
+        let round_trip = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "tollgate.store",
+            store = self.store.kind(),
+            counters = charges.len(),
+        );
+        let charge = tracing::Instrument::instrument(self.store.charge(&charges), round_trip);
+        let result = match tokio::time::timeout(self.deadline, charge).await {
             Ok(Ok(r)) => r,
             Ok(Err(error)) => return QuotaDecision::Failed { error, mode },
             Err(_) => {

@@ -747,6 +747,7 @@ impl Drop for Sentinel {
 
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
+pub mod otlp;
 /// A throwaway PKI and raw TLS clients for the listener tests.
 pub mod tls;
 /// What an ext_authz answer means for the client: the HTTP status Envoy
@@ -835,6 +836,28 @@ pub fn set_source(
         .to_string(),
         ..Default::default()
     });
+}
+
+/// A `tollgate.v1` request context for a chat call with an API key: the
+/// base context every route action gets, as JSON.
+pub fn chat_query_context() -> String {
+    let mut ctx = tollgate::engine::context::base();
+    tollgate::engine::context::merge(
+        &mut ctx,
+        &serde_json::json!({"http": {"method": "POST"}, "authn": "api_key"}),
+    );
+    ctx.to_string()
+}
+
+/// `tollgate.v1` `entities_json` for an API key of tenant acme with the
+/// `llm:generate` scope on `tier`.
+pub fn api_key_entity_json(id: &str, tier: &str) -> String {
+    serde_json::json!([{
+        "uid": {"type": "ApiKey", "id": id},
+        "attrs": {"tenant": {"__entity": {"type": "Tenant", "id": "acme"}}, "tier": tier, "scopes": ["llm:generate"], "models": []},
+        "parents": [{"type": "Tenant", "id": "acme"}]
+    }])
+    .to_string()
 }
 
 /// The demo keys of `examples/keys.toml` (README, "Quick start").
