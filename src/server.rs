@@ -313,7 +313,11 @@ impl App {
         let (stop_tx, stop_rx) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
         let tls_watcher = crate::listener::watch_tls(
-            self.grpc_tls.iter().chain(&self.admin_tls).cloned().collect(),
+            self.grpc_tls
+                .iter()
+                .chain(&self.admin_tls)
+                .cloned()
+                .collect(),
             Duration::from_secs(self.config.policy.reload_poll_secs),
             self.metrics.clone(),
         )
@@ -426,7 +430,11 @@ impl App {
         let mut accept_loops =
             vec![grpc_accept.serve_tcp(grpc_listener, grpc_queue.clone(), stop_rx.clone())];
         let grpc_unix_socket = unix_socket.map(|(path, listener)| {
-            accept_loops.push(grpc_accept.serve_unix(listener, grpc_queue.clone(), stop_rx.clone()));
+            accept_loops.push(grpc_accept.serve_unix(
+                listener,
+                grpc_queue.clone(),
+                stop_rx.clone(),
+            ));
             path
         });
         drop(grpc_queue);

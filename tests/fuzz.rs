@@ -170,8 +170,11 @@ fn proto_value() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4)
                 .prop_map(|values| Kind::ListValue(ListValue { values })),
-            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
-                .prop_map(|m| Kind::StructValue(Struct { fields: m.into_iter().collect() })),
+            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4).prop_map(|m| Kind::StructValue(
+                Struct {
+                    fields: m.into_iter().collect()
+                }
+            )),
         ]
         .prop_map(|k| Value { kind: Some(k) })
     })
@@ -463,10 +466,12 @@ fn limits_yaml() -> impl Strategy<Value = String> {
             Just(", algorithm: bogus"),
         ],
     )
-        .prop_map(|(unit, n, extra)| {
-            format!("{{ unit: {unit}, requests_per_unit: {n}{extra} }}")
-        });
-    let leaf = (scalar.clone(), proptest::option::of(scalar.clone()), proptest::option::of(rate_limit))
+        .prop_map(|(unit, n, extra)| format!("{{ unit: {unit}, requests_per_unit: {n}{extra} }}"));
+    let leaf = (
+        scalar.clone(),
+        proptest::option::of(scalar.clone()),
+        proptest::option::of(rate_limit),
+    )
         .prop_map(|(key, value, rl)| {
             let mut s = format!("- key: {key}\n");
             if let Some(v) = value {

@@ -71,10 +71,9 @@ fn tls_config(dir: &Path, mtls: bool, allowed: &[&str]) -> TlsConfig {
 /// examples/envoy/envoy-upstream-mtls.yaml as shipped, with only the ports
 /// and the certificate directory replaced.
 async fn envoy_upstream_mtls(tollgate: u16, upstream: u16, certs: &Path) -> Envoy {
-    let template = std::fs::read_to_string(
-        support::repo().join("examples/envoy/envoy-upstream-mtls.yaml"),
-    )
-    .expect("example");
+    let template =
+        std::fs::read_to_string(support::repo().join("examples/envoy/envoy-upstream-mtls.yaml"))
+            .expect("example");
     let (listen, admin) = (free_port(), free_port());
     let yaml = template
         .replace("port_value: 10000", &format!("port_value: {listen}"))
@@ -155,9 +154,8 @@ async fn envoy_reaches_tollgate_over_mtls_only_with_an_allowed_identity() {
         .connect()
         .await;
     if let Ok(channel) = plain {
-        let mut client = tollgate::proto::decision_service_client::DecisionServiceClient::new(
-            channel,
-        );
+        let mut client =
+            tollgate::proto::decision_service_client::DecisionServiceClient::new(channel);
         assert!(
             client
                 .check(tollgate::proto::CheckRequest::default())
@@ -173,11 +171,7 @@ async fn expired_untrusted_missing_and_disallowed_client_certificates_are_refuse
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
     let mut config = test_config();
-    config.server.grpc_tls = Some(tls_config(
-        dir.path(),
-        true,
-        &[GATEWAY_ID, "CN=ops-client"],
-    ));
+    config.server.grpc_tls = Some(tls_config(dir.path(), true, &[GATEWAY_ID, "CN=ops-client"]));
     let mut tg = Tollgate::start(config).await;
     let ca = pki.tollgate_ca.pem();
     let session = |client: Option<Pair>| {
@@ -292,10 +286,9 @@ async fn certificates_reload_on_change_and_the_last_good_one_survives_bad_files(
 async fn admin_over_tls_serves_health_always_and_other_endpoints_only_when_listed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    for (exposed, metrics_status, policy_status) in [
-        (vec![], 404, 404),
-        (vec![AdminEndpoint::Metrics], 200, 404),
-    ] {
+    for (exposed, metrics_status, policy_status) in
+        [(vec![], 404, 404), (vec![AdminEndpoint::Metrics], 200, 404)]
+    {
         let mut config = test_config();
         config.server.admin_tls = Some(tls_config(dir.path(), false, &[]));
         config.server.admin_endpoints = exposed.clone();
@@ -355,7 +348,10 @@ async fn grpc_on_a_unix_socket_serves_envoy_as_a_sidecar() {
     let yaml = template
         .replace("port_value: 10000", &format!("port_value: {listen}"))
         .replace("port_value: 9901", &format!("port_value: {admin}"))
-        .replace("port_value: 8080", &format!("port_value: {upstream}", upstream = upstream.port()))
+        .replace(
+            "port_value: 8080",
+            &format!("port_value: {upstream}", upstream = upstream.port()),
+        )
         .replace(
             "socket_address: { address: 127.0.0.1, port_value: 50051 }",
             &format!("pipe: {{ path: {:?} }}", socket.display().to_string()),

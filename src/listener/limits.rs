@@ -84,8 +84,14 @@ impl ListenerLimits {
     pub fn validate(&self, max_body_bytes: usize) -> Result<(), String> {
         for (key, value) in [
             ("max_message_bytes", self.max_message_bytes as u64),
-            ("max_header_list_bytes", u64::from(self.max_header_list_bytes)),
-            ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
+            (
+                "max_header_list_bytes",
+                u64::from(self.max_header_list_bytes),
+            ),
+            (
+                "max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
             ("max_connections", self.max_connections as u64),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
@@ -176,6 +182,11 @@ mod tests {
             idle_timeout_ms: 5000,
             ..Default::default()
         };
-        assert!(pings.validate(1).unwrap_err().contains("keepalive_interval_ms"));
+        assert!(
+            pings
+                .validate(1)
+                .unwrap_err()
+                .contains("keepalive_interval_ms")
+        );
     }
 }

@@ -341,7 +341,8 @@ pub fn watch_tls(
             dirs.push(dir);
         }
     }
-    let last_error = std::sync::Mutex::new(std::collections::HashMap::<&'static str, String>::new());
+    let last_error =
+        std::sync::Mutex::new(std::collections::HashMap::<&'static str, String>::new());
     crate::policy::reload::watch(dirs, Duration::from_millis(200), poll, move || {
         let mut last = last_error.lock().unwrap_or_else(|p| p.into_inner());
         for tls in &live {

@@ -367,8 +367,7 @@ mod tests {
                 .push(rcgen::DnType::OrganizationName, org);
         }
         if let Some(uri) = uri {
-            params.subject_alt_names =
-                vec![rcgen::SanType::URI(uri.try_into().expect("ia5 uri"))];
+            params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().expect("ia5 uri"))];
         }
         let key = rcgen::KeyPair::generate().expect("key");
         params.self_signed(&key).expect("cert").der().clone()
@@ -407,11 +406,19 @@ mod tests {
             client_ca_file: None,
             allowed_client_ids: vec!["CN=envoy".into()],
         };
-        assert!(c.validate("server.grpc_tls").unwrap_err().contains("client_ca_file"));
+        assert!(
+            c.validate("server.grpc_tls")
+                .unwrap_err()
+                .contains("client_ca_file")
+        );
         c.client_ca_file = Some("ca.pem".into());
         c.validate("server.grpc_tls").expect("valid");
         c.allowed_client_ids = vec!["envoy".into()];
-        assert!(c.validate("server.grpc_tls").unwrap_err().contains("\"envoy\""));
+        assert!(
+            c.validate("server.grpc_tls")
+                .unwrap_err()
+                .contains("\"envoy\"")
+        );
         c.allowed_client_ids = vec!["spiffe://Bad Domain/x".into()];
         assert!(c.validate("server.grpc_tls").is_err());
     }

@@ -160,7 +160,8 @@ pub async fn grpc_session(
     ca_pem: &str,
     client: Option<&Pair>,
 ) -> Session {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem, client, b"h2")));
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(ca_pem, client, b"h2")));
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let server_name = ServerName::try_from(name.to_string()).expect("name");
     let Ok(mut tls) = connector.connect(server_name, tcp).await else {
@@ -173,7 +174,13 @@ pub async fn grpc_session(
         .and_then(|c| c.first())
         .and_then(|der| {
             let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-            let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()?
+                .as_str()
+                .ok()?
+                .to_string();
             Some(cn)
         })
         .unwrap_or_default();
