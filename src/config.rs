@@ -679,6 +679,15 @@ mod tests {
         let defaults = Config::default();
         assert_eq!(config.routes, RouteSpec::openai_defaults());
         assert_eq!(config.server.grpc_listen, defaults.server.grpc_listen);
+        assert_eq!(config.server.limits, defaults.server.limits);
+        assert_eq!(
+            config.server.admin_endpoints,
+            defaults.server.admin_endpoints
+        );
+        assert_eq!(
+            config.server.grpc_unix_socket_mode,
+            defaults.server.grpc_unix_socket_mode
+        );
         assert_eq!(config.context.headers, defaults.context.headers);
         assert_eq!(
             config.resolve(Path::new("keys.toml")),

@@ -244,6 +244,14 @@ async fn certificates_reload_on_change_and_the_last_good_one_survives_bad_files(
         .unwrap_or_default()
     };
     assert!(serving("tollgate-1").await);
+    let expiry = |text: String| {
+        metric(
+            &text,
+            "tollgate_listener_certificate_expiry_timestamp_seconds{listener=\"grpc\"}",
+        )
+    };
+    // rcgen's default validity ends in 4096.
+    assert!(expiry(metrics_text(admin).await) > Some(4_000_000_000.0));
 
     // A new certificate is picked up without a restart.
     pki.server("tollgate-2").write(dir.path(), "tollgate");

@@ -48,6 +48,7 @@ pub struct ListenerMetrics {
     open: Family<ListenerLabel, Gauge>,
     refused: Family<RefusedLabels, Counter>,
     idle_closed: Family<ListenerLabel, Counter>,
+    certificate_expiry: Family<ListenerLabel, Gauge>,
 }
 
 impl ListenerMetrics {
@@ -68,6 +69,18 @@ impl ListenerMetrics {
             "Connections closed because nothing was read from them for server.limits.idle_timeout_ms",
             self.idle_closed.clone(),
         );
+        registry.register(
+            "listener_certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS listener serves expires (its notAfter), in Unix seconds",
+            self.certificate_expiry.clone(),
+        );
+    }
+
+    /// Records when the certificate `listener` serves expires.
+    pub fn certificate(&self, listener: &'static str, not_after: i64) {
+        self.certificate_expiry
+            .get_or_create(&ListenerLabel { listener })
+            .set(not_after);
     }
 
     fn opened(&self, listener: &'static str) {
@@ -115,6 +128,9 @@ impl Acceptor {
         limits: &ListenerLimits,
         metrics: Arc<ListenerMetrics>,
     ) -> Arc<Self> {
+        if let Some(tls) = &tls {
+            metrics.certificate(name, tls.not_after());
+        }
         Arc::new(Self {
             name,
             tls,
@@ -357,8 +373,9 @@ pub fn watch_tls(
                 }
                 Ok(true) => {
                     last.remove(tls.name());
-                    tracing::info!(listener = tls.name(), "tls certificates reloaded");
+                    tracing::info!(listener = tls.name(), not_after = tls.not_after(), "tls certificates reloaded");
                     metrics.reload(source, "swapped");
+                    metrics.listener().certificate(tls.name(), tls.not_after());
                 }
                 Err(e) => {
                     let message = e.to_string();

@@ -105,6 +105,8 @@ pub struct LiveTls {
     current: ArcSwap<ServerConfig>,
     /// SHA-256 over the files' bytes when `current` was built.
     loaded: Mutex<[u8; 32]>,
+    /// The served leaf certificate's notAfter, in Unix seconds.
+    not_after: std::sync::atomic::AtomicI64,
 }
 
 impl LiveTls {
@@ -119,6 +121,7 @@ impl LiveTls {
         let server = build(&config, &bytes, &alpn)?;
         Ok(Self {
             name,
+            not_after: std::sync::atomic::AtomicI64::new(leaf_not_after(&bytes[0])),
             config,
             alpn,
             current: ArcSwap::from_pointee(server),
@@ -147,8 +150,18 @@ impl LiveTls {
         }
         let server = build(&self.config, &bytes, &self.alpn)?;
         self.current.store(Arc::new(server));
+        self.not_after.store(
+            leaf_not_after(&bytes[0]),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         *loaded = digest;
         Ok(true)
+    }
+
+    /// When the served certificate expires (its leaf's notAfter), in Unix
+    /// seconds; 0 if it could not be read.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The directories holding the files, to watch for changes.
@@ -230,6 +243,20 @@ fn build(
     })?;
     server.alpn_protocols = alpn.to_vec();
     Ok(server)
+}
+
+/// The first certificate's notAfter in Unix seconds (0 when unreadable;
+/// `build` has already refused a file without a certificate).
+fn leaf_not_after(pem: &[u8]) -> i64 {
+    CertificateDer::pem_slice_iter(pem)
+        .next()
+        .and_then(Result::ok)
+        .and_then(|der| {
+            x509_parser::parse_x509_certificate(der.as_ref())
+                .ok()
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+        })
+        .unwrap_or(0)
 }
 
 fn certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
