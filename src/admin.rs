@@ -28,14 +28,35 @@ pub struct AdminState {
     pub store_required: bool,
 }
 
-/// The admin routes.
+/// The admin routes, every one of them.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    router_exposing(state, &[AdminEndpoint::Metrics, AdminEndpoint::Policy])
+}
+
+/// An admin endpoint that shows more than health, served only when listed
+/// in `server.admin_endpoints`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminEndpoint {
+    /// `/metrics` (Prometheus text).
+    Metrics,
+    /// `/policy` (the policy set's version and reload status).
+    Policy,
+}
+
+/// The admin routes: `/healthz` and `/readyz` always, `/metrics` and
+/// `/policy` only when in `exposed` (404 otherwise).
+pub fn router_exposing(state: AdminState, exposed: &[AdminEndpoint]) -> Router {
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/policy", get(policy))
-        .with_state(state)
+        .route("/readyz", get(readyz));
+    if exposed.contains(&AdminEndpoint::Metrics) {
+        router = router.route("/metrics", get(metrics));
+    }
+    if exposed.contains(&AdminEndpoint::Policy) {
+        router = router.route("/policy", get(policy));
+    }
+    router.with_state(state)
 }
 
 fn policy_status(state: &AdminState) -> serde_json::Value {

@@ -74,6 +74,21 @@ pub struct ServerConfig {
     pub forward_auth_listen: Option<SocketAddr>,
     /// Which forwarded-request headers the forward-auth listener believes.
     pub forward_auth_trust: ForwardAuthTrust,
+    /// TLS on the gRPC listener (`[server.grpc_tls]`); with `client_ca_file`
+    /// every client needs a certificate (mTLS). Unset: plaintext.
+    pub grpc_tls: Option<crate::listener::TlsConfig>,
+    /// TLS on the admin listener (`[server.admin_tls]`). Unset: plaintext.
+    pub admin_tls: Option<crate::listener::TlsConfig>,
+    /// Also serve the gRPC services on this Unix socket (plaintext: the
+    /// file's permissions decide who connects), for sidecars.
+    pub grpc_unix_socket: Option<PathBuf>,
+    /// Permissions of `grpc_unix_socket` (default `0o660`).
+    pub grpc_unix_socket_mode: u32,
+    /// Admin endpoints served beside `/healthz` and `/readyz` (always open):
+    /// `"metrics"`, `"policy"` (default both).
+    pub admin_endpoints: Vec<crate::admin::AdminEndpoint>,
+    /// Connection and HTTP/2 bounds of the listeners (`[server.limits]`).
+    pub limits: crate::listener::ListenerLimits,
 }
 
 /// The forwarded-request headers a forward-auth listener trusts: the hop in
@@ -365,6 +380,15 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 5000,
             forward_auth_listen: None,
             forward_auth_trust: ForwardAuthTrust::None,
+            grpc_tls: None,
+            admin_tls: None,
+            grpc_unix_socket: None,
+            grpc_unix_socket_mode: 0o660,
+            admin_endpoints: vec![
+                crate::admin::AdminEndpoint::Metrics,
+                crate::admin::AdminEndpoint::Policy,
+            ],
+            limits: crate::listener::ListenerLimits::default(),
         }
     }
 }
@@ -554,6 +578,24 @@ impl Config {
                     "identity.mtls_trust_domains: {domain:?} is not a SPIFFE trust domain; use lowercase letters, digits, '.', '-', '_' (e.g. \"acme.example\")"
                 )));
             }
+        }
+        self.server
+            .limits
+            .validate(self.context.max_body_bytes)
+            .map_err(invalid)?;
+        for (key, tls) in [
+            ("server.grpc_tls", &self.server.grpc_tls),
+            ("server.admin_tls", &self.server.admin_tls),
+        ] {
+            if let Some(tls) = tls {
+                tls.validate(key).map_err(invalid)?;
+            }
+        }
+        if self.server.grpc_unix_socket_mode > 0o777 {
+            return Err(invalid(format!(
+                "server.grpc_unix_socket_mode = {:#o} is not a permission mode; use e.g. 0o660",
+                self.server.grpc_unix_socket_mode
+            )));
         }
         for name in &self.context.model_headers {
             if !is_header_name(name) {

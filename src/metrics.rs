@@ -101,6 +101,7 @@ pub struct Metrics {
     store: std::sync::Arc<StoreMetrics>,
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
+    listener: std::sync::Arc<crate::listener::ListenerMetrics>,
     shadow_disagreements: Family<DirectionLabel, Counter>,
 }
 
@@ -299,6 +300,8 @@ impl Metrics {
             "Audit trail records by result: written, dropped (queue full), failed (sink error)",
             audit_records.clone(),
         );
+        let listener = std::sync::Arc::new(crate::listener::ListenerMetrics::default());
+        listener.register(&mut registry);
         let shadow_disagreements = Family::<DirectionLabel, Counter>::default();
         registry.register(
             "shadow_disagreements",
@@ -306,6 +309,7 @@ impl Metrics {
             shadow_disagreements.clone(),
         );
         Self {
+            listener,
             shadow_disagreements,
             fail_open,
             settlements,
@@ -325,6 +329,11 @@ impl Metrics {
             audit_records,
             limit_decisions,
         }
+    }
+
+    /// The listeners' connection metrics (see [`crate::listener`]).
+    pub fn listener(&self) -> std::sync::Arc<crate::listener::ListenerMetrics> {
+        self.listener.clone()
     }
 
     /// Counts one decision and its latency.

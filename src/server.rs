@@ -64,6 +64,13 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::listener::TlsError),
+    #[error("cannot listen on unix socket {}: {source}", path.display())]
+    BindUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("policy.shadow_dir: the shadow policy set is invalid:\n{0}")]
     Shadow(String),
 }
@@ -76,6 +83,8 @@ pub struct App {
     issuers: Vec<Arc<Issuer>>,
     api_keys: Option<Arc<ApiKeyAuthenticator>>,
     config: Config,
+    grpc_tls: Option<Arc<crate::listener::LiveTls>>,
+    admin_tls: Option<Arc<crate::listener::LiveTls>>,
 }
 
 impl App {
@@ -139,6 +148,20 @@ impl App {
             )?;
             engine.attach_audit(Arc::new(trail));
         }
+        let load_tls = |name, tls: &Option<crate::listener::TlsConfig>, alpn: &[u8]| {
+            tls.as_ref()
+                .map(|t| {
+                    crate::listener::LiveTls::load(
+                        name,
+                        t.resolved(|p| config.resolve(p)),
+                        vec![alpn.to_vec()],
+                    )
+                    .map(Arc::new)
+                })
+                .transpose()
+        };
+        let grpc_tls = load_tls("grpc", &config.server.grpc_tls, b"h2")?;
+        let admin_tls = load_tls("admin", &config.server.admin_tls, b"http/1.1")?;
         Ok(Self {
             engine,
             metrics,
@@ -146,6 +169,8 @@ impl App {
             issuers,
             api_keys,
             config,
+            grpc_tls,
+            admin_tls,
         })
     }
 
@@ -299,8 +324,34 @@ impl App {
             Some(l) => Some(local_addr(l, "forward_auth")?),
             None => None,
         };
+        let unix_socket = match &self.config.server.grpc_unix_socket {
+            Some(path) => {
+                let path = self.config.resolve(path);
+                let listener =
+                    crate::listener::bind_unix(&path, self.config.server.grpc_unix_socket_mode)
+                        .map_err(|source| StartError::BindUnix {
+                            path: path.clone(),
+                            source,
+                        })?;
+                Some((path, listener))
+            }
+            None => None,
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let ready = Arc::new(AtomicBool::new(true));
+        let tls_watcher = crate::listener::watch_tls(
+            self.grpc_tls
+                .iter()
+                .chain(&self.admin_tls)
+                .cloned()
+                .collect(),
+            Duration::from_secs(self.config.policy.reload_poll_secs),
+            self.metrics.clone(),
+        )
+        .map_err(|source| StartError::Watch {
+            what: "tls certificate files".into(),
+            source,
+        })?;
 
         let watcher = if self.config.policy.watch {
             let mut dirs = vec![self.engine.policies().dir().to_path_buf()];
@@ -397,22 +448,58 @@ impl App {
             self.config.response.quota_fail_open_header.clone(),
         );
         let decision_api = DecisionApi::new(self.engine.clone());
+        let limits = &self.config.server.limits;
+        let max_message = limits.max_message_bytes;
+        let grpc_accept = crate::listener::Acceptor::new(
+            "grpc",
+            self.grpc_tls.clone(),
+            limits,
+            self.metrics.listener(),
+        );
+        let (grpc_queue, grpc_incoming) = crate::listener::queue(grpc_addr);
+        let mut accept_loops =
+            vec![grpc_accept.serve_tcp(grpc_listener, grpc_queue.clone(), stop_rx.clone())];
+        let grpc_unix_socket = unix_socket.map(|(path, listener)| {
+            accept_loops.push(grpc_accept.serve_unix(
+                listener,
+                grpc_queue.clone(),
+                stop_rx.clone(),
+            ));
+            path
+        });
+        drop(grpc_queue);
         let mut grpc_stop = stop_rx.clone();
         let grpc = tokio::spawn(
-            tonic::transport::Server::builder()
+            limits
+                .grpc_server()
                 // Envoy never compresses, but other gRPC clients may send
                 // gzip; without this tonic answers them UNIMPLEMENTED.
-                .add_service(AuthorizationServer::new(ext_authz).accept_compressed(Gzip))
-                .add_service(RateLimitServiceServer::new(rls).accept_compressed(Gzip))
-                .add_service(DecisionServiceServer::new(decision_api).accept_compressed(Gzip))
+                .add_service(
+                    AuthorizationServer::new(ext_authz)
+                        .accept_compressed(Gzip)
+                        .max_decoding_message_size(max_message),
+                )
+                .add_service(
+                    RateLimitServiceServer::new(rls)
+                        .accept_compressed(Gzip)
+                        .max_decoding_message_size(max_message),
+                )
+                .add_service(
+                    DecisionServiceServer::new(decision_api)
+                        .accept_compressed(Gzip)
+                        .max_decoding_message_size(max_message),
+                )
                 // Usage settlement from responses (Envoy ext_proc).
-                .add_service(ExternalProcessorServer::new(
-                    crate::adapters::ext_proc::ExtProc::new(self.engine.clone()),
-                ))
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .serve_with_incoming_shutdown(incoming(grpc_listener), async move {
+                .add_service(
+                    ExternalProcessorServer::new(crate::adapters::ext_proc::ExtProc::new(
+                        self.engine.clone(),
+                    ))
+                    .max_decoding_message_size(max_message),
+                )
+                .add_service(health_service.max_decoding_message_size(max_message))
+                .add_service(reflection_v1.max_decoding_message_size(max_message))
+                .add_service(reflection_v1alpha.max_decoding_message_size(max_message))
+                .serve_with_incoming_shutdown(grpc_incoming, async move {
                     let _ = grpc_stop.wait_for(|stop| *stop).await;
                 }),
         );
@@ -453,9 +540,19 @@ impl App {
                     .await
             })
         });
+        let admin_accept = crate::listener::Acceptor::new(
+            "admin",
+            self.admin_tls.clone(),
+            &self.config.server.limits,
+            self.metrics.listener(),
+        );
+        let (admin_queue, admin_incoming) = crate::listener::queue(admin_addr);
+        accept_loops.push(admin_accept.serve_tcp(admin_listener, admin_queue, stop_rx.clone()));
+        let admin_router =
+            crate::admin::router_exposing(admin_state, &self.config.server.admin_endpoints);
         let mut admin_stop = stop_rx;
         let admin = tokio::spawn(async move {
-            axum::serve(admin_listener, crate::admin::router(admin_state))
+            axum::serve(admin_incoming, admin_router)
                 .with_graceful_shutdown(async move {
                     let _ = admin_stop.wait_for(|stop| *stop).await;
                 })
@@ -484,6 +581,9 @@ impl App {
             grpc,
             admin,
             _watcher: watcher,
+            _tls_watcher: tls_watcher,
+            accept_loops,
+            grpc_unix_socket,
             refreshers,
             _invalidations: self.subscribe_invalidations(),
             grace: Duration::from_millis(self.config.server.shutdown_grace_ms),
@@ -509,15 +609,6 @@ impl RejectedOnce {
             Some(e) => last.insert(source, e.clone()).as_ref() != Some(&e),
         }
     }
-}
-
-/// Accepted gRPC connections with TCP_NODELAY: a response is several small
-/// HTTP/2 frames, and Nagle's algorithm against the peer's delayed ACK would
-/// hold them back for ~40 ms.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 /// What a keys file reload touches.
@@ -672,6 +763,12 @@ pub struct Running {
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<std::io::Result<()>>,
     _watcher: Option<reload::WatchHandle>,
+    _tls_watcher: Option<reload::WatchHandle>,
+    /// The listeners' accept loops; they end on the stop signal.
+    accept_loops: Vec<JoinHandle<()>>,
+    /// The gRPC Unix socket, when `server.grpc_unix_socket` is set; removed
+    /// on shutdown.
+    pub grpc_unix_socket: Option<std::path::PathBuf>,
     refreshers: Vec<JoinHandle<()>>,
     _invalidations: Option<crate::invalidate::Subscription>,
     grace: Duration,
@@ -750,6 +847,12 @@ impl Running {
                 }
                 Ok(_) => {}
             }
+        }
+        for accept in &self.accept_loops {
+            accept.abort();
+        }
+        if let Some(path) = &self.grpc_unix_socket {
+            let _ = std::fs::remove_file(path);
         }
         // After the listeners: every decision made is in the queue now.
         if let Some(trail) = self.audit {

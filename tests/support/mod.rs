@@ -274,18 +274,43 @@ impl Envoy {
     pub async fn start(tollgate_grpc: u16, upstream: u16) -> Self {
         let template =
             std::fs::read_to_string(repo().join("examples/envoy/envoy.yaml")).expect("envoy.yaml");
-        let (listen, admin) = (free_port(), free_port());
-        let config = template
-            .replace("port_value: 10000", &format!("port_value: {listen}"))
-            .replace("port_value: 9901", &format!("port_value: {admin}"))
+        let template = template
             .replace("port_value: 50051", &format!("port_value: {tollgate_grpc}"))
             .replace("port_value: 8080", &format!("port_value: {upstream}"));
-        Self::run(&config, listen, admin).await
+        Self::start_template(&template).await
+    }
+
+    /// Like [`Envoy::start`] on any template whose listener and admin ports
+    /// are `port_value: 10000` and `port_value: 9901`: picks free ports and,
+    /// if Envoy exits at start-up (another process took a port between
+    /// choosing and binding it), tries again with fresh ports.
+    pub async fn start_template(template: &str) -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let (listen, admin) = (free_port(), free_port());
+            let config = template
+                .replace("port_value: 10000", &format!("port_value: {listen}"))
+                .replace("port_value: 9901", &format!("port_value: {admin}"));
+            match Self::try_run(&config, listen, admin).await {
+                Ok(envoy) => return envoy,
+                Err(log) => last = log,
+            }
+        }
+        panic!("envoy did not become ready in 3 attempts; last log:\n{last}");
     }
 
     /// Starts Envoy on `yaml`, whose listener and admin ports are given, and
     /// waits until it is ready.
     pub async fn run(yaml: &str, listen: u16, admin: u16) -> Self {
+        match Self::try_run(yaml, listen, admin).await {
+            Ok(envoy) => envoy,
+            Err(log) => panic!("envoy did not become ready; its log:\n{log}"),
+        }
+    }
+
+    /// Starts Envoy on `yaml` and waits until it is ready; on failure
+    /// (Envoy exited, or not ready within 60 s) returns its log.
+    pub async fn try_run(yaml: &str, listen: u16, admin: u16) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("envoy.yaml");
         std::fs::write(&path, yaml).expect("write envoy.yaml");
@@ -304,26 +329,33 @@ impl Envoy {
             .stderr(log)
             .spawn()
             .expect("spawn envoy");
-        let envoy = Self {
+        let mut envoy = Self {
             child,
             listener: SocketAddr::from(([127, 0, 0, 1], listen)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             _dir: dir,
         };
         let admin_addr = envoy.admin;
-        let ready = eventually(Duration::from_secs(30), || async move {
-            match TcpStream::connect(admin_addr).await {
-                Ok(_) => raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200,
-                Err(_) => false,
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                return Err(format!("envoy exited ({status}):\n{}", envoy.log()));
             }
-        })
-        .await;
-        assert!(
-            ready,
-            "envoy did not become ready; see {}",
-            envoy._dir.path().join("envoy.log").display()
-        );
-        envoy
+            if TcpStream::connect(admin_addr).await.is_ok()
+                && raw_http(admin_addr, "GET", "/ready", &[], "").await.status == 200
+            {
+                return Ok(envoy);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("not ready after 60 s:\n{}", envoy.log()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Envoy's log so far (warnings and errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
     }
 }
 
@@ -716,6 +748,8 @@ impl Drop for Sentinel {
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
 pub mod otlp;
+/// A throwaway PKI and raw TLS clients for the listener tests.
+pub mod tls;
 /// What an ext_authz answer means for the client: the HTTP status Envoy
 /// would send (200 for OK), the reason code of a deny body ("allowed" for
 /// OK), and the headers an allow sets for the upstream.
