@@ -290,6 +290,7 @@ fn config(path: &Path, max_bytes: u64, queue: usize) -> AuditConfig {
         path: path.to_path_buf(),
         max_bytes,
         queue,
+        ..AuditConfig::default()
     }
 }
 
@@ -504,5 +505,39 @@ async fn decision_api_and_rate_limit_answers_are_audited() {
             .expect("verifies")
             .records,
         4
+    );
+}
+
+#[tokio::test]
+async fn time_rotation_starts_a_file_per_period_and_keeps_the_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.jsonl");
+    let mut cfg = config(&path, 1 << 20, 1000);
+    cfg.rotate_secs = 1;
+    let trail = AuditTrail::start(&cfg, &path, None).expect("start");
+    let rotated = path.with_file_name("t.jsonl.1");
+    // Records keep coming; a one-second period ends within the bound.
+    let mut i = 0;
+    let ok = support::eventually(Duration::from_secs(5), || {
+        i += 1;
+        trail.submit(record(i));
+        let exists = rotated.exists();
+        async move { exists }
+    })
+    .await;
+    assert!(ok, "no rotation when the period ended");
+    trail.submit(record(9999));
+    trail.close();
+    // Usually one rotation; another period may have ended meanwhile.
+    let mut files: Vec<PathBuf> = (1..)
+        .map(|n| path.with_file_name(format!("t.jsonl.{n}")))
+        .take_while(|p| p.exists())
+        .collect();
+    files.push(path.clone());
+    let report = verify(&files).expect("the chain spans the files");
+    assert_eq!(report.records, trail.written());
+    assert!(
+        !lines(&path).is_empty(),
+        "the new period's file has the later records"
     );
 }

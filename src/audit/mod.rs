@@ -13,7 +13,9 @@
 //! outcome — never a credential, a header value or a body (the trail keeps
 //! the body's SHA-256).
 
+pub mod query;
 mod record;
+pub mod suggest;
 mod trail;
 mod verify;
 

@@ -53,6 +53,10 @@ pub struct AuditConfig {
     pub max_bytes: u64,
     /// Records held for the writer; beyond that they are dropped and counted.
     pub queue: usize,
+    /// Also rotate when a wall-clock period of this many seconds ends
+    /// (aligned to the Unix epoch: 86400 rotates at midnight UTC); 0 = size
+    /// only.
+    pub rotate_secs: u64,
 }
 
 impl Default for AuditConfig {
@@ -63,6 +67,7 @@ impl Default for AuditConfig {
             path: PathBuf::from("audit/tollgate-audit.jsonl"),
             max_bytes: 64 * 1024 * 1024,
             queue: 10_000,
+            rotate_secs: 0,
         }
     }
 }
@@ -112,7 +117,7 @@ impl AuditTrail {
         }
         let sink = match config.sink {
             AuditSink::Stdout => Sink::Stdout,
-            AuditSink::File => Sink::open(path, config.max_bytes)?,
+            AuditSink::File => Sink::open(path, config.max_bytes, config.rotate_secs)?,
         };
         let (sender, receiver) = std::sync::mpsc::sync_channel(config.queue);
         let counts = std::sync::Arc::new(Counts::default());
@@ -201,11 +206,22 @@ enum Sink {
         size: u64,
         max_bytes: u64,
         chain: Chain,
+        /// `audit.rotate_secs` (0: off) and the period the file belongs to.
+        rotate_secs: u64,
+        period: u64,
     },
 }
 
+/// The wall-clock period of `rotate_secs` that `at` falls in (0 when off).
+fn period_of(at: std::time::SystemTime, rotate_secs: u64) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .checked_div(rotate_secs)
+        .unwrap_or(0)
+}
+
 impl Sink {
-    fn open(path: &Path, max_bytes: u64) -> Result<Self, AuditError> {
+    fn open(path: &Path, max_bytes: u64, rotate_secs: u64) -> Result<Self, AuditError> {
         let err = |source| AuditError::Open {
             path: path.to_path_buf(),
             source,
@@ -229,12 +245,19 @@ impl Sink {
                 seq: 0,
                 prev: GENESIS.to_string(),
             });
+        // A file left by an earlier run belongs to the period it was last
+        // written in, so a restart after the period ended rotates it.
+        let written = meta
+            .modified()
+            .unwrap_or_else(|_| std::time::SystemTime::now());
         Ok(Self::File {
             path: path.to_path_buf(),
             out: BufWriter::new(file),
             size: if meta.is_file() { meta.len() } else { 0 },
             max_bytes,
             chain,
+            rotate_secs,
+            period: period_of(written, rotate_secs),
         })
     }
 }
@@ -348,6 +371,8 @@ fn write_file(sink: &mut Sink, record: &AuditRecord) -> bool {
         size,
         max_bytes,
         chain,
+        rotate_secs,
+        period,
     } = sink
     else {
         return false;
@@ -356,7 +381,9 @@ fn write_file(sink: &mut Sink, record: &AuditRecord) -> bool {
         return false;
     };
     let len = line.len() as u64 + 1;
-    if *size > 0 && *size + len > *max_bytes {
+    let now = period_of(std::time::SystemTime::now(), *rotate_secs);
+    let period_ended = std::mem::replace(period, now) != now;
+    if *size > 0 && (*size + len > *max_bytes || period_ended) {
         match rotate(path, out) {
             Ok(()) => *size = 0,
             Err(e) => {

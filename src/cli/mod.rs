@@ -1,5 +1,6 @@
 //! The `tollgate` command line: serve, validate, check, test, keys, quota.
 
+mod audit;
 mod keys;
 mod lint;
 mod policy;
@@ -103,6 +104,13 @@ pub enum AuditCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Answer a common question from audit files: denials (who was denied
+    /// and why), spenders (top spenders), deny-policies (which policies
+    /// decided most denies).
+    Query(audit::QueryArgs),
+    /// Suggest per-tier and per-tenant limits at a percentile of the
+    /// allowed traffic in audit files, as quota rules and a limits file.
+    SuggestLimits(audit::SuggestArgs),
 }
 
 /// Initializes logging for `config`, and span export when `[tracing]`
@@ -195,6 +203,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit {
+            command: AuditCommand::Query(args),
+        } => audit::run_query(&args),
+        Command::Audit {
+            command: AuditCommand::SuggestLimits(args),
+        } => audit::run_suggest(&args),
     }
 }
 
