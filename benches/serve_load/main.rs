@@ -280,7 +280,12 @@ fn main() {
         "| call | req/s ({concurrency} in flight) | p50 | p99 | **ratio to empty** | sequential p50 | over empty (seq.) |"
     );
     println!("|---|---|---|---|---|---|---|");
-    row("empty ext_authz Check", &check_floor.0, &check_floor.1, None);
+    row(
+        "empty ext_authz Check",
+        &check_floor.0,
+        &check_floor.1,
+        None,
+    );
     row(
         "Tollgate Check, chat + body + API key, quota rule on memory",
         &check_memory.0,

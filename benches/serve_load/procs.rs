@@ -150,9 +150,7 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
-        wait_until("redis", || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        wait_until("redis", || TcpStream::connect(("127.0.0.1", port)).is_ok());
         Self { child, port }
     }
 }
@@ -233,8 +231,8 @@ impl Tollgate {
 
     /// Resident set size of the process, KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
