@@ -27,8 +27,21 @@ fn wait_for(addr: SocketAddr, path: &str, what: &str) {
     }
 }
 
+/// The nginx master; stopped with SIGTERM so that it takes its worker
+/// along (SIGKILL would leave the worker running).
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 /// nginx answering 200 to everything, one worker.
-fn backend(dir: &std::path::Path) -> (Killed, u16) {
+fn backend(dir: &std::path::Path) -> (Nginx, u16) {
     let port = free_port();
     let conf = dir.join("nginx.conf");
     std::fs::write(
@@ -45,10 +58,11 @@ fn backend(dir: &std::path::Path) -> (Killed, u16) {
     let child = Command::new("nginx")
         .args(["-p", &dir.display().to_string(), "-c"])
         .arg(&conf)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx on PATH");
-    let child = Killed(child);
+    let child = Nginx(child);
     wait_for(SocketAddr::from(([127, 0, 0, 1], port)), "/", "nginx");
     (child, port)
 }

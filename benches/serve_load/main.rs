@@ -119,6 +119,10 @@ fn rls_request() -> RateLimitRequest {
 /// One measured run.
 struct Run {
     rps: f64,
+    /// CPU time the server process spent per request in the measured
+    /// period (user + system): unlike the rate, it does not depend on what
+    /// else the machine runs.
+    cpu_us: f64,
     p50: Duration,
     p99: Duration,
 }
@@ -159,7 +163,7 @@ fn rls_call() -> Call {
 
 /// Drives `addr` with `concurrency` callers on one connection: 1 s warm-up,
 /// then `secs` measured.
-async fn load(addr: SocketAddr, call: Call, concurrency: usize, secs: u64) -> Run {
+async fn load(addr: SocketAddr, pid: u32, call: Call, concurrency: usize, secs: u64) -> Run {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
@@ -186,15 +190,18 @@ async fn load(addr: SocketAddr, call: Call, concurrency: usize, secs: u64) -> Ru
         let _ = t.await;
     }
     let started = Instant::now();
+    let cpu_before = procs::cpu_time(pid);
     let mut all = Vec::new();
     for t in run_for(Duration::from_secs(secs)) {
         all.extend(t.await.expect("task"));
     }
     let elapsed = started.elapsed();
+    let cpu = procs::cpu_time(pid).saturating_sub(cpu_before);
     all.sort();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
     Run {
         rps: all.len() as f64 / elapsed.as_secs_f64(),
+        cpu_us: cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64,
         p50: pct(0.50),
         p99: pct(0.99),
     }
@@ -205,23 +212,25 @@ fn us(d: Duration) -> String {
 }
 
 /// One table row: the call at 16 in flight and sequentially, with its
-/// ratio to the floor measured in the same run.
+/// ratios to the floor measured in the same run.
 fn row(name: &str, many: &Run, seq: &Run, floor: Option<(&Run, &Run)>) {
-    let (ratio, extra) = match floor {
+    let (ratio, cpu_ratio, extra) = match floor {
         Some((f_many, f_seq)) => (
             format!("**{:.2}**", many.rps / f_many.rps),
+            format!("{:.2}", f_many.cpu_us / many.cpu_us.max(0.001)),
             format!(
                 "+{:.0} µs",
                 (seq.p50.as_secs_f64() - f_seq.p50.as_secs_f64()) * 1e6
             ),
         ),
-        None => ("1".into(), "".into()),
+        None => ("1".into(), "1".into(), "".into()),
     };
     println!(
-        "| {name} | {:.0} | {} | {} | {ratio} | {} | {extra} |",
+        "| {name} | {:.0} | {} | {} | {ratio} | {:.1} µs | {cpu_ratio} | {} | {extra} |",
         many.rps,
         us(many.p50),
         us(many.p99),
+        many.cpu_us,
         us(seq.p50),
     );
 }
@@ -249,26 +258,26 @@ fn main() {
         .build()
         .expect("client runtime");
     let redis = procs::Redis::start();
-    let measure = |addr: SocketAddr, call: fn() -> Call| {
-        let many = client.block_on(load(addr, call(), concurrency, secs));
-        let seq = client.block_on(load(addr, call(), 1, secs));
+    let measure = |(addr, pid): (SocketAddr, u32), call: fn() -> Call| {
+        let many = client.block_on(load(addr, pid, call(), concurrency, secs));
+        let seq = client.block_on(load(addr, pid, call(), 1, secs));
         (many, seq)
     };
 
     let empty = procs::EmptyServer::start();
-    let check_floor = measure(empty.addr, check_call);
-    let rls_floor = measure(empty.addr, rls_call);
+    let check_floor = measure(empty.target(), check_call);
+    let rls_floor = measure(empty.target(), rls_call);
     drop(empty);
 
     let memory = procs::Tollgate::start("memory", redis.port);
-    let check_memory = measure(memory.grpc, check_call);
-    let rls_memory = measure(memory.grpc, rls_call);
+    let check_memory = measure(memory.target(), check_call);
+    let rls_memory = measure(memory.target(), rls_call);
     let memory_rss = memory.rss_kib();
     drop(memory);
 
     let on_redis = procs::Tollgate::start("redis", redis.port);
-    let check_redis = measure(on_redis.grpc, check_call);
-    let rls_redis = measure(on_redis.grpc, rls_call);
+    let check_redis = measure(on_redis.target(), check_call);
+    let rls_redis = measure(on_redis.target(), rls_call);
     drop(on_redis);
 
     println!(
@@ -277,9 +286,9 @@ fn main() {
         procs::log_level()
     );
     println!(
-        "| call | req/s ({concurrency} in flight) | p50 | p99 | **ratio to empty** | sequential p50 | over empty (seq.) |"
+        "| call | req/s ({concurrency} in flight) | p50 | p99 | **ratio to empty** | server CPU / request | empty's CPU / this | sequential p50 | over empty (seq.) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     row(
         "empty ext_authz Check",
         &check_floor.0,

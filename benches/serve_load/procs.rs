@@ -94,6 +94,28 @@ impl EmptyServer {
     }
 }
 
+impl EmptyServer {
+    /// Address and process id.
+    pub fn target(&self) -> (SocketAddr, u32) {
+        (self.addr, self.child.id())
+    }
+}
+
+/// User + system CPU time `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Duration::from_millis(f.iter().sum::<u64>() * 10)
+}
+
 impl Drop for EmptyServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -176,7 +198,7 @@ pub struct Tollgate {
     child: Child,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
-    pub dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Tollgate {
@@ -221,12 +243,17 @@ impl Tollgate {
             child,
             grpc: SocketAddr::from(([127, 0, 0, 1], grpc)),
             admin,
-            dir,
+            _dir: dir,
         };
         wait_until("tollgate", || {
             http_get(admin, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
         });
         t
+    }
+
+    /// gRPC address and process id.
+    pub fn target(&self) -> (SocketAddr, u32) {
+        (self.grpc, self.child.id())
     }
 
     /// Resident set size of the process, KiB.
@@ -238,10 +265,6 @@ impl Tollgate {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("tollgate.log")
     }
 }
 
