@@ -29,8 +29,15 @@ use crate::decision::Decision;
 
 /// Logs one decision.
 pub fn record(decision: &Decision, elapsed: Duration) {
+    // Nothing below is worth building when the log level filters it out.
+    if !tracing::enabled!(target: "tollgate::decision", tracing::Level::INFO) {
+        return;
+    }
     let principal = decision.principal.as_ref().map(|p| p.uid());
-    let tenant = decision.principal.as_ref().and_then(|p| p.tenant.clone());
+    let tenant = decision
+        .principal
+        .as_ref()
+        .and_then(|p| p.tenant.as_deref());
     let errors: Vec<&str> = decision
         .errors
         .iter()
@@ -43,7 +50,7 @@ pub fn record(decision: &Decision, elapsed: Duration) {
         request_id = %decision.request_id,
         trace_id = decision.trace_id.as_deref().unwrap_or("-"),
         principal = principal.as_deref().unwrap_or("-"),
-        tenant = tenant.as_deref().unwrap_or("-"),
+        tenant = tenant.unwrap_or("-"),
         action = decision.action.as_deref().unwrap_or("-"),
         resource = decision.resource.as_deref().unwrap_or("-"),
         decision = decision.outcome.verdict(),

@@ -129,7 +129,11 @@ pub fn init_tracing(config: &Config) -> anyhow::Result<Option<crate::telemetry::
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
-    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal: a log file or collector
+    // gets plain text, and the decision log line skips escape-code formatting.
+    let log = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     let log = match config.log.format {
         LogFormat::Json => log.json().flatten_event(true).with_filter(filter).boxed(),
         LogFormat::Text => log.with_filter(filter).boxed(),

@@ -64,7 +64,7 @@ pub struct Engine {
     on_error: OnEvaluationError,
     authorizer: Authorizer,
     metrics: Arc<Metrics>,
-    entity_cache: moka::sync::Cache<(String, Principal), Arc<Entities>>,
+    entity_cache: arc_swap::ArcSwap<EntityCache>,
     quota: Arc<QuotaEngine>,
     rules: Vec<QuotaRule>,
     limits: Arc<LimitsStore>,
@@ -99,10 +99,7 @@ impl Engine {
             on_error: config.policy.on_evaluation_error,
             authorizer: Authorizer::new(),
             metrics,
-            entity_cache: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_idle(std::time::Duration::from_secs(300))
-                .build(),
+            entity_cache: arc_swap::ArcSwap::from_pointee(EntityCache::new(String::new())),
             quota: quota.engine,
             rules: config.quota.rules.clone(),
             limits: quota.limits,
@@ -435,8 +432,13 @@ impl Engine {
         snapshot: &Snapshot,
         principal: &Principal,
     ) -> Result<Arc<Entities>, String> {
-        let key = (snapshot.version.clone(), principal.clone());
-        if let Some(hit) = self.entity_cache.get(&key) {
+        let mut cache = self.entity_cache.load_full();
+        if cache.version != snapshot.version {
+            // A reload: the old snapshot's entries can never be asked again.
+            cache = Arc::new(EntityCache::new(snapshot.version.clone()));
+            self.entity_cache.store(cache.clone());
+        }
+        if let Some(hit) = cache.by_principal.get(principal) {
             return Ok(hit);
         }
         let uid = principal::uid(principal)?;
@@ -451,7 +453,9 @@ impl Engine {
                 .map_err(|e| e.to_string())?
         };
         let entities = Arc::new(entities);
-        self.entity_cache.insert(key, entities.clone());
+        cache
+            .by_principal
+            .insert(principal.clone(), entities.clone());
         Ok(entities)
     }
 }
@@ -495,6 +499,26 @@ impl Engine {
         let disagreement = crate::policy::shadow::compare(live_allow, verdict, version)?;
         self.metrics.shadow_disagreement(disagreement.direction);
         Some(disagreement)
+    }
+}
+
+/// The entity sets built for principals under one snapshot version: looked
+/// up by the principal alone (no key to build per request), replaced whole
+/// when the version changes.
+struct EntityCache {
+    version: String,
+    by_principal: moka::sync::Cache<Principal, Arc<Entities>>,
+}
+
+impl EntityCache {
+    fn new(version: String) -> Self {
+        Self {
+            version,
+            by_principal: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(std::time::Duration::from_secs(300))
+                .build(),
+        }
     }
 }
 

@@ -103,7 +103,22 @@ impl Principal {
 
     /// `Type::"id"`, for logs and headers.
     pub fn uid(&self) -> String {
-        format!("{}::{:?}", self.kind.entity_type(), self.id)
+        let ty = self.kind.entity_type();
+        // Printable ASCII other than `"` and `\` is its own Debug form: skip
+        // the formatter (this runs several times per decision).
+        if self
+            .id
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            let mut out = String::with_capacity(ty.len() + self.id.len() + 4);
+            out.push_str(ty);
+            out.push_str("::\"");
+            out.push_str(&self.id);
+            out.push('"');
+            return out;
+        }
+        format!("{ty}::{:?}", self.id)
     }
 }
 
@@ -227,6 +242,27 @@ pub fn several_credentials(request: &HttpRequest) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uid_fast_path_matches_the_debug_form() {
+        for id in [
+            "demo-paid",
+            "a b",
+            "quote\"d",
+            "back\\slash",
+            "tab\t",
+            "nl\n",
+            "é",
+            "\u{7f}",
+            "",
+            "spiffe://acme.example/ns/x",
+        ] {
+            let mut p = Principal::anonymous();
+            p.kind = PrincipalKind::ApiKey;
+            p.id = id.to_string();
+            assert_eq!(p.uid(), format!("ApiKey::{id:?}"), "{id:?}");
+        }
+    }
 
     #[test]
     fn several_credentials_are_detected() {

@@ -112,10 +112,15 @@ for i = 1, n do
   local w, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3])
   local algo, cost, always = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 7])
   if cost > 0 and (ok or always == 1) then
-    redis.call('INCRBY', KEYS[2 * i - 1], cost)
-    local keep = 1
-    if algo == 1 then keep = 2 end
-    redis.call('PEXPIREAT', KEYS[2 * i - 1], (w + keep) * window + 1000)
+    -- A window key is only ever created here, with its expiry, so a fixed
+    -- window that already held a count has it: skip the second write.
+    -- Sliding windows always set it (they keep their key a window longer).
+    local after = redis.call('INCRBY', KEYS[2 * i - 1], cost)
+    if algo == 1 or after == cost then
+      local keep = 1
+      if algo == 1 then keep = 2 end
+      redis.call('PEXPIREAT', KEYS[2 * i - 1], (w + keep) * window + 1000)
+    end
   end
   out[#out + 1] = used[i]
   out[#out + 1] = fits[i]
