@@ -147,6 +147,8 @@ pub struct IdentityConfig {
     pub jwt_issuers: Vec<crate::identity::jwt::IssuerConfig>,
     /// Longest API key accepted; longer ones are rejected unread.
     pub max_credential_bytes: usize,
+    /// Brute-force lockout (`[identity.lockout]`); off by default.
+    pub lockout: crate::identity::lockout::LockoutConfig,
 }
 
 /// What of the HTTP request goes into the Cedar context.
@@ -384,6 +386,7 @@ impl Default for IdentityConfig {
             mtls_subject_names: false,
             jwt_issuers: Vec::new(),
             max_credential_bytes: 4096,
+            lockout: Default::default(),
         }
     }
 }
@@ -489,6 +492,7 @@ impl Config {
         for issuer in &self.identity.jwt_issuers {
             issuer.validate().map_err(invalid)?;
         }
+        self.identity.lockout.validate().map_err(invalid)?;
         for rule in &self.quota.rules {
             rule.validate().map_err(invalid)?;
         }

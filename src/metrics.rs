@@ -101,6 +101,8 @@ pub struct Metrics {
     store: std::sync::Arc<StoreMetrics>,
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
+    lockouts: Family<KindLabel, Counter>,
+    lockout_refusals: Family<KindLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -293,7 +295,21 @@ impl Metrics {
             "Audit trail records by result: written, dropped (queue full), failed (sink error)",
             audit_records.clone(),
         );
+        let lockouts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "lockouts",
+            "Sources locked out after repeated authentication failures, by kind (address, key, subject)",
+            lockouts.clone(),
+        );
+        let lockout_refusals = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "lockout_refusals",
+            "Requests refused because their source is locked out (locked_out), by kind",
+            lockout_refusals.clone(),
+        );
         Self {
+            lockouts,
+            lockout_refusals,
             fail_open,
             settlements,
             unknown_domain,
@@ -386,6 +402,19 @@ impl Metrics {
     pub fn audit_record(&self, result: &'static str) {
         self.audit_records
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a lock placed on a source of `kind` (`address`, `key`,
+    /// `subject`).
+    pub fn lockout_started(&self, kind: &'static str) {
+        self.lockouts.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts a request refused by a lock on a source of `kind`.
+    pub fn lockout_refusal(&self, kind: &'static str) {
+        self.lockout_refusals
+            .get_or_create(&KindLabel { kind })
             .inc();
     }
 

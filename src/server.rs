@@ -119,6 +119,15 @@ impl App {
             metrics.clone(),
             quota,
         ));
+        if config.identity.lockout.enabled {
+            let lockout = crate::identity::lockout::Lockout::new(
+                config.identity.lockout.clone(),
+                engine.quota().store().clone(),
+                Duration::from_millis(config.quota.deadline_ms),
+            )
+            .with_metrics(metrics.clone());
+            engine.attach_lockout(Arc::new(lockout));
+        }
         if config.audit.enabled {
             let trail = crate::audit::AuditTrail::start(
                 &config.audit,

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod context;
+mod guard;
 pub mod model;
 pub mod principal;
 mod query;
@@ -72,6 +73,7 @@ pub struct Engine {
     prices: crate::usage::Prices,
     reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
+    lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -111,6 +113,7 @@ impl Engine {
             prices: config.quota.price_table(),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
+            lockout: std::sync::OnceLock::new(),
         }
     }
 
@@ -133,6 +136,12 @@ impl Engine {
     /// attached already.
     pub fn attach_audit(&self, trail: Arc<crate::audit::AuditTrail>) -> bool {
         self.audit.set(trail).is_ok()
+    }
+
+    /// Guards authentication with `lockout` (`identity.lockout`); false if
+    /// one is attached already.
+    pub fn attach_lockout(&self, lockout: Arc<crate::identity::lockout::Lockout>) -> bool {
+        self.lockout.set(lockout).is_ok()
     }
 
     /// The attached audit trail.
@@ -183,11 +192,15 @@ impl Engine {
             Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
             Ok(path) => {
                 let matched = self.routes.find(&request.method, &path);
-                match self.authenticate(request, matched.as_ref()).await {
+                match self.guarded_authenticate(request, matched.as_ref()).await {
                     Ok(principal) => {
                         self.decide_with(&snapshot, request, &path, matched, principal)
                     }
-                    Err(outcome) => early(outcome),
+                    Err((outcome, quota)) => {
+                        let mut d = early(outcome);
+                        d.quota = quota;
+                        d
+                    }
                 }
             }
         };
@@ -346,7 +359,7 @@ impl Engine {
 
     /// Authenticates the caller with the sources the route accepts (the
     /// gateway's `identity` hint, else the route's list, else all).
-    async fn authenticate(
+    pub(super) async fn authenticate(
         &self,
         request: &HttpRequest,
         matched: Option<&RouteMatch<'_>>,
@@ -363,6 +376,7 @@ impl Engine {
             .await
             .map_err(|reason| match reason {
                 Reason::Unavailable => Outcome::Unavailable(reason),
+                Reason::SourceNotAllowed => Outcome::Forbidden(reason),
                 _ => Outcome::Unauthenticated(reason),
             })?;
         // What the credential says is passed on in headers (principal,

@@ -7,6 +7,7 @@ pub mod api_key;
 pub mod jwt;
 pub mod key_format;
 pub mod keys;
+pub mod lockout;
 pub mod mtls;
 
 use serde::Deserialize;
