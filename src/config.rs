@@ -166,6 +166,13 @@ pub struct ContextConfig {
     /// `model`, `?model=` and a model in the path, each is compared with
     /// the others: different values are refused (`ambiguous_model`).
     pub model_headers: Vec<String>,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` entries are
+    /// trusted (ext_authz only). 0 (the default): the client address is
+    /// the peer address the gateway reports, and `X-Forwarded-For` is never
+    /// read. N: the client address is the N-th entry from the right of
+    /// `X-Forwarded-For` (the one the outermost trusted proxy appended);
+    /// with fewer entries, the reported peer address.
+    pub trusted_hops: usize,
 }
 
 /// Headers Tollgate sets on allowed requests for the upstream.
@@ -398,6 +405,7 @@ impl Default for ContextConfig {
             query_params: vec!["api-version".into()],
             max_body_bytes: 1024 * 1024,
             model_headers: vec!["x-model".into()],
+            trusted_hops: 0,
         }
     }
 }

@@ -368,7 +368,8 @@ impl App {
             self.engine.clone(),
             self.config.response.clone(),
             self.config.quota.headers,
-        );
+        )
+        .with_trusted_hops(self.config.context.trusted_hops);
         let rls = Rls::new(
             self.engine.clone(),
             self.config.quota.headers,
