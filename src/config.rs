@@ -147,6 +147,9 @@ pub struct IdentityConfig {
     pub jwt_issuers: Vec<crate::identity::jwt::IssuerConfig>,
     /// Longest API key accepted; longer ones are rejected unread.
     pub max_credential_bytes: usize,
+    /// OAuth 2.0 token introspection for opaque bearer tokens
+    /// (`[identity.introspection]`); none by default.
+    pub introspection: Option<crate::identity::introspection::IntrospectionConfig>,
     /// Brute-force lockout (`[identity.lockout]`); off by default.
     pub lockout: crate::identity::lockout::LockoutConfig,
 }
@@ -383,7 +386,12 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         use crate::identity::SourceKind;
         Self {
-            sources: vec![SourceKind::ApiKey, SourceKind::Jwt, SourceKind::Mtls],
+            sources: vec![
+                SourceKind::ApiKey,
+                SourceKind::Jwt,
+                SourceKind::Mtls,
+                SourceKind::Introspection,
+            ],
             api_keys_file: Some(PathBuf::from("examples/keys.toml")),
             api_keys_redis_url: None,
             api_keys_redis_prefix: "tg:".into(),
@@ -394,6 +402,7 @@ impl Default for IdentityConfig {
             jwt_issuers: Vec::new(),
             max_credential_bytes: 4096,
             lockout: Default::default(),
+            introspection: None,
         }
     }
 }
@@ -501,6 +510,9 @@ impl Config {
             issuer.validate().map_err(invalid)?;
         }
         self.identity.lockout.validate().map_err(invalid)?;
+        if let Some(i) = &self.identity.introspection {
+            i.validate().map_err(invalid)?;
+        }
         for rule in &self.quota.rules {
             rule.validate().map_err(invalid)?;
         }

@@ -102,6 +102,7 @@ pub struct Metrics {
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
     lockouts: Family<KindLabel, Counter>,
+    introspections: Family<ResultLabel, Counter>,
     lockout_refusals: Family<KindLabel, Counter>,
 }
 
@@ -307,7 +308,14 @@ impl Metrics {
             "Requests refused because their source is locked out (locked_out), by kind",
             lockout_refusals.clone(),
         );
+        let introspections = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "introspections",
+            "Token introspections (RFC 7662) by result: active, inactive, error (endpoint down, slow, unreadable), rate_limited",
+            introspections.clone(),
+        );
         Self {
+            introspections,
             lockouts,
             lockout_refusals,
             fail_open,
@@ -409,6 +417,13 @@ impl Metrics {
     /// `subject`).
     pub fn lockout_started(&self, kind: &'static str) {
         self.lockouts.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts one token introspection by `result`.
+    pub fn introspection(&self, result: &'static str) {
+        self.introspections
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// Counts a request refused by a lock on a source of `kind`.

@@ -73,6 +73,7 @@ pub struct App {
     keys: Option<KeysReload>,
     issuers: Vec<Arc<Issuer>>,
     api_keys: Option<Arc<ApiKeyAuthenticator>>,
+    introspection: Option<Arc<crate::identity::introspection::Introspector>>,
     config: Config,
 }
 
@@ -90,11 +91,14 @@ impl App {
             &config.resolve(&config.policy.dir),
             expect,
         )?);
-        let (sources, keys, issuers, api_keys) = build_identity(&config)?;
+        let (sources, keys, issuers, api_keys, introspection) = build_identity(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
         for issuer in &issuers {
             issuer.report_to(metrics.clone());
+        }
+        if let Some(i) = &introspection {
+            i.report_to(metrics.clone());
         }
         let quota = engine::QuotaParts {
             engine: Arc::new(QuotaEngine::new(
@@ -142,6 +146,7 @@ impl App {
             keys,
             issuers,
             api_keys,
+            introspection,
             config,
         })
     }
@@ -340,7 +345,9 @@ impl App {
             <RateLimitServiceServer<Rls> as tonic::server::NamedService>::NAME,
             <DecisionServiceServer<DecisionApi> as tonic::server::NamedService>::NAME,
         ];
-        if !self.issuers.iter().all(|i| i.ready()) {
+        if !self.issuers.iter().all(|i| i.ready())
+            || self.introspection.as_ref().is_some_and(|i| !i.ready())
+        {
             for name in std::iter::once("").chain(health_names.iter().copied()) {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
@@ -401,6 +408,7 @@ impl App {
             metrics: self.metrics.clone(),
             quota: self.engine.quota().clone(),
             issuers: self.issuers.clone(),
+            introspection: self.introspection.clone(),
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
         };
@@ -448,6 +456,9 @@ impl App {
             .iter()
             .map(|issuer| tokio::spawn(issuer.clone().keep_fresh()))
             .collect();
+        if let Some(i) = &self.introspection {
+            refreshers.push(tokio::spawn(i.clone().keep_probing()));
+        }
         refreshers.push(health_follower);
         tracing::info!(%grpc_addr, %admin_addr, policy_version = %self.engine.policies().snapshot().version, "tollgate serving");
         Ok(Running {
@@ -512,6 +523,7 @@ type Identity = (
     Option<KeysReload>,
     Vec<Arc<Issuer>>,
     Option<Arc<ApiKeyAuthenticator>>,
+    Option<Arc<crate::identity::introspection::Introspector>>,
 );
 
 /// The identity sources, in the configured order.
@@ -521,6 +533,7 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
     let mut keys = None;
     let mut issuers = Vec::new();
     let mut api_keys = None;
+    let mut introspection = None;
     for kind in &id.sources {
         match kind {
             SourceKind::ApiKey => {
@@ -573,6 +586,18 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
                 }
                 sources.push(Arc::new(JwtAuthenticator::new(issuers.clone())));
             }
+            SourceKind::Introspection => {
+                if let Some(c) = &id.introspection {
+                    let mut c = c.clone();
+                    c.client_secret_file = config.resolve(&c.client_secret_file);
+                    let i = Arc::new(
+                        crate::identity::introspection::Introspector::new(c)
+                            .map_err(StartError::Identity)?,
+                    );
+                    introspection = Some(i.clone());
+                    sources.push(i);
+                }
+            }
             SourceKind::Mtls => {
                 if id.mtls {
                     sources.push(Arc::new(
@@ -583,7 +608,7 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
             }
         }
     }
-    Ok((sources, keys, issuers, api_keys))
+    Ok((sources, keys, issuers, api_keys, introspection))
 }
 
 /// The configured quota store. Redis stores connect in the background, so

@@ -229,9 +229,14 @@ pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             .collect();
         axum::Json(serde_json::json!({ "headers": headers, "path": req.uri().to_string() }))
     });
+    serve_axum(app).await
+}
+
+/// Serves `app` on a free loopback port until the task is aborted.
+pub async fn serve_axum(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("bind upstream");
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
