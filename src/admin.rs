@@ -22,6 +22,8 @@ pub struct AdminState {
     pub quota: Arc<QuotaEngine>,
     /// JWT issuers; one without usable keys makes Tollgate unready.
     pub issuers: Vec<Arc<crate::identity::jwt::Issuer>>,
+    /// The token introspection endpoint; down makes Tollgate unready.
+    pub introspection: Option<Arc<crate::identity::introspection::Introspector>>,
     /// Cleared when draining, so load balancers stop sending traffic.
     pub ready: Arc<AtomicBool>,
     /// Readiness requires a connected quota store.
@@ -85,7 +87,11 @@ fn policy_status(state: &AdminState) -> serde_json::Value {
 /// ready) unless `quota.ready_requires_store = false`.
 pub fn is_ready(state: &AdminState) -> bool {
     let store_ready = !state.store_required || state.quota.store().connected();
-    state.ready.load(Ordering::Relaxed) && state.issuers.iter().all(|i| i.ready()) && store_ready
+    let introspection_ready = state.introspection.as_ref().is_none_or(|i| i.ready());
+    state.ready.load(Ordering::Relaxed)
+        && state.issuers.iter().all(|i| i.ready())
+        && introspection_ready
+        && store_ready
 }
 
 /// How often gRPC health re-reads readiness.
@@ -133,6 +139,9 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         .map(|i| (i.name().to_string(), json!({ "keys": i.ready() })))
         .collect::<serde_json::Map<_, _>>()
         .into();
+    if let Some(i) = &state.introspection {
+        body["introspection"] = json!({ "name": i.name(), "endpoint_up": i.ready() });
+    }
     body["quota_store"] = json!({
         "kind": state.quota.store().kind(),
         "connected": state.quota.store().connected(),

@@ -172,6 +172,11 @@ pub struct IdentityConfig {
     pub jwt_issuers: Vec<crate::identity::jwt::IssuerConfig>,
     /// Longest API key accepted; longer ones are rejected unread.
     pub max_credential_bytes: usize,
+    /// OAuth 2.0 token introspection for opaque bearer tokens
+    /// (`[identity.introspection]`); none by default.
+    pub introspection: Option<crate::identity::introspection::IntrospectionConfig>,
+    /// Brute-force lockout (`[identity.lockout]`); off by default.
+    pub lockout: crate::identity::lockout::LockoutConfig,
 }
 
 /// What of the HTTP request goes into the Cedar context.
@@ -189,6 +194,13 @@ pub struct ContextConfig {
     /// `model`, `?model=` and a model in the path, each is compared with
     /// the others: different values are refused (`ambiguous_model`).
     pub model_headers: Vec<String>,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` entries are
+    /// trusted (ext_authz only). 0 (the default): the client address is
+    /// the peer address the gateway reports, and `X-Forwarded-For` is never
+    /// read. N: the client address is the N-th entry from the right of
+    /// `X-Forwarded-For` (the one the outermost trusted proxy appended);
+    /// with fewer entries, the reported peer address.
+    pub trusted_hops: usize,
 }
 
 /// Headers Tollgate sets on allowed requests for the upstream.
@@ -411,7 +423,12 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         use crate::identity::SourceKind;
         Self {
-            sources: vec![SourceKind::ApiKey, SourceKind::Jwt, SourceKind::Mtls],
+            sources: vec![
+                SourceKind::ApiKey,
+                SourceKind::Jwt,
+                SourceKind::Mtls,
+                SourceKind::Introspection,
+            ],
             api_keys_file: Some(PathBuf::from("examples/keys.toml")),
             api_keys_redis_url: None,
             api_keys_redis_prefix: "tg:".into(),
@@ -421,6 +438,8 @@ impl Default for IdentityConfig {
             mtls_subject_names: false,
             jwt_issuers: Vec::new(),
             max_credential_bytes: 4096,
+            lockout: Default::default(),
+            introspection: None,
         }
     }
 }
@@ -432,6 +451,7 @@ impl Default for ContextConfig {
             query_params: vec!["api-version".into()],
             max_body_bytes: 1024 * 1024,
             model_headers: vec!["x-model".into()],
+            trusted_hops: 0,
         }
     }
 }
@@ -526,6 +546,10 @@ impl Config {
         }
         for issuer in &self.identity.jwt_issuers {
             issuer.validate().map_err(invalid)?;
+        }
+        self.identity.lockout.validate().map_err(invalid)?;
+        if let Some(i) = &self.identity.introspection {
+            i.validate().map_err(invalid)?;
         }
         for rule in &self.quota.rules {
             rule.validate().map_err(invalid)?;

@@ -78,6 +78,13 @@ pub enum Reason {
     /// A forward-auth request lacks a forwarded-request header the trusted
     /// convention requires, or carries it twice.
     MissingForwardedHeader,
+    /// The request's source (client address, key id from that address, or
+    /// JWT subject from that address) failed authentication too often and
+    /// is refused for a cool-down (`identity.lockout`).
+    LockedOut,
+    /// The credential is valid but may not be used from the client's
+    /// address (the key record's `allowed_cidrs`).
+    SourceNotAllowed,
 }
 
 impl Reason {
@@ -112,6 +119,8 @@ impl Reason {
             Self::InvalidKeyRecord => "invalid_key_record",
             Self::UntrustedForwardedHeader => "untrusted_forwarded_header",
             Self::MissingForwardedHeader => "missing_forwarded_header",
+            Self::LockedOut => "locked_out",
+            Self::SourceNotAllowed => "source_not_allowed",
         }
     }
 }

@@ -101,6 +101,9 @@ pub struct Metrics {
     store: std::sync::Arc<StoreMetrics>,
     audit_records: Family<ResultLabel, Counter>,
     limit_decisions: Family<LimitLabels, Counter>,
+    lockouts: Family<KindLabel, Counter>,
+    introspections: Family<ResultLabel, Counter>,
+    lockout_refusals: Family<KindLabel, Counter>,
     listener: std::sync::Arc<crate::listener::ListenerMetrics>,
     shadow_disagreements: Family<DirectionLabel, Counter>,
 }
@@ -300,6 +303,24 @@ impl Metrics {
             "Audit trail records by result: written, dropped (queue full), failed (sink error)",
             audit_records.clone(),
         );
+        let lockouts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "lockouts",
+            "Sources locked out after repeated authentication failures, by kind (address, key, subject)",
+            lockouts.clone(),
+        );
+        let lockout_refusals = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "lockout_refusals",
+            "Requests refused because their source is locked out (locked_out), by kind",
+            lockout_refusals.clone(),
+        );
+        let introspections = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "introspections",
+            "Token introspections (RFC 7662) by result: active, inactive, error (endpoint down, slow, unreadable), rate_limited",
+            introspections.clone(),
+        );
         let listener = std::sync::Arc::new(crate::listener::ListenerMetrics::default());
         listener.register(&mut registry);
         let shadow_disagreements = Family::<DirectionLabel, Counter>::default();
@@ -311,6 +332,9 @@ impl Metrics {
         Self {
             listener,
             shadow_disagreements,
+            introspections,
+            lockouts,
+            lockout_refusals,
             fail_open,
             settlements,
             unknown_domain,
@@ -408,6 +432,26 @@ impl Metrics {
     pub fn audit_record(&self, result: &'static str) {
         self.audit_records
             .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a lock placed on a source of `kind` (`address`, `key`,
+    /// `subject`).
+    pub fn lockout_started(&self, kind: &'static str) {
+        self.lockouts.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Counts one token introspection by `result`.
+    pub fn introspection(&self, result: &'static str) {
+        self.introspections
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Counts a request refused by a lock on a source of `kind`.
+    pub fn lockout_refusal(&self, kind: &'static str) {
+        self.lockout_refusals
+            .get_or_create(&KindLabel { kind })
             .inc();
     }
 

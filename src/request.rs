@@ -104,6 +104,35 @@ pub fn parse_source_ip(text: &str) -> Result<Option<IpAddr>, MalformedRequest> {
     Ok(Some(ip.to_canonical()))
 }
 
+/// The client address of a request that reached the gateway through
+/// `trusted_hops` trusted proxies (`context.trusted_hops`): with 0, `peer`
+/// (the address the gateway reports) and `X-Forwarded-For` is never read;
+/// with N, the N-th entry from the right of `x_forwarded_for` — entries left
+/// of it were written by the client and are never trusted. A header with
+/// fewer than N entries (the request did not come through every trusted
+/// proxy) gives `peer`; a trusted entry that is not an IP address is an
+/// error.
+pub fn client_ip(
+    peer: Option<IpAddr>,
+    x_forwarded_for: Option<&str>,
+    trusted_hops: usize,
+) -> Result<Option<IpAddr>, MalformedRequest> {
+    if trusted_hops == 0 {
+        return Ok(peer);
+    }
+    let Some(xff) = x_forwarded_for else {
+        return Ok(peer);
+    };
+    let entries: Vec<&str> = xff.split(',').map(str::trim).collect();
+    match entries.len().checked_sub(trusted_hops) {
+        Some(i) => match parse_source_ip(entries[i])? {
+            Some(ip) => Ok(Some(ip)),
+            None => Err(MalformedRequest::BadSourceAddress(String::new())),
+        },
+        None => Ok(peer),
+    }
+}
+
 /// Why the request's host cannot be decided on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostError {
@@ -187,6 +216,20 @@ mod tests {
         for bad in ["not-an-ip", "/tmp/sock", "1.2.3.4%eth0", "fe80::1%"] {
             assert!(parse_source_ip(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn trusted_hops_pick_the_entry_the_trusted_proxy_wrote() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        let peer = ip("10.0.0.1");
+        let xff = Some("6.6.6.6, 203.0.113.5, 198.51.100.7");
+        assert_eq!(client_ip(peer, xff, 0), Ok(peer));
+        assert_eq!(client_ip(peer, xff, 1), Ok(ip("198.51.100.7")));
+        assert_eq!(client_ip(peer, xff, 2), Ok(ip("203.0.113.5")));
+        assert_eq!(client_ip(peer, xff, 4), Ok(peer));
+        assert_eq!(client_ip(peer, None, 1), Ok(peer));
+        assert!(client_ip(peer, Some("1.2.3.4, junk"), 1).is_err());
+        assert!(client_ip(peer, Some("1.2.3.4,"), 1).is_err());
     }
 
     #[test]

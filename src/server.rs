@@ -82,6 +82,7 @@ pub struct App {
     keys: Option<KeysReload>,
     issuers: Vec<Arc<Issuer>>,
     api_keys: Option<Arc<ApiKeyAuthenticator>>,
+    introspection: Option<Arc<crate::identity::introspection::Introspector>>,
     config: Config,
     grpc_tls: Option<Arc<crate::listener::LiveTls>>,
     admin_tls: Option<Arc<crate::listener::LiveTls>>,
@@ -106,11 +107,14 @@ impl App {
             &config.resolve(&config.policy.dir),
             expect,
         )?);
-        let (sources, keys, issuers, api_keys) = build_identity(&config)?;
+        let (sources, keys, issuers, api_keys, introspection) = build_identity(&config)?;
         let metrics = Arc::new(Metrics::new());
         metrics.policy_version(&policies.snapshot().version);
         for issuer in &issuers {
             issuer.report_to(metrics.clone());
+        }
+        if let Some(i) = &introspection {
+            i.report_to(metrics.clone());
         }
         let quota = engine::QuotaParts {
             engine: Arc::new(QuotaEngine::new(
@@ -140,6 +144,15 @@ impl App {
                 .map_err(|e| StartError::Shadow(e.to_string()))?;
             engine.attach_shadow(Arc::new(shadow));
         }
+        if config.identity.lockout.enabled {
+            let lockout = crate::identity::lockout::Lockout::new(
+                config.identity.lockout.clone(),
+                engine.quota().store().clone(),
+                Duration::from_millis(config.quota.deadline_ms),
+            )
+            .with_metrics(metrics.clone());
+            engine.attach_lockout(Arc::new(lockout));
+        }
         if config.audit.enabled {
             let trail = crate::audit::AuditTrail::start(
                 &config.audit,
@@ -168,6 +181,7 @@ impl App {
             keys,
             issuers,
             api_keys,
+            introspection,
             config,
             grpc_tls,
             admin_tls,
@@ -412,7 +426,9 @@ impl App {
             <RateLimitServiceServer<Rls> as tonic::server::NamedService>::NAME,
             <DecisionServiceServer<DecisionApi> as tonic::server::NamedService>::NAME,
         ];
-        if !self.issuers.iter().all(|i| i.ready()) {
+        if !self.issuers.iter().all(|i| i.ready())
+            || self.introspection.as_ref().is_some_and(|i| !i.ready())
+        {
             for name in std::iter::once("").chain(health_names.iter().copied()) {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
@@ -440,7 +456,8 @@ impl App {
             self.engine.clone(),
             self.config.response.clone(),
             self.config.quota.headers,
-        );
+        )
+        .with_trusted_hops(self.config.context.trusted_hops);
         let rls = Rls::new(
             self.engine.clone(),
             self.config.quota.headers,
@@ -508,6 +525,7 @@ impl App {
             metrics: self.metrics.clone(),
             quota: self.engine.quota().clone(),
             issuers: self.issuers.clone(),
+            introspection: self.introspection.clone(),
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
         };
@@ -565,6 +583,9 @@ impl App {
             .iter()
             .map(|issuer| tokio::spawn(issuer.clone().keep_fresh()))
             .collect();
+        if let Some(i) = &self.introspection {
+            refreshers.push(tokio::spawn(i.clone().keep_probing()));
+        }
         refreshers.push(health_follower);
         tracing::info!(%grpc_addr, %admin_addr, policy_version = %self.engine.policies().snapshot().version, "tollgate serving");
         Ok(Running {
@@ -623,6 +644,7 @@ type Identity = (
     Option<KeysReload>,
     Vec<Arc<Issuer>>,
     Option<Arc<ApiKeyAuthenticator>>,
+    Option<Arc<crate::identity::introspection::Introspector>>,
 );
 
 /// The identity sources, in the configured order.
@@ -632,6 +654,7 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
     let mut keys = None;
     let mut issuers = Vec::new();
     let mut api_keys = None;
+    let mut introspection = None;
     for kind in &id.sources {
         match kind {
             SourceKind::ApiKey => {
@@ -684,6 +707,18 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
                 }
                 sources.push(Arc::new(JwtAuthenticator::new(issuers.clone())));
             }
+            SourceKind::Introspection => {
+                if let Some(c) = &id.introspection {
+                    let mut c = c.clone();
+                    c.client_secret_file = config.resolve(&c.client_secret_file);
+                    let i = Arc::new(
+                        crate::identity::introspection::Introspector::new(c)
+                            .map_err(StartError::Identity)?,
+                    );
+                    introspection = Some(i.clone());
+                    sources.push(i);
+                }
+            }
             SourceKind::Mtls => {
                 if id.mtls {
                     sources.push(Arc::new(
@@ -694,7 +729,7 @@ fn build_identity(config: &Config) -> Result<Identity, StartError> {
             }
         }
     }
-    Ok((sources, keys, issuers, api_keys))
+    Ok((sources, keys, issuers, api_keys, introspection))
 }
 
 /// The configured quota store. Redis stores connect in the background, so

@@ -26,6 +26,7 @@ pub struct ExtAuthz {
     engine: Arc<Engine>,
     response: ResponseConfig,
     headers: HeaderStyle,
+    trusted_hops: usize,
 }
 
 impl ExtAuthz {
@@ -35,7 +36,15 @@ impl ExtAuthz {
             engine,
             response,
             headers,
+            trusted_hops: 0,
         }
+    }
+
+    /// Reads the client address from `X-Forwarded-For` behind `hops`
+    /// trusted proxies ([`crate::request::client_ip`]).
+    pub fn with_trusted_hops(mut self, hops: usize) -> Self {
+        self.trusted_hops = hops;
+        self
     }
 }
 
@@ -45,7 +54,16 @@ impl Authorization for ExtAuthz {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let (http, malformed) = match to_http_request(request.into_inner()) {
+        let converted = to_http_request(request.into_inner()).and_then(|mut http| {
+            http.source_ip = crate::request::client_ip(
+                http.source_ip,
+                http.header("x-forwarded-for"),
+                self.trusted_hops,
+            )
+            .map_err(|e| (http.request_id.clone(), e))?;
+            Ok(http)
+        });
+        let (http, malformed) = match converted {
             Ok(http) => (http, None),
             Err((request_id, err)) => (
                 HttpRequest {

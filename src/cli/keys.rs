@@ -54,6 +54,10 @@ pub struct CreateKey {
     /// Models the key may use (default: any).
     #[arg(long = "model")]
     pub models: Vec<String>,
+    /// Client addresses the key may be used from, as CIDRs (repeatable;
+    /// default: any address).
+    #[arg(long = "allowed-cidr")]
+    pub allowed_cidrs: Vec<String>,
     /// Expiry, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
     #[arg(long)]
     pub expires: Option<String>,
@@ -160,6 +164,14 @@ pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<ExitCod
                 scopes: c.scopes,
                 groups: c.groups,
                 models: c.models,
+                allowed_cidrs: c
+                    .allowed_cidrs
+                    .iter()
+                    .map(|t| {
+                        crate::identity::keys::parse_cidr(t)
+                            .map_err(|m| anyhow::anyhow!("--allowed-cidr: {m}"))
+                    })
+                    .collect::<Result<_, _>>()?,
                 expires_at,
                 disabled: false,
                 replaces: c.replaces.clone(),
@@ -342,6 +354,10 @@ fn record_toml(r: &KeyRecord) -> String {
     }
     if !r.models.is_empty() {
         out.push_str(&format!("models = [{}]\n", list(&r.models)));
+    }
+    if !r.allowed_cidrs.is_empty() {
+        let cidrs: Vec<String> = r.allowed_cidrs.iter().map(ToString::to_string).collect();
+        out.push_str(&format!("allowed_cidrs = [{}]\n", list(&cidrs)));
     }
     if let Some(t) = r.expires_at {
         out.push_str(&format!("expires_at = {:?}\n", time(t)));

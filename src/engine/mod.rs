@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod context;
+mod guard;
 pub mod model;
 pub mod principal;
 mod query;
@@ -73,6 +74,7 @@ pub struct Engine {
     reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
     shadow: std::sync::OnceLock<Arc<PolicyStore>>,
+    lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -110,6 +112,7 @@ impl Engine {
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
             shadow: std::sync::OnceLock::new(),
+            lockout: std::sync::OnceLock::new(),
         }
     }
 
@@ -143,6 +146,12 @@ impl Engine {
     /// The shadow policy set, when `policy.shadow_dir` is set.
     pub fn shadow(&self) -> Option<&Arc<PolicyStore>> {
         self.shadow.get()
+    }
+
+    /// Guards authentication with `lockout` (`identity.lockout`); false if
+    /// one is attached already.
+    pub fn attach_lockout(&self, lockout: Arc<crate::identity::lockout::Lockout>) -> bool {
+        self.lockout.set(lockout).is_ok()
     }
 
     /// The attached audit trail.
@@ -228,14 +237,18 @@ impl Engine {
                 let identity =
                     tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.identity");
                 match self
-                    .authenticate(request, matched.as_ref())
+                    .guarded_authenticate(request, matched.as_ref())
                     .instrument(identity)
                     .await
                 {
                     Ok(principal) => {
                         self.decide_with(&snapshot, request, &path, matched, principal)
                     }
-                    Err(outcome) => early(outcome),
+                    Err((outcome, quota)) => {
+                        let mut d = early(outcome);
+                        d.quota = quota;
+                        d
+                    }
                 }
             }
         };
@@ -392,7 +405,7 @@ impl Engine {
 
     /// Authenticates the caller with the sources the route accepts (the
     /// gateway's `identity` hint, else the route's list, else all).
-    async fn authenticate(
+    pub(super) async fn authenticate(
         &self,
         request: &HttpRequest,
         matched: Option<&RouteMatch<'_>>,
@@ -409,6 +422,7 @@ impl Engine {
             .await
             .map_err(|reason| match reason {
                 Reason::Unavailable => Outcome::Unavailable(reason),
+                Reason::SourceNotAllowed => Outcome::Forbidden(reason),
                 _ => Outcome::Unauthenticated(reason),
             })?;
         // What the credential says is passed on in headers (principal,

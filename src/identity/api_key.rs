@@ -140,6 +140,15 @@ impl Authenticator for ApiKeyAuthenticator {
         if record.expires_at.is_some_and(|e| now >= e) {
             return Authentication::Rejected(Reason::ExpiredCredential);
         }
+        // Checked after the secret: only the key's holder learns where it
+        // may be used from.
+        if !record.allowed_cidrs.is_empty()
+            && !request
+                .source_ip
+                .is_some_and(|ip| record.allowed_cidrs.iter().any(|n| n.contains(&ip)))
+        {
+            return Authentication::Rejected(Reason::SourceNotAllowed);
+        }
         Authentication::Authenticated(Principal {
             kind: PrincipalKind::ApiKey,
             id: record.id.clone(),

@@ -33,6 +33,10 @@ pub struct KeyRecord {
     /// This key's rotation deadline: it was replaced and keeps working
     /// until then. (In the keys file it is written on the new record.)
     pub grace_until: Option<u64>,
+    /// Client addresses the key may be used from (`10.0.0.0/8`,
+    /// `2001:db8::/32`); empty means any. A request from elsewhere, or
+    /// without a client address, is refused with `source_not_allowed`.
+    pub allowed_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// A key source that could not answer.
@@ -178,6 +182,8 @@ struct KeyEntry {
     replaces: Option<String>,
     #[serde(default)]
     grace_until: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    allowed_cidrs: Vec<toml::Spanned<String>>,
 }
 
 /// Records of a keys file, by id.
@@ -239,6 +245,11 @@ impl KeyIndex {
                 disabled: entry.disabled,
                 replaces: entry.replaces,
                 grace_until: time(&entry.grace_until)?,
+                allowed_cidrs: entry
+                    .allowed_cidrs
+                    .iter()
+                    .map(|c| parse_cidr(c.get_ref()).map_err(|m| err_at(c.span().start, m)))
+                    .collect::<Result<_, _>>()?,
             };
             if by_id.insert(id.clone(), record).is_some() {
                 return Err(err_at(
@@ -388,6 +399,14 @@ impl RedisKeys {
                 "grace_until",
                 r.grace_until.map(|t| t.to_string()).unwrap_or_default(),
             ),
+            (
+                "allowed_cidrs",
+                r.allowed_cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ];
         redis::cmd("HSET")
             .arg(self.redis_key(&r.id))
@@ -520,6 +539,16 @@ impl KeySource for RedisKeys {
     }
 }
 
+/// Reads one CIDR of `allowed_cidrs` (`10.0.0.0/8`; a bare address is
+/// the single-address range).
+pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    let t = text.trim();
+    t.parse::<ipnet::IpNet>()
+        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("allowed_cidrs: {text:?} is not a CIDR; write e.g. \"10.0.0.0/8\""))
+}
+
 /// Latest time accepted in `expires_at`, `grace_until` and `revoked_at`:
 /// 9999-12-31T23:59:59Z, in seconds since the epoch.
 const MAX_EPOCH_SECS: u64 = 253_402_300_799;
@@ -535,6 +564,7 @@ const MAX_EPOCH_SECS: u64 = 253_402_300_799;
 /// | `expires_at`, `grace_until`, `revoked_at` | seconds since the epoch, decimal digits only; empty for none |
 /// | `disabled` | `0` or `1` |
 /// | `replaces` | a key id, or empty |
+/// | `allowed_cidrs` | comma-separated CIDRs (`10.0.0.0/8,2001:db8::/32`); empty for any address |
 ///
 /// A hash holding only `disabled = 1` (and `revoked_at`) is a revocation of
 /// a key whose record lives in the keys file. Anything else — an unknown
@@ -542,7 +572,8 @@ const MAX_EPOCH_SECS: u64 = 253_402_300_799;
 /// RFC 3339 time — is an error naming the field: the key is refused rather
 /// than read as if the field were absent.
 pub fn parse_redis_record(id: &str, fields: &HashMap<String, String>) -> Result<Stored, String> {
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 12] = [
+        "allowed_cidrs",
         "hash",
         "tenant",
         "tier",
@@ -648,6 +679,10 @@ pub fn parse_redis_record(id: &str, fields: &HashMap<String, String>) -> Result<
         disabled,
         replaces,
         grace_until: epoch("grace_until")?,
+        allowed_cidrs: list("allowed_cidrs")?
+            .iter()
+            .map(|c| parse_cidr(c).map_err(|m| format!("key record {id:?}: {m}")))
+            .collect::<Result<_, _>>()?,
     }))
 }
 
@@ -761,5 +796,33 @@ mod tests {
             effective(&[("redis", Stored::Revocation)]),
             Effective::Unknown
         );
+    }
+
+    #[test]
+    fn allowed_cidrs_parse_strictly_in_both_forms() {
+        let Ok(Stored::Record(r)) = parse_redis_record(
+            "k",
+            &fields(&[("allowed_cidrs", "10.1.2.3/8,2001:db8::/32,192.0.2.7")]),
+        ) else {
+            panic!("record expected");
+        };
+        let want: Vec<ipnet::IpNet> = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect();
+        assert_eq!(r.allowed_cidrs, want);
+        let err = parse_redis_record("k", &fields(&[("allowed_cidrs", "10.0.0.0/8,office")]))
+            .expect_err("refused");
+        assert!(err.contains("allowed_cidrs"), "{err}");
+        let file = |cidr: &str| {
+            format!(
+                "[[keys]]\nid = \"a\"\nhash = \"sha256:{}\"\ntenant = \"t\"\ntier = \"p\"\nallowed_cidrs = [{cidr:?}]\n",
+                "ab".repeat(32)
+            )
+        };
+        let index = KeyIndex::parse(&file("198.51.100.0/24"), "keys.toml").expect("parses");
+        assert_eq!(index.lookup("a").map(|r| r.allowed_cidrs.len()), Some(1));
+        let err = KeyIndex::parse(&file("10.0.0.0/33"), "keys.toml").expect_err("refused");
+        assert_eq!(err.line, 6, "{}", err.message);
     }
 }

@@ -4,9 +4,11 @@
 //! invalid is refused: never a fall-through to another source or anonymous.
 
 pub mod api_key;
+pub mod introspection;
 pub mod jwt;
 pub mod key_format;
 pub mod keys;
+pub mod lockout;
 pub mod mtls;
 
 use serde::Deserialize;
@@ -21,15 +23,18 @@ pub enum SourceKind {
     ApiKey,
     Jwt,
     Mtls,
+    /// Opaque bearer tokens, introspected (RFC 7662).
+    Introspection,
 }
 
 impl SourceKind {
-    /// Parses `api_key`, `jwt`, `mtls`.
+    /// Parses `api_key`, `jwt`, `mtls`, `introspection`.
     pub fn parse(text: &str) -> Option<Self> {
         match text.trim() {
             "api_key" => Some(Self::ApiKey),
             "jwt" => Some(Self::Jwt),
             "mtls" => Some(Self::Mtls),
+            "introspection" => Some(Self::Introspection),
             _ => None,
         }
     }

@@ -229,9 +229,14 @@ pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             .collect();
         axum::Json(serde_json::json!({ "headers": headers, "path": req.uri().to_string() }))
     });
+    serve_axum(app).await
+}
+
+/// Serves `app` on a free loopback port until the task is aborted.
+pub async fn serve_axum(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect("bind upstream");
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -757,6 +762,8 @@ pub struct Verdict {
     pub status: u16,
     pub code: String,
     pub upstream_headers: Vec<(String, String)>,
+    /// Headers of a denied response for the client (`retry-after`, …).
+    pub deny_headers: Vec<(String, String)>,
 }
 
 /// Sends one CheckRequest to Tollgate's ext_authz service over loopback.
@@ -775,12 +782,8 @@ pub async fn ext_authz(
         HttpResponse::OkResponse(ok) => Verdict {
             status: 200,
             code: "allowed".into(),
-            upstream_headers: ok
-                .headers
-                .into_iter()
-                .filter_map(|h| h.header)
-                .map(|h| (h.key, h.value))
-                .collect(),
+            upstream_headers: pairs(ok.headers),
+            deny_headers: Vec::new(),
         },
         HttpResponse::DeniedResponse(d) => {
             let body: serde_json::Value = serde_json::from_str(&d.body).expect("deny body is JSON");
@@ -791,10 +794,22 @@ pub async fn ext_authz(
                     .unwrap_or_default()
                     .to_string(),
                 upstream_headers: Vec::new(),
+                deny_headers: pairs(d.headers),
             }
         }
         HttpResponse::ErrorResponse(e) => panic!("unexpected error response {e:?}"),
     }
+}
+
+/// Header names and values of an Envoy header list.
+fn pairs(
+    headers: Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption>,
+) -> Vec<(String, String)> {
+    headers
+        .into_iter()
+        .filter_map(|h| h.header)
+        .map(|h| (h.key, h.value))
+        .collect()
 }
 
 /// Mutable access to the HTTP part of a CheckRequest built by

@@ -32,6 +32,51 @@ impl Default for ClaimMap {
     }
 }
 
+/// The `User` principal a verified token's (or an introspection answer's)
+/// `claims` describe, mapped by `m`. The subject is the `m.subject` claim,
+/// else the `fallback_subject` claim when given (an introspection answer for
+/// a client-credentials token has `client_id` but no `sub`); a principal
+/// without either is refused (`invalid_credential`).
+pub fn principal_of(
+    m: &ClaimMap,
+    claims: &serde_json::Value,
+    fallback_subject: Option<&str>,
+) -> Result<crate::identity::Principal, crate::decision::Reason> {
+    use serde_json::Value;
+    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
+    let subject = text(&m.subject)
+        .or_else(|| fallback_subject.and_then(text))
+        .filter(|s| !s.is_empty())
+        .ok_or(crate::decision::Reason::InvalidCredential)?;
+    let mut scopes = Vec::new();
+    for name in &m.scopes {
+        match claims.get(name) {
+            Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_string)),
+            Some(Value::Array(a)) => {
+                scopes.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
+            }
+            _ => {}
+        }
+    }
+    let groups = match claims.get(&m.groups) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(crate::identity::Principal {
+        kind: crate::identity::PrincipalKind::User,
+        id: subject,
+        tenant: text(&m.tenant),
+        tier: text(&m.tier),
+        scopes,
+        groups,
+        models: Vec::new(),
+    })
+}
+
 /// One trusted issuer.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

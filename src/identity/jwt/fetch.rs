@@ -64,19 +64,20 @@ pub async fn get_bounded(
     url: &Url,
     max: usize,
 ) -> Result<Vec<u8>, GetError> {
-    let transport = |e: reqwest::Error| {
-        if e.is_timeout() {
-            GetError::Timeout {
-                url: url.to_string(),
-            }
-        } else {
-            GetError::Transport {
-                url: url.to_string(),
-                message: e.to_string(),
-            }
-        }
-    };
-    let mut resp = http.get(url.clone()).send().await.map_err(transport)?;
+    let transport = |e: reqwest::Error| transport_error(url, e);
+    let resp = http.get(url.clone()).send().await.map_err(transport)?;
+    read_bounded(resp, url, max).await
+}
+
+/// Reads the body of `resp` (an answer from `url`), refusing a status other
+/// than 2xx and (without reading further) a body over `max` bytes, whatever
+/// `Content-Length` claims.
+pub async fn read_bounded(
+    mut resp: reqwest::Response,
+    url: &Url,
+    max: usize,
+) -> Result<Vec<u8>, GetError> {
+    let transport = |e: reqwest::Error| transport_error(url, e);
     if !resp.status().is_success() {
         return Err(GetError::Status {
             url: url.to_string(),
@@ -101,6 +102,20 @@ pub async fn get_bounded(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// A failed send or read from `url`, as a timeout or a transport error.
+pub fn transport_error(url: &Url, e: reqwest::Error) -> GetError {
+    if e.is_timeout() {
+        GetError::Timeout {
+            url: url.to_string(),
+        }
+    } else {
+        GetError::Transport {
+            url: url.to_string(),
+            message: e.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use super::config::{IssuerConfig, parse_alg};
 use super::keyset::{self, KeySet};
 use super::{fetch, token};
 use crate::decision::Reason;
-use crate::identity::{Principal, PrincipalKind};
+use crate::identity::Principal;
 use crate::metrics::Metrics;
 
 /// First wait before retrying a failed fetch; doubles up to `retry_max_secs`.
@@ -386,38 +386,7 @@ impl Issuer {
     }
 
     pub(super) fn principal(&self, claims: &Value) -> Result<Principal, Reason> {
-        let m = &self.config.claims;
-        let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
-        let subject = text(&m.subject)
-            .filter(|s| !s.is_empty())
-            .ok_or(Reason::InvalidCredential)?;
-        let mut scopes = Vec::new();
-        for name in &m.scopes {
-            match claims.get(name) {
-                Some(Value::String(s)) => scopes.extend(s.split_whitespace().map(str::to_string)),
-                Some(Value::Array(a)) => {
-                    scopes.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
-                }
-                _ => {}
-            }
-        }
-        let groups = match claims.get(&m.groups) {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect(),
-            _ => Vec::new(),
-        };
-        Ok(Principal {
-            kind: PrincipalKind::User,
-            id: subject,
-            tenant: text(&m.tenant),
-            tier: text(&m.tier),
-            scopes,
-            groups,
-            models: Vec::new(),
-        })
+        super::config::principal_of(&self.config.claims, claims, None)
     }
 }
 
