@@ -42,6 +42,8 @@ pub struct Config {
     pub authzen: crate::adapters::authzen::AuthzenConfig,
     /// The audit trail (`[audit]`).
     pub audit: crate::audit::AuditConfig,
+    /// The model catalog: families, tokenizers, context windows (`[usage]`).
+    pub usage: crate::usage::catalog::UsageConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -285,6 +287,15 @@ impl QuotaConfig {
     }
 }
 
+impl Config {
+    /// The price table, with the catalog's `usage.models.*.price` links.
+    pub fn prices(&self) -> crate::usage::Prices {
+        let mut prices = self.quota.price_table();
+        crate::usage::catalog::Catalog::link_prices(&self.usage, &mut prices);
+        prices
+    }
+}
+
 impl Default for QuotaConfig {
     fn default() -> Self {
         Self {
@@ -338,6 +349,7 @@ impl Default for Config {
             log: LogConfig::default(),
             authzen: Default::default(),
             audit: crate::audit::AuditConfig::default(),
+            usage: Default::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -520,6 +532,9 @@ impl Config {
             )));
         }
         self.quota.price_table().validate().map_err(invalid)?;
+        self.usage
+            .validate(&self.quota.price_table())
+            .map_err(invalid)?;
         if self.quota.reservation_ttl_secs == 0 {
             return Err(invalid(
                 "quota.reservation_ttl_secs must be at least 1".into(),

@@ -68,6 +68,10 @@ pub enum Reason {
     /// outside its documented range, not an integer, or given twice with
     /// different values.
     InvalidParameter,
+    /// The request's estimated input tokens plus its `max_tokens` (or the
+    /// model's default output) exceed the model's context window
+    /// (`usage.models.*.context_window`).
+    ContextWindowExceeded,
     /// The stored API key record has a field that does not parse; the key
     /// is refused until the record is fixed.
     InvalidKeyRecord,
@@ -109,6 +113,7 @@ impl Reason {
             Self::InvalidClaim => "invalid_claim",
             Self::AmbiguousModel => "ambiguous_model",
             Self::InvalidParameter => "invalid_parameter",
+            Self::ContextWindowExceeded => "context_window_exceeded",
             Self::InvalidKeyRecord => "invalid_key_record",
             Self::UntrustedForwardedHeader => "untrusted_forwarded_header",
             Self::MissingForwardedHeader => "missing_forwarded_header",
@@ -201,6 +206,9 @@ pub struct Decision {
     pub quota_fail_open: bool,
     /// The model the request names, when the engine read one.
     pub model: Option<String>,
+    /// The request's estimated usage, when the engine estimated it (a
+    /// catalog or a budget needs it); computed once per request.
+    pub estimate: Option<crate::usage::Estimate>,
 }
 
 impl Decision {
@@ -218,6 +226,7 @@ impl Decision {
             quota: None,
             quota_fail_open: false,
             model: None,
+            estimate: None,
         }
     }
 }

@@ -1022,3 +1022,11 @@ impl Nginx {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 }
+
+/// The Python of the test virtualenv: `$PYTHON_BIN`, else the `python`
+/// beside the Envoy binary (scripts/test installs both into `.venv`).
+pub fn python_bin() -> PathBuf {
+    std::env::var_os("PYTHON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| envoy_bin().with_file_name("python"))
+}
