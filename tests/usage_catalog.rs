@@ -239,3 +239,127 @@ async fn budgets_reserve_the_tokenizer_count() {
     let b = ext_authz(&tg, chat("b", key, 1, 1)).await;
     assert_eq!((b.status, b.code.as_str()), (429, "over_budget"));
 }
+
+/// `tollgate usage get` shows each budget's used and remaining amount, in
+/// tokens or dollars, per counter and window; `reset` empties them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_get_and_reset_show_the_budgets() {
+    use tollgate::proto::ReportUsageRequest;
+    use tollgate::proto::decision_service_client::DecisionServiceClient;
+
+    let redis = support::RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = support::repo();
+    let config_path = dir.path().join("c.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"[server]
+grpc_listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[policy]
+dir = {:?}
+watch = false
+[identity]
+api_keys_file = {:?}
+[quota]
+store = "redis"
+redis_url = {:?}
+limits_file = {:?}
+[quota.prices."llama-3-8b"]
+input = 1.0
+output = 2.0
+[[quota.rules]]
+name = "key-tokens"
+per = ["key"]
+unit = "hour"
+cost = "tokens"
+limit = 1000
+[[quota.rules]]
+name = "tenant-usd"
+per = ["tenant"]
+unit = "calendar_month"
+cost = "usd"
+limit = 500
+"#,
+            repo.join("policies"),
+            repo.join("examples/keys.toml"),
+            redis.url(),
+            repo.join("examples/limits.yaml"),
+        ),
+    )
+    .expect("write");
+    let config = Config::load(Some(&config_path)).expect("config");
+    let mut tg = Tollgate::start(config).await;
+    tg.wait_for_store().await;
+    let v = ext_authz(&tg, chat("r1", support::DEMO_PAID_KEY, 10, 100)).await;
+    assert_eq!(v.status, 200, "{}", v.code);
+    DecisionServiceClient::new(tg.channel().await)
+        .report_usage(ReportUsageRequest {
+            request_id: "r1".into(),
+            input_tokens: 100,
+            output_tokens: 50,
+            cached_input_tokens: 0,
+        })
+        .await
+        .expect("settled");
+    // What was charged, per rule and unit, with a bounded model label.
+    let metrics = support::metrics_text(tg.admin).await;
+    for sample in [
+        r#"tollgate_usage_charged_total{rule="key-tokens",unit="tokens",model="llama-3-8b"}"#,
+        r#"tollgate_usage_charged_total{rule="tenant-usd",unit="usd_micros",model="llama-3-8b"}"#,
+    ] {
+        let want = if sample.contains("usd") { 200.0 } else { 150.0 };
+        assert_eq!(
+            support::metric(&metrics, sample),
+            Some(want),
+            "{sample}\n{metrics}"
+        );
+    }
+    let usage = |verb: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args([
+                "--config",
+                config_path.to_str().expect("utf8"),
+                "usage",
+                verb,
+                "--principal",
+                "ApiKey::\"demo-paid\"",
+                "--tenant",
+                "acme",
+                "--tier",
+                "paid",
+                "--model",
+                "llama-3-8b",
+            ])
+            .output()
+            .expect("run tollgate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let shown = usage("get");
+    // 150 tokens; 100 × $1/M + 50 × $2/M = $0.0002.
+    assert!(
+        shown.contains("key-tokens\tkey=demo-paid\ttokens\thour\t150\t1000\t850\t"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "tenant-usd\ttenant=acme\tusd\tcalendar_month\t$0.000200\t$500.000000\t$499.999800\t"
+        ),
+        "{shown}"
+    );
+    let reset = usage("reset");
+    assert!(
+        reset.contains("reset key-tokens") && reset.contains("reset tenant-usd"),
+        "{reset}"
+    );
+    let shown = usage("get");
+    assert!(shown.contains("tokens\thour\t0\t1000\t1000\t"), "{shown}");
+    assert!(shown.contains("calendar_month\t$0.000000\t"), "{shown}");
+    tg.stop().await;
+}

@@ -1,12 +1,15 @@
-//! The `tollgate` command line: serve, validate, check, test, keys, quota.
+//! The `tollgate` command line: serve, validate, check, test, keys, quota,
+//! usage.
 
 mod keys;
 mod lint;
 mod quota;
+mod usage;
 
 pub use keys::{CreateKey, KeysCommand};
 pub use lint::LintCommand;
 pub use quota::{CounterArgs, QuotaCommand};
+pub use usage::{BudgetArgs, UsageCommand};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +83,12 @@ pub enum Command {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// Show or reset a caller's token and dollar budgets (used, remaining,
+    /// per rule and window) in the configured (shared) store.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
+    },
     /// Audit trail tools.
     Audit {
         #[command(subcommand)]
@@ -150,6 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(code)
         }
         Command::Quota { command } => quota::run(config, command).await,
+        Command::Usage { command } => usage::run(config, command).await,
         Command::Audit {
             command: AuditCommand::Verify { files },
         } => {

@@ -239,6 +239,7 @@ impl Engine {
         if applied {
             // Counters changed under cached answers.
             self.quota.forget_known_over();
+            self.count_charged(&record, &usage);
         }
         self.metrics.usage_settlement(settled.label());
         self.audit_usage(request_id, &usage, settled);
@@ -328,6 +329,30 @@ impl Engine {
 }
 
 impl Engine {
+    /// `tollgate_usage_charged_total`: what a settlement charged each budget.
+    /// The model label is bounded: the request names it, so a model outside
+    /// the catalog and the price table counts as "other".
+    fn count_charged(&self, record: &Record, usage: &TokenUsage) {
+        let model = record
+            .model
+            .as_deref()
+            .filter(|m| self.catalog.model(m).is_some() || self.prices.models.contains_key(*m))
+            .unwrap_or("other");
+        for r in &record.reserved {
+            let Some(amount) = r
+                .measure
+                .amount(usage, record.model.as_deref(), &self.prices)
+            else {
+                continue;
+            };
+            let unit = match r.measure {
+                crate::quota::rules::Cost::Usd => "usd_micros",
+                other => other.name(),
+            };
+            self.metrics.usage_charged(&r.rule, unit, model, amount);
+        }
+    }
+
     /// Sends a usage settlement to the audit trail, if one is attached.
     fn audit_usage(&self, request_id: &str, usage: &TokenUsage, settled: Settled) {
         let Some(trail) = self.audit.get() else {

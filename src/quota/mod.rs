@@ -329,12 +329,6 @@ pub trait QuotaStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 }
 
-/// Clamps a window position into a reset duration.
-pub(crate) fn reset_after(now_ms: u64, window_ms: u64) -> Duration {
-    let window_ms = window_ms.max(1);
-    Duration::from_millis(window_ms - now_ms % window_ms)
-}
-
 /// The weighted count of a sliding window of `unit` at `now_ms`:
 /// [`sliding_used`] over the window's own start and length (calendar months
 /// differ in length).
@@ -372,7 +366,7 @@ mod tests {
 
     #[test]
     fn reset_counts_down_to_the_window_end() {
-        assert_eq!(reset_after(61_000, 60_000), Duration::from_secs(59));
-        assert_eq!(reset_after(60_000, 60_000), Duration::from_secs(60));
+        assert_eq!(Unit::Minute.reset_after(61_000), Duration::from_secs(59));
+        assert_eq!(Unit::Minute.reset_after(60_000), Duration::from_secs(60));
     }
 }
