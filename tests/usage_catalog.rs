@@ -244,9 +244,6 @@ async fn budgets_reserve_the_tokenizer_count() {
 /// tokens or dollars, per counter and window; `reset` empties them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_get_and_reset_show_the_budgets() {
-    use tollgate::proto::ReportUsageRequest;
-    use tollgate::proto::decision_service_client::DecisionServiceClient;
-
     let redis = support::RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = support::repo();
@@ -294,15 +291,10 @@ limit = 500
     tg.wait_for_store().await;
     let v = ext_authz(&tg, chat("r1", support::DEMO_PAID_KEY, 10, 100)).await;
     assert_eq!(v.status, 200, "{}", v.code);
-    DecisionServiceClient::new(tg.channel().await)
-        .report_usage(ReportUsageRequest {
-            request_id: "r1".into(),
-            input_tokens: 100,
-            output_tokens: 50,
-            cached_input_tokens: 0,
-        })
-        .await
-        .expect("settled");
+    assert_eq!(
+        support::report_usage(&tg, "r1", 100, 50).await,
+        tollgate::proto::report_usage_response::Result::Settled as i32
+    );
     // What was charged, per rule and unit, with a bounded model label.
     let metrics = support::metrics_text(tg.admin).await;
     for sample in [

@@ -32,6 +32,13 @@ pub struct CounterArgs {
     /// Quota rule name (`[[quota.rules]]`).
     #[arg(long)]
     pub rule: Option<String>,
+    #[command(flatten)]
+    pub caller: CallerArgs,
+}
+
+/// The caller a rule's counter is kept for, as a request would carry it.
+#[derive(Debug, clap::Args)]
+pub struct CallerArgs {
     /// Principal UID for `per = ["key"]`, e.g. 'ApiKey::"demo-free"'.
     #[arg(long)]
     pub principal: Option<String>,
@@ -39,7 +46,10 @@ pub struct CounterArgs {
     pub tenant: Option<String>,
     #[arg(long)]
     pub tier: Option<String>,
-    /// Model id for `per = ["model"]`.
+    /// A group (team) of the principal, for `per = ["group"]`; repeatable.
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// Model id for `per = ["model"]` (and usd prices).
     #[arg(long, default_value = "")]
     pub model: String,
 }
@@ -115,8 +125,8 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
         .iter()
         .find(|r| &r.name == name)
         .ok_or_else(|| anyhow::anyhow!("no quota rule named {name:?} in the config"))?;
-    let principal = principal_of(args.principal.as_deref(), &args.tenant, &args.tier, &[])?;
-    let mut plan = rule_counters(config, rule, &principal, &args.model)?
+    let principal = principal_of(&args.caller)?;
+    let mut plan = rule_counters(config, rule, &principal, &args.caller.model)?
         .pop()
         .ok_or_else(|| {
             anyhow::anyhow!(
@@ -129,13 +139,8 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
 
 /// The principal the CLI's `--principal`, `--tenant`, `--tier` and `--group`
 /// describe.
-pub(super) fn principal_of(
-    uid: Option<&str>,
-    tenant: &Option<String>,
-    tier: &Option<String>,
-    groups: &[String],
-) -> anyhow::Result<Principal> {
-    let (kind, id) = match uid {
+pub(super) fn principal_of(caller: &CallerArgs) -> anyhow::Result<Principal> {
+    let (kind, id) = match caller.principal.as_deref() {
         Some(uid) => parse_uid(uid).map_err(anyhow::Error::msg)?,
         None => ("Anonymous".to_string(), "anonymous".to_string()),
     };
@@ -147,10 +152,10 @@ pub(super) fn principal_of(
     Ok(Principal {
         kind,
         id,
-        tenant: tenant.clone(),
-        tier: tier.clone(),
+        tenant: caller.tenant.clone(),
+        tier: caller.tier.clone(),
         scopes: Vec::new(),
-        groups: groups.to_vec(),
+        groups: caller.groups.clone(),
         models: Vec::new(),
     })
 }

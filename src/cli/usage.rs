@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::quota::{connect, principal_of, rule_counters};
+use super::quota::{CallerArgs, connect, principal_of, rule_counters};
 use crate::config::Config;
 use crate::quota::rules::{Cost, Per};
 
@@ -24,19 +24,8 @@ pub enum UsageCommand {
 /// Whose budgets: the caller's facts, as the request would carry them.
 #[derive(Debug, clap::Args)]
 pub struct BudgetArgs {
-    /// Principal UID for `per = ["key"]`, e.g. 'ApiKey::"demo-free"'.
-    #[arg(long)]
-    pub principal: Option<String>,
-    #[arg(long)]
-    pub tenant: Option<String>,
-    #[arg(long)]
-    pub tier: Option<String>,
-    /// A group (team) of the principal, for `per = ["group"]`; repeatable.
-    #[arg(long = "group")]
-    pub groups: Vec<String>,
-    /// Model id for `per = ["model"]` rules (and usd prices).
-    #[arg(long, default_value = "")]
-    pub model: String,
+    #[command(flatten)]
+    pub caller: CallerArgs,
     /// Only this rule.
     #[arg(long)]
     pub rule: Option<String>,
@@ -55,12 +44,8 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
         UsageCommand::Get(a) => (a, false),
         UsageCommand::Reset(a) => (a, true),
     };
-    let principal = principal_of(
-        args.principal.as_deref(),
-        &args.tenant,
-        &args.tier,
-        &args.groups,
-    )?;
+    let principal = principal_of(&args.caller)?;
+    let caller = &args.caller;
     let rules: Vec<_> = config
         .quota
         .rules
@@ -80,7 +65,7 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
     // (plan, what the counter is kept per, readable).
     let mut counters = Vec::new();
     for rule in rules {
-        let plans = rule_counters(&config, rule, &principal, &args.model)?;
+        let plans = rule_counters(&config, rule, &principal, &caller.model)?;
         for (i, plan) in plans.into_iter().enumerate() {
             let per: Vec<String> = rule
                 .per
@@ -89,9 +74,9 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
                     Per::Key => format!("key={}", principal.id),
                     Per::Tenant => format!("tenant={}", principal.tenant.as_deref().unwrap_or("-")),
                     Per::Group => {
-                        format!("group={}", args.groups.get(i).map_or("-", String::as_str))
+                        format!("group={}", caller.groups.get(i).map_or("-", String::as_str))
                     }
-                    Per::Model => format!("model={}", args.model),
+                    Per::Model => format!("model={}", caller.model),
                     Per::Tier => format!("tier={}", principal.tier.as_deref().unwrap_or("-")),
                 })
                 .collect();
