@@ -7,9 +7,9 @@ mod support;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use support::{RedisServer, Tollgate, ext_authz, test_config};
 use tollgate::config::{Config, StoreKind};
+use tollgate::proto::ReportUsageRequest;
 use tollgate::proto::decision_service_client::DecisionServiceClient;
 use tollgate::proto::report_usage_response::Result as Settle;
-use tollgate::proto::ReportUsageRequest;
 
 /// 396 bytes of text: 99 estimated tokens, plus 4 for the message = 103.
 fn chat(id: &str, key: &str, model: &str, max_tokens: u64) -> CheckRequest {
