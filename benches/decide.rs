@@ -67,6 +67,7 @@ fn benches(c: &mut Criterion) {
                     route_name: Some(&m.route.name),
                     route_tenant: None,
                     authn: "api_key",
+                    usage: None,
                 },
             );
             black_box(ctx)

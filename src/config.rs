@@ -44,6 +44,8 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     /// OpenTelemetry span export (`[tracing]`); off unless an endpoint is set.
     pub tracing: crate::telemetry::TracingConfig,
+    /// The model catalog: families, tokenizers, context windows (`[usage]`).
+    pub usage: crate::usage::catalog::UsageConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -322,6 +324,15 @@ impl QuotaConfig {
     }
 }
 
+impl Config {
+    /// The price table, with the catalog's `usage.models.*.price` links.
+    pub fn prices(&self) -> crate::usage::Prices {
+        let mut prices = self.quota.price_table();
+        crate::usage::catalog::Catalog::link_prices(&self.usage, &mut prices);
+        prices
+    }
+}
+
 impl Default for QuotaConfig {
     fn default() -> Self {
         Self {
@@ -376,6 +387,7 @@ impl Default for Config {
             authzen: Default::default(),
             audit: crate::audit::AuditConfig::default(),
             tracing: crate::telemetry::TracingConfig::default(),
+            usage: Default::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -582,6 +594,9 @@ impl Config {
             )));
         }
         self.quota.price_table().validate().map_err(invalid)?;
+        self.usage
+            .validate(&self.quota.price_table())
+            .map_err(invalid)?;
         if self.quota.reservation_ttl_secs == 0 {
             return Err(invalid(
                 "quota.reservation_ttl_secs must be at least 1".into(),

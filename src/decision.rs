@@ -68,6 +68,10 @@ pub enum Reason {
     /// outside its documented range, not an integer, or given twice with
     /// different values.
     InvalidParameter,
+    /// The request's estimated input tokens plus its `max_tokens` (or the
+    /// model's default output) exceed the model's context window
+    /// (`usage.models.*.context_window`).
+    ContextWindowExceeded,
     /// The stored API key record has a field that does not parse; the key
     /// is refused until the record is fixed.
     InvalidKeyRecord,
@@ -116,6 +120,7 @@ impl Reason {
             Self::InvalidClaim => "invalid_claim",
             Self::AmbiguousModel => "ambiguous_model",
             Self::InvalidParameter => "invalid_parameter",
+            Self::ContextWindowExceeded => "context_window_exceeded",
             Self::InvalidKeyRecord => "invalid_key_record",
             Self::UntrustedForwardedHeader => "untrusted_forwarded_header",
             Self::MissingForwardedHeader => "missing_forwarded_header",
@@ -216,6 +221,9 @@ pub struct Decision {
     /// What the shadow policy set would have decided, when it disagrees
     /// with the live set (see [`crate::policy::shadow`]).
     pub shadow: Option<crate::policy::shadow::ShadowVerdict>,
+    /// The request's estimated usage, when the engine estimated it (a
+    /// catalog or a budget needs it); computed once per request.
+    pub estimate: Option<crate::usage::Estimate>,
 }
 
 impl Decision {
@@ -235,6 +243,7 @@ impl Decision {
             model: None,
             trace_id: None,
             shadow: None,
+            estimate: None,
         }
     }
 }

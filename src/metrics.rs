@@ -96,6 +96,7 @@ pub struct Metrics {
     jwks_keys_refused: Family<IssuerLabel, Counter>,
     fail_open: Family<RuleLabel, Counter>,
     settlements: Family<ResultLabel, Counter>,
+    usage_charged: Family<UsageLabels, Counter>,
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
@@ -127,6 +128,13 @@ struct ResultLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabel {
     rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLabels {
+    rule: String,
+    unit: &'static str,
+    model: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -256,6 +264,12 @@ impl Metrics {
             "Usage reports by result (settled, already_settled, unknown_request, refused, record_lost)",
             settlements.clone(),
         );
+        let usage_charged = Family::<UsageLabels, Counter>::default();
+        registry.register(
+            "usage_charged",
+            "Settled usage charged to budgets, by rule, unit (tokens, input_tokens, output_tokens, usd_micros) and model (models outside the catalog and price table are \"other\")",
+            usage_charged.clone(),
+        );
         let unknown_domain = Counter::default();
         registry.register(
             "rate_limit_unknown_domain",
@@ -337,6 +351,7 @@ impl Metrics {
             lockout_refusals,
             fail_open,
             settlements,
+            usage_charged,
             unknown_domain,
             invalidations,
             store,
@@ -405,6 +420,19 @@ impl Metrics {
         self.settlements
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    /// Adds settled usage charged to budget `rule`, in `unit` (micro-dollars
+    /// for `usd_micros`). `rule` comes from the config and `model` must be
+    /// bounded by the caller (a catalog or price-table model, else "other").
+    pub fn usage_charged(&self, rule: &str, unit: &'static str, model: &str, amount: u64) {
+        self.usage_charged
+            .get_or_create(&UsageLabels {
+                rule: rule.to_string(),
+                unit,
+                model: model.to_string(),
+            })
+            .inc_by(amount);
     }
 
     /// Counts a rate limit request for a domain without limits.

@@ -292,6 +292,42 @@ async fn long_units_count(store: Arc<dyn QuotaStore>) {
     }
 }
 
+/// Calendar months (UTC) reset on the first of the next month, whatever the
+/// month's length, for fixed and sliding windows alike.
+async fn calendar_months_reset_on_the_first(store: Arc<dyn QuotaStore>) {
+    let now = time::OffsetDateTime::now_utc();
+    let (y, m) = match now.month() {
+        time::Month::December => (now.year() + 1, time::Month::January),
+        m => (now.year(), m.next()),
+    };
+    let next = time::Date::from_calendar_date(y, m, 1)
+        .expect("date")
+        .midnight()
+        .assume_utc();
+    let until_next = Duration::try_from(next - now).expect("positive");
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let k = key(&format!("calendar-{algorithm:?}"), "g");
+        let c = Charge {
+            unit: Unit::CalendarMonth,
+            algorithm,
+            ..charge(&k, 2, 1)
+        };
+        let c = std::slice::from_ref(&c);
+        assert!(store.charge(c).await.expect("1").applied);
+        assert!(store.charge(c).await.expect("2").applied);
+        let r = store.charge(c).await.expect("3");
+        assert!(!r.applied, "{algorithm:?}");
+        let reset = u(&r, 0).reset;
+        // The store's clock and this one may differ by the time the calls
+        // took; a 30-day step would be days off.
+        let off = reset.abs_diff(until_next);
+        assert!(
+            off < Duration::from_secs(60),
+            "{algorithm:?}: {reset:?} vs {until_next:?}"
+        );
+    }
+}
+
 /// Reservations: a record is kept and read back; a settlement applies its
 /// adjustments exactly once, never below zero, in the reserved window.
 async fn settles_exactly_once(store: Arc<dyn QuotaStore>) {
@@ -390,6 +426,7 @@ macro_rules! contract {
                     case!(usage_is_recorded_past_the_limit);
                     case!(zero_limit_refuses_everything);
                     case!(long_units_count);
+                    case!(calendar_months_reset_on_the_first);
                     case!(settles_exactly_once);
                 }
             )*

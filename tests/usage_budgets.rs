@@ -7,9 +7,9 @@ mod support;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
 use support::{RedisServer, Tollgate, ext_authz, test_config};
 use tollgate::config::{Config, StoreKind};
+use tollgate::proto::ReportUsageRequest;
 use tollgate::proto::decision_service_client::DecisionServiceClient;
 use tollgate::proto::report_usage_response::Result as Settle;
-use tollgate::proto::{ReportUsageRequest, ReportUsageResponse};
 
 /// 396 bytes of text: 99 estimated tokens, plus 4 for the message = 103.
 fn chat(id: &str, key: &str, model: &str, max_tokens: u64) -> CheckRequest {
@@ -50,18 +50,7 @@ fn config_with(rules: &str) -> Config {
 }
 
 async fn report(tg: &Tollgate, id: &str, input: u64, output: u64) -> i32 {
-    let mut c = DecisionServiceClient::new(tg.channel().await);
-    let ReportUsageResponse { result } = c
-        .report_usage(ReportUsageRequest {
-            request_id: id.into(),
-            input_tokens: input,
-            output_tokens: output,
-            cached_input_tokens: 0,
-        })
-        .await
-        .expect("report")
-        .into_inner();
-    result
+    support::report_usage(tg, id, input, output).await
 }
 
 const TOKENS: &str = r#"

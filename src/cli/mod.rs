@@ -1,15 +1,18 @@
-//! The `tollgate` command line: serve, validate, check, test, keys, quota.
+//! The `tollgate` command line: serve, validate, check, test, keys, quota,
+//! usage.
 
 mod audit;
 mod keys;
 mod lint;
 mod policy;
 mod quota;
+mod usage;
 
 pub use keys::{CreateKey, KeysCommand};
 pub use lint::LintCommand;
 pub use policy::PolicyCommand;
 pub use quota::{CounterArgs, QuotaCommand};
+pub use usage::{BudgetArgs, UsageCommand};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +90,12 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Show or reset a caller's token and dollar budgets (used, remaining,
+    /// per rule and window) in the configured (shared) store.
+    Usage {
+        #[command(subcommand)]
+        command: UsageCommand,
     },
     /// Audit trail tools.
     Audit {
@@ -194,6 +203,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Quota { command } => quota::run(config, command).await,
         Command::Policy { command } => Ok(policy::run(&config, &command)),
+        Command::Usage { command } => usage::run(config, command).await,
         Command::Audit {
             command: AuditCommand::Verify { files },
         } => {

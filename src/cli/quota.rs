@@ -32,6 +32,13 @@ pub struct CounterArgs {
     /// Quota rule name (`[[quota.rules]]`).
     #[arg(long)]
     pub rule: Option<String>,
+    #[command(flatten)]
+    pub caller: CallerArgs,
+}
+
+/// The caller a rule's counter is kept for, as a request would carry it.
+#[derive(Debug, clap::Args)]
+pub struct CallerArgs {
     /// Principal UID for `per = ["key"]`, e.g. 'ApiKey::"demo-free"'.
     #[arg(long)]
     pub principal: Option<String>,
@@ -39,7 +46,10 @@ pub struct CounterArgs {
     pub tenant: Option<String>,
     #[arg(long)]
     pub tier: Option<String>,
-    /// Model id for `per = ["model"]`.
+    /// A group (team) of the principal, for `per = ["group"]`; repeatable.
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// Model id for `per = ["model"]` (and usd prices).
     #[arg(long, default_value = "")]
     pub model: String,
 }
@@ -55,22 +65,8 @@ pub async fn run(config: Config, command: QuotaCommand) -> anyhow::Result<ExitCo
         QuotaCommand::Get(a) => (a, false),
         QuotaCommand::Reset(a) => (a, true),
     };
-    if config.quota.store == crate::config::StoreKind::Memory {
-        anyhow::bail!(
-            "quota get/reset need a shared store (quota.store = \"redis\" or \"redis_cluster\"); \
-             the memory store lives inside the serving process"
-        );
-    }
     let charge = counter_charge(&config, &args)?;
-    let store = crate::server::build_store(&config, Default::default())?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !store.connected() {
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!("cannot reach the quota store ({})", store.kind());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let engine = QuotaEngine::new(store, std::time::Duration::from_secs(5), 1);
+    let engine = connect(&config).await?;
     if reset {
         engine.reset(&charge.key).await?;
         // Running replicas drop over-limit answers cached before the reset.
@@ -129,7 +125,22 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
         .iter()
         .find(|r| &r.name == name)
         .ok_or_else(|| anyhow::anyhow!("no quota rule named {name:?} in the config"))?;
-    let (kind, id) = match &args.principal {
+    let principal = principal_of(&args.caller)?;
+    let mut plan = rule_counters(config, rule, &principal, &args.caller.model)?
+        .pop()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "rule {name:?} does not apply to that principal (tier not in its profile?)"
+            )
+        })?;
+    plan.charge.cost = 0;
+    Ok(plan.charge)
+}
+
+/// The principal the CLI's `--principal`, `--tenant`, `--tier` and `--group`
+/// describe.
+pub(super) fn principal_of(caller: &CallerArgs) -> anyhow::Result<Principal> {
+    let (kind, id) = match caller.principal.as_deref() {
         Some(uid) => parse_uid(uid).map_err(anyhow::Error::msg)?,
         None => ("Anonymous".to_string(), "anonymous".to_string()),
     };
@@ -138,25 +149,35 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
         "Service" => PrincipalKind::Service,
         _ => PrincipalKind::Anonymous,
     };
-    let principal = Principal {
+    Ok(Principal {
         kind,
         id,
-        tenant: args.tenant.clone(),
-        tier: args.tier.clone(),
+        tenant: caller.tenant.clone(),
+        tier: caller.tier.clone(),
         scopes: Vec::new(),
-        groups: Vec::new(),
+        groups: caller.groups.clone(),
         models: Vec::new(),
-    };
+    })
+}
+
+/// The counters `rule` keeps for `principal` and `model` (one per group for
+/// `per = ["group"]`), as check-only charges; empty when it does not apply.
+pub(super) fn rule_counters(
+    config: &Config,
+    rule: &crate::quota::rules::QuotaRule,
+    principal: &Principal,
+    model: &str,
+) -> anyhow::Result<Vec<crate::quota::rules::Planned>> {
     // The counter only: any estimate will do, since nothing is charged.
     let estimate = crate::usage::Estimate {
-        model: Some(args.model.clone()),
+        model: Some(model.to_string()),
         input_tokens: Some(0),
         max_output_tokens: Some(0),
     };
-    let mut prices = config.quota.price_table();
+    let mut prices = config.prices();
     prices
         .models
-        .entry(args.model.clone())
+        .entry(model.to_string())
         .or_insert(crate::usage::Price {
             input: 0.0,
             output: 0.0,
@@ -165,21 +186,40 @@ fn counter_charge(config: &Config, args: &CounterArgs) -> anyhow::Result<Charge>
             input_above: None,
             output_above: None,
         });
-    let mut plan = rule
+    let mut plans = rule
         .plan(&crate::quota::rules::PlanInput {
-            principal: &principal,
+            principal,
             action: rule.actions.first().map_or("", String::as_str),
-            resource_id: &args.model,
+            resource_id: model,
             estimate: &estimate,
             prices: &prices,
         })
-        .ok()
-        .and_then(|mut p| p.pop())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "rule {name:?} does not apply to that principal (tier not in its profile?)"
-            )
-        })?;
-    plan.charge.cost = 0;
-    Ok(plan.charge)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for p in &mut plans {
+        p.charge.cost = 0;
+    }
+    Ok(plans)
+}
+
+/// The configured store, once connected (the CLI's counters live there).
+pub(super) async fn connect(config: &Config) -> anyhow::Result<QuotaEngine> {
+    if config.quota.store == crate::config::StoreKind::Memory {
+        anyhow::bail!(
+            "quota and usage get/reset need a shared store (quota.store = \"redis\" or \"redis_cluster\"); \
+             the memory store lives inside the serving process"
+        );
+    }
+    let store = crate::server::build_store(config, Default::default())?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !store.connected() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("cannot reach the quota store ({})", store.kind());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(QuotaEngine::new(
+        store,
+        std::time::Duration::from_secs(5),
+        1,
+    ))
 }

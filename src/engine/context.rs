@@ -8,8 +8,12 @@
 //! { http:  { method, path, host, tls, headers: {..}, query: {..}, source_ip? },
 //!   body:  { present, complete, size, model?, max_tokens?, stream?, has_tools? },
 //!   route: { name?, tenant? },
-//!   authn: "api_key" | "jwt" | "mtls" | "none" }
+//!   authn: "api_key" | "jwt" | "mtls" | "none",
+//!   usage?: { estimated_input_tokens?, max_output_tokens?,
+//!             model: { family?, context_window?, max_output_tokens? } } }
 //! ```
+//!
+//! `usage` is there when `[usage]` configures a model catalog.
 
 use cedar_policy::{Context, RestrictedExpression};
 use serde_json::{Map, Value, json};
@@ -27,6 +31,51 @@ pub struct ContextInputs<'a> {
     pub route_name: Option<&'a str>,
     pub route_tenant: Option<&'a str>,
     pub authn: &'a str,
+    /// Usage facts, when the catalog is configured.
+    pub usage: Option<&'a UsageFacts<'a>>,
+}
+
+/// What `context.usage` says: the request's estimate and its model's
+/// catalog entry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageFacts<'a> {
+    pub estimated_input_tokens: Option<u64>,
+    /// The request's `max_tokens`, else the model's `default_output_tokens`.
+    pub max_output_tokens: Option<u64>,
+    /// The model's family (catalog entry or prefix).
+    pub family: Option<&'a str>,
+    pub model: Option<&'a crate::usage::catalog::ModelInfo>,
+}
+
+impl UsageFacts<'_> {
+    /// `(name, value)` pairs of `usage` and of `usage.model`.
+    #[allow(clippy::type_complexity)]
+    fn fields(
+        &self,
+    ) -> (
+        Vec<(&'static str, i64)>,
+        Option<&str>,
+        Vec<(&'static str, i64)>,
+    ) {
+        let long = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let mut top = Vec::new();
+        if let Some(v) = self.estimated_input_tokens {
+            top.push(("estimated_input_tokens", long(v)));
+        }
+        if let Some(v) = self.max_output_tokens {
+            top.push(("max_output_tokens", long(v)));
+        }
+        let mut model = Vec::new();
+        if let Some(m) = self.model {
+            if let Some(v) = m.context_window {
+                model.push(("context_window", long(v)));
+            }
+            if let Some(v) = m.max_output_tokens {
+                model.push(("max_output_tokens", long(v)));
+            }
+        }
+        (top, self.family, model)
+    }
 }
 
 /// Builds the context JSON.
@@ -80,7 +129,22 @@ pub fn build(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Value {
     if let Some(t) = inputs.route_tenant {
         route.insert("tenant".into(), json!(t));
     }
-    json!({ "http": http, "body": body, "route": route, "authn": inputs.authn })
+    let mut context = json!({ "http": http, "body": body, "route": route, "authn": inputs.authn });
+    if let Some(u) = inputs.usage {
+        let (top, family, model_fields) = u.fields();
+        let mut usage: Map<String, Value> =
+            top.into_iter().map(|(k, v)| (k.into(), json!(v))).collect();
+        let mut model: Map<String, Value> = model_fields
+            .into_iter()
+            .map(|(k, v)| (k.into(), json!(v)))
+            .collect();
+        if let Some(f) = family {
+            model.insert("family".into(), json!(f));
+        }
+        usage.insert("model".into(), Value::Object(model));
+        context["usage"] = Value::Object(usage);
+    }
+    context
 }
 
 /// Builds the same context as [`build`], directly as a Cedar [`Context`]:
@@ -148,13 +212,29 @@ pub fn build_cedar(config: &ContextConfig, inputs: &ContextInputs<'_>) -> Result
     if let Some(t) = inputs.route_tenant {
         route.push(("tenant".to_string(), R::new_string(t.to_string())));
     }
-    Context::from_pairs([
+    let mut pairs = vec![
         ("http".to_string(), record(http)?),
         ("body".to_string(), record(body)?),
         ("route".to_string(), record(route)?),
         ("authn".to_string(), R::new_string(inputs.authn.to_string())),
-    ])
-    .map_err(|e| e.to_string())
+    ];
+    if let Some(u) = inputs.usage {
+        let (top, family, model_fields) = u.fields();
+        let mut model: Vec<(String, R)> = model_fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), R::new_long(v)))
+            .collect();
+        if let Some(f) = family {
+            model.push(("family".to_string(), R::new_string(f.to_string())));
+        }
+        let mut usage: Vec<(String, R)> = top
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), R::new_long(v)))
+            .collect();
+        usage.push(("model".to_string(), record(model)?));
+        pairs.push(("usage".to_string(), record(usage)?));
+    }
+    Context::from_pairs(pairs).map_err(|e| e.to_string())
 }
 
 /// An address in a form Cedar's `ip()` always accepts: dotted IPv4 (mapped
@@ -218,6 +298,19 @@ pub fn probes(config: &ContextConfig) -> Vec<Value> {
     vec![base(), full]
 }
 
+/// The `usage` shapes the catalog adds: the loader checks the schema
+/// accepts them when `[usage]` is configured.
+pub fn usage_probes() -> Vec<Value> {
+    let mut least = base();
+    least["usage"] = json!({"model": {}});
+    let mut full = base();
+    full["usage"] = json!({
+        "estimated_input_tokens": 1, "max_output_tokens": 1,
+        "model": {"family": "f", "context_window": 1, "max_output_tokens": 1},
+    });
+    vec![least, full]
+}
+
 /// Deep-merges `overlay` onto `base` (objects merge, anything else replaces).
 pub fn merge(base: &mut Value, overlay: &Value) {
     match (base, overlay) {
@@ -276,9 +369,22 @@ mod tests {
                 has_tools: Some(false),
             },
         ];
-        for body in &bodies {
+        let info = crate::usage::catalog::ModelInfo {
+            family: Some("f".into()),
+            context_window: Some(100),
+            max_output_tokens: None,
+            default_output_tokens: None,
+        };
+        let usage = UsageFacts {
+            estimated_input_tokens: Some(7),
+            max_output_tokens: Some(9),
+            family: Some("f"),
+            model: Some(&info),
+        };
+        for (body, usage) in bodies.iter().zip([None, Some(&usage)]) {
             for (route_name, route_tenant) in [(None, None), (Some("chat"), Some("acme"))] {
                 let inputs = ContextInputs {
+                    usage,
                     request: &request,
                     path: &path,
                     body,

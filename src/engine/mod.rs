@@ -11,6 +11,7 @@ pub mod model;
 pub mod principal;
 mod query;
 mod quota;
+mod usage;
 
 pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
 pub use quota::UsageError;
@@ -49,9 +50,13 @@ pub fn expectations(config: &Config, routes: &RouteTable) -> Expectations {
             }
         })
         .collect();
+    let mut contexts = context::probes(&config.context);
+    if config.usage != crate::usage::catalog::UsageConfig::default() {
+        contexts.extend(context::usage_probes());
+    }
     Expectations {
         actions,
-        contexts: context::probes(&config.context),
+        contexts,
         principals,
     }
 }
@@ -71,6 +76,8 @@ pub struct Engine {
     limits: Arc<LimitsStore>,
     unknown_domain_warning: crate::metrics::Throttle,
     prices: crate::usage::Prices,
+    /// The model catalog (`[usage]`), encoders built.
+    catalog: crate::usage::catalog::Catalog,
     reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
     shadow: std::sync::OnceLock<Arc<PolicyStore>>,
@@ -108,7 +115,8 @@ impl Engine {
             unknown_domain_warning: crate::metrics::Throttle::new(std::time::Duration::from_secs(
                 60,
             )),
-            prices: config.quota.price_table(),
+            prices: config.prices(),
+            catalog: crate::usage::catalog::Catalog::build(&config.usage),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
             shadow: std::sync::OnceLock::new(),
@@ -335,6 +343,19 @@ impl Engine {
         });
         decision.action = Some(action_uid.to_string());
         decision.resource = Some(resource_uid.to_string());
+        if self.catalog.is_configured() || self.rules.iter().any(|r| r.cost.is_usage()) {
+            let estimate = self.estimate(request, &body, decision.model.as_deref());
+            let exceeded = self.context_window_exceeded(&estimate);
+            decision.estimate = Some(estimate);
+            if exceeded {
+                return decision.with(Outcome::Invalid(Reason::ContextWindowExceeded));
+            }
+        }
+        let usage_facts = self
+            .catalog
+            .is_configured()
+            .then(|| self.usage_facts(decision.estimate.as_ref()))
+            .flatten();
 
         let _policy =
             tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.policy").entered();
@@ -347,6 +368,7 @@ impl Engine {
                 route_name: matched.as_ref().map(|m| m.route.name.as_str()),
                 route_tenant: hints.tenant.as_deref(),
                 authn: principal.kind.authn(),
+                usage: usage_facts.as_ref(),
             },
         );
         let cedar = cedar_context

@@ -11,7 +11,7 @@ use crate::quota::rls::{RlsAnswer, RlsRequest};
 use crate::quota::rules::{PlanInput, Planned};
 use crate::quota::{FailureMode, QuotaDecision, StoreError};
 use crate::request::HttpRequest;
-use crate::usage::{Estimate, MAX_TOKENS, TokenUsage};
+use crate::usage::{MAX_TOKENS, TokenUsage};
 
 /// A usage report that cannot be settled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,28 +29,10 @@ pub enum UsageError {
 }
 
 impl Engine {
-    /// What the request is expected to use, read only when a budget rule
-    /// needs it.
-    fn estimate(&self, request: &HttpRequest) -> Estimate {
-        let facts = super::body::inspect(request, self.context.max_body_bytes).ok();
-        let complete = facts.as_ref().is_some_and(|f| f.complete);
-        Estimate {
-            model: facts.as_ref().and_then(|f| f.model.clone()),
-            input_tokens: request
-                .body
-                .as_deref()
-                .filter(|_| complete)
-                .and_then(crate::usage::estimate_input_tokens),
-            max_output_tokens: facts
-                .and_then(|f| f.max_tokens)
-                .and_then(|n| u64::try_from(n).ok()),
-        }
-    }
-
     /// Charges the quota rules that apply to an allowed decision; budget
     /// rules reserve the request's estimated usage (see
     /// [`crate::quota::reserve`]).
-    pub(super) async fn charge_rules(&self, decision: &mut Decision, request: &HttpRequest) {
+    pub(super) async fn charge_rules(&self, decision: &mut Decision, _request: &HttpRequest) {
         if self.rules.is_empty() {
             return;
         }
@@ -61,11 +43,8 @@ impl Engine {
         };
         let action_id = uid_id(action);
         let resource_id = uid_id(resource);
-        let estimate = if self.rules.iter().any(|r| r.cost.is_usage()) {
-            self.estimate(request)
-        } else {
-            Estimate::default()
-        };
+        // Estimated once, before the policy (`Engine::estimate`).
+        let estimate = decision.estimate.clone().unwrap_or_default();
         let input = PlanInput {
             principal,
             action: &action_id,
@@ -260,6 +239,7 @@ impl Engine {
         if applied {
             // Counters changed under cached answers.
             self.quota.forget_known_over();
+            self.count_charged(&record, &usage);
         }
         self.metrics.usage_settlement(settled.label());
         self.audit_usage(request_id, &usage, settled);
@@ -349,6 +329,30 @@ impl Engine {
 }
 
 impl Engine {
+    /// `tollgate_usage_charged_total`: what a settlement charged each budget.
+    /// The model label is bounded: the request names it, so a model outside
+    /// the catalog and the price table counts as "other".
+    fn count_charged(&self, record: &Record, usage: &TokenUsage) {
+        let model = record
+            .model
+            .as_deref()
+            .filter(|m| self.catalog.model(m).is_some() || self.prices.models.contains_key(*m))
+            .unwrap_or("other");
+        for r in &record.reserved {
+            let Some(amount) = r
+                .measure
+                .amount(usage, record.model.as_deref(), &self.prices)
+            else {
+                continue;
+            };
+            let unit = match r.measure {
+                crate::quota::rules::Cost::Usd => "usd_micros",
+                other => other.name(),
+            };
+            self.metrics.usage_charged(&r.rule, unit, model, amount);
+        }
+    }
+
     /// Sends a usage settlement to the audit trail, if one is attached.
     fn audit_usage(&self, request_id: &str, usage: &TokenUsage, settled: Settled) {
         let Some(trail) = self.audit.get() else {

@@ -180,7 +180,7 @@ impl QuotaEngine {
                     fits: false,
                     used: p.charge.limit,
                     reset: Duration::from_millis(until - now),
-                    window: now / p.charge.unit.millis(),
+                    window: p.charge.unit.window_of(now),
                 })
             })
             .collect();

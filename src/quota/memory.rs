@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::{
     Adjustment, Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError,
-    Usage, fits, reset_after, sliding_used,
+    Usage, fits, sliding_used_in,
 };
 
 /// A source of "now", injected so tests can move time.
@@ -165,8 +165,7 @@ impl MemoryStore {
         let mut usage = Vec::with_capacity(charges.len());
         let mut all_fit = true;
         for (charge, id) in charges.iter().zip(&ids) {
-            let window_ms = charge.unit.millis();
-            let w = now / window_ms;
+            let w = charge.unit.window_of(now);
             let slot = guards
                 .get(&Self::shard_of(id))
                 .and_then(|m| m.get(id).copied())
@@ -175,7 +174,7 @@ impl MemoryStore {
             let cur = cur.saturating_add(pending.get(id).copied().unwrap_or(0));
             let used = match charge.algorithm {
                 Algorithm::FixedWindow => cur,
-                Algorithm::SlidingWindow => sliding_used(prev, cur, now, window_ms),
+                Algorithm::SlidingWindow => sliding_used_in(charge.unit, prev, cur, now),
             };
             let fits = fits(used, charge.cost, charge.limit);
             if !fits && !charge.shadow && charge.mode == ChargeMode::Admission {
@@ -185,7 +184,7 @@ impl MemoryStore {
             usage.push(Usage {
                 fits,
                 used,
-                reset: reset_after(now, window_ms),
+                reset: charge.unit.reset_after(now),
                 window: w,
             });
         }
@@ -227,11 +226,10 @@ impl MemoryStore {
                 continue;
             }
             u.used = u.used.saturating_add(charge.cost);
-            let window_ms = charge.unit.millis();
-            let w = now / window_ms;
+            let w = charge.unit.window_of(now);
             let keep = match charge.algorithm {
-                Algorithm::FixedWindow => 1,
-                Algorithm::SlidingWindow => 2,
+                Algorithm::FixedWindow => 0,
+                Algorithm::SlidingWindow => 1,
             };
             let map = guards
                 .get_mut(&Self::shard_of(id))
@@ -242,7 +240,7 @@ impl MemoryStore {
                 window: w,
                 count: cur.saturating_add(charge.cost),
                 prev,
-                expires_ms: slot.expires_ms.max((w + keep) * window_ms),
+                expires_ms: slot.expires_ms.max(charge.unit.window_end(w + keep)),
             };
         }
         Ok(ChargeResult {
@@ -455,5 +453,27 @@ mod tests {
                 .map(|r| r.applied),
             Ok(true)
         );
+    }
+
+    #[test]
+    fn calendar_months_end_on_the_first_of_the_next() {
+        // 2024-02-29T12:00:00Z: twelve hours before March.
+        let clock = Arc::new(ManualClock::at(1_709_208_000_000));
+        let store = MemoryStore::new(100, clock.clone());
+        let key = CounterKey::new("t", &[("k".into(), "v".into())], "g");
+        let mut c = charge(&key, Algorithm::FixedWindow, 1);
+        c.unit = Unit::CalendarMonth;
+        c.limit = 2;
+        let one = std::slice::from_ref(&c);
+        assert_eq!(store.charge_now(one).map(|r| r.applied), Ok(true));
+        assert_eq!(store.charge_now(one).map(|r| r.applied), Ok(true));
+        let r = store.charge_now(one).expect("answers");
+        assert!(!r.applied);
+        let reset = r.usage[0].expect("usage").reset;
+        assert_eq!(reset, Duration::from_secs(12 * 3600));
+        clock.advance(12 * 3600 * 1000 - 1);
+        assert_eq!(store.charge_now(one).map(|r| r.applied), Ok(false));
+        clock.advance(1); // March 1st, 00:00 UTC
+        assert_eq!(store.charge_now(one).map(|r| r.applied), Ok(true));
     }
 }

@@ -7,6 +7,7 @@
 //! needs around it: a deadline, bounded in-flight work, the over-limit cache,
 //! and each limit's failure mode.
 
+mod calendar;
 pub mod engine;
 pub mod key;
 pub mod limits;
@@ -29,7 +30,9 @@ pub use key::CounterKey;
 ///
 /// Windows are aligned to the Unix epoch, as the reference service aligns
 /// them: a week is 7 days, a month 30 days and a year 365 days, so a "month"
-/// window does not follow the calendar.
+/// window does not follow the calendar. `calendar_month` does: its windows
+/// run from the first of a month 00:00 UTC to the first of the next, for
+/// budgets billed by the calendar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Unit {
@@ -40,11 +43,15 @@ pub enum Unit {
     Week,
     Month,
     Year,
+    /// A calendar month in UTC (28 to 31 days).
+    #[serde(rename = "calendar_month")]
+    CalendarMonth,
 }
 
 impl Unit {
-    /// Every unit, shortest first.
-    pub const ALL: [Unit; 7] = [
+    /// Every unit, shortest first (the calendar month, as long as Envoy's
+    /// `MONTH` is on the wire, comes after the epoch-aligned ones).
+    pub const ALL: [Unit; 8] = [
         Self::Second,
         Self::Minute,
         Self::Hour,
@@ -52,9 +59,12 @@ impl Unit {
         Self::Week,
         Self::Month,
         Self::Year,
+        Self::CalendarMonth,
     ];
 
-    /// Window length in milliseconds.
+    /// Window length in milliseconds; for `calendar_month`, the nominal
+    /// 30 days (what `RateLimit-Policy` states as `w`; the windows
+    /// themselves follow the calendar, see [`Unit::window_of`]).
     pub fn millis(self) -> u64 {
         const DAY: u64 = 86_400_000;
         match self {
@@ -63,9 +73,39 @@ impl Unit {
             Self::Hour => 3_600_000,
             Self::Day => DAY,
             Self::Week => 7 * DAY,
-            Self::Month => 30 * DAY,
+            Self::Month | Self::CalendarMonth => 30 * DAY,
             Self::Year => 365 * DAY,
         }
+    }
+
+    /// The index of the window holding `now_ms` (Unix milliseconds):
+    /// `now / length` for epoch-aligned units, months since January 1970
+    /// for `calendar_month`.
+    pub fn window_of(self, now_ms: u64) -> u64 {
+        match self {
+            Self::CalendarMonth => calendar::month_of(now_ms),
+            _ => now_ms / self.millis(),
+        }
+    }
+
+    /// When window `w` starts, in Unix milliseconds.
+    pub fn window_start(self, w: u64) -> u64 {
+        match self {
+            Self::CalendarMonth => calendar::month_start(w),
+            _ => w.saturating_mul(self.millis()),
+        }
+    }
+
+    /// When window `w` ends (the next one starts), in Unix milliseconds.
+    pub fn window_end(self, w: u64) -> u64 {
+        self.window_start(w.saturating_add(1))
+    }
+
+    /// Time from `now_ms` until its window ends (what `Retry-After` and
+    /// `RateLimit-Reset` say).
+    pub fn reset_after(self, now_ms: u64) -> Duration {
+        let end = self.window_end(self.window_of(now_ms));
+        Duration::from_millis(end.saturating_sub(now_ms).max(1))
     }
 
     /// Envoy's `RateLimitResponse.RateLimit.Unit` number (note that Envoy
@@ -76,7 +116,7 @@ impl Unit {
             Self::Minute => 2,
             Self::Hour => 3,
             Self::Day => 4,
-            Self::Month => 5,
+            Self::Month | Self::CalendarMonth => 5,
             Self::Year => 6,
             Self::Week => 7,
         }
@@ -105,6 +145,7 @@ impl Unit {
             Self::Week => "week",
             Self::Month => "month",
             Self::Year => "year",
+            Self::CalendarMonth => "calendar_month",
         }
     }
 }
@@ -288,14 +329,19 @@ pub trait QuotaStore: Send + Sync {
     ) -> Result<bool, StoreError>;
 }
 
-/// Clamps a window position into a reset duration.
-pub(crate) fn reset_after(now_ms: u64, window_ms: u64) -> Duration {
-    let window_ms = window_ms.max(1);
-    Duration::from_millis(window_ms - now_ms % window_ms)
+/// The weighted count of a sliding window of `unit` at `now_ms`:
+/// [`sliding_used`] over the window's own start and length (calendar months
+/// differ in length).
+pub(crate) fn sliding_used_in(unit: Unit, prev: u64, current: u64, now_ms: u64) -> u64 {
+    let w = unit.window_of(now_ms);
+    let start = unit.window_start(w);
+    let len = unit.window_end(w).saturating_sub(start);
+    sliding_used(prev, current, now_ms.saturating_sub(start), len)
 }
 
 /// The weighted count of a sliding window: `prev * (1 - elapsed/window) +
-/// current`, rounded up so the estimate never undercounts.
+/// current`, rounded up so the estimate never undercounts. `now_ms` is
+/// taken modulo the window (the time elapsed in it).
 pub(crate) fn sliding_used(prev: u64, current: u64, now_ms: u64, window_ms: u64) -> u64 {
     let window_ms = window_ms.max(1);
     let elapsed = now_ms % window_ms;
@@ -320,7 +366,7 @@ mod tests {
 
     #[test]
     fn reset_counts_down_to_the_window_end() {
-        assert_eq!(reset_after(61_000, 60_000), Duration::from_secs(59));
-        assert_eq!(reset_after(60_000, 60_000), Duration::from_secs(60));
+        assert_eq!(Unit::Minute.reset_after(61_000), Duration::from_secs(59));
+        assert_eq!(Unit::Minute.reset_after(60_000), Duration::from_secs(60));
     }
 }

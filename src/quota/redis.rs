@@ -57,7 +57,7 @@ use crate::redis_conn::{Link, PoisonReason};
 use super::memory::{Clock, SystemClock};
 use super::{
     Adjustment, Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError,
-    Unit, Usage, reset_after,
+    Unit, Usage,
 };
 
 /// Largest count or limit handled exactly (Lua numbers are doubles).
@@ -71,9 +71,11 @@ const SKEW_WARN_MS: i64 = 5_000;
 pub const CHARGE_LUA: &str = r"
 -- KEYS: two per charge, all with one hash tag: the current window's key and
 --   the previous window's (read by sliding windows only).
--- ARGV[1]: nonce, echoed first in the reply. Then 7 per charge: window index,
---   limit, window_ms, algorithm (0 fixed, 1 sliding), cost, shadow, always
---   (1: usage recorded in full even over the limit).
+-- ARGV[1]: nonce, echoed first in the reply. Then 9 per charge: window index,
+--   limit, window start ms, window end ms, expire-at ms, algorithm (0 fixed,
+--   1 sliding), cost, shadow, always (1: usage recorded in full even over
+--   the limit). The caller computes the window from the calendar (calendar
+--   months differ in length); the script only checks that now is inside it.
 -- Returns {nonce, status, now_ms, used_1, fits_1, ...}: status 1 applied,
 --   0 refused (only always-charges applied), -1 stale window index (nothing
 --   done; the caller retries with now_ms). used is before this charge.
@@ -81,23 +83,24 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS / 2
 for i = 1, n do
-  local a = 1 + (i - 1) * 7
-  if math.floor(now / tonumber(ARGV[a + 3])) ~= tonumber(ARGV[a + 1]) then
+  local a = 1 + (i - 1) * 9
+  if now < tonumber(ARGV[a + 3]) or now >= tonumber(ARGV[a + 4]) then
     return {ARGV[1], -1, now}
   end
 end
 local used, fits, pending = {}, {}, {}
 local ok = true
 for i = 1, n do
-  local a = 1 + (i - 1) * 7
-  local w, limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local algo, cost = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local shadow, always = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  local a = 1 + (i - 1) * 9
+  local limit, start, stop = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local algo, cost = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  local shadow, always = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
   local cur_key = KEYS[2 * i - 1]
   local u = tonumber(redis.call('GET', cur_key) or '0') + (pending[cur_key] or 0)
   if algo == 1 then
     local prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
-    u = math.ceil(prev * (window - (now - w * window)) / window) + u
+    local len = stop - start
+    u = math.ceil(prev * (len - (now - start)) / len) + u
   end
   local f
   if cost == 0 then f = u < limit else f = (u + cost) <= limit end
@@ -108,18 +111,15 @@ for i = 1, n do
 end
 local out = {ARGV[1], ok and 1 or 0, now}
 for i = 1, n do
-  local a = 1 + (i - 1) * 7
-  local w, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3])
-  local algo, cost, always = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 7])
+  local a = 1 + (i - 1) * 9
+  local algo, cost, always = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 9])
   if cost > 0 and (ok or always == 1) then
     -- A window key is only ever created here, with its expiry, so a fixed
     -- window that already held a count has it: skip the second write.
     -- Sliding windows always set it (they keep their key a window longer).
     local after = redis.call('INCRBY', KEYS[2 * i - 1], cost)
     if algo == 1 or after == cost then
-      local keep = 1
-      if algo == 1 then keep = 2 end
-      redis.call('PEXPIREAT', KEYS[2 * i - 1], (w + keep) * window + 1000)
+      redis.call('PEXPIREAT', KEYS[2 * i - 1], tonumber(ARGV[a + 5]))
     end
   end
   out[#out + 1] = used[i]
@@ -514,14 +514,18 @@ impl RedisStore {
             inv.arg(&nonce);
             let mut windows = Vec::with_capacity(charges.len());
             for c in charges {
-                let window_ms = c.unit.millis();
-                let w = now / window_ms;
+                let w = c.unit.window_of(now);
                 windows.push(w);
+                // A sliding window's count is still read during the next
+                // window; a second's grace covers clocks a little apart.
+                let keep = u64::from(c.algorithm == Algorithm::SlidingWindow);
                 inv.key(self.window_key(c, w))
                     .key(self.window_key(c, w.saturating_sub(1)))
                     .arg(w)
                     .arg(c.limit.min(MAX_COUNT))
-                    .arg(window_ms)
+                    .arg(c.unit.window_start(w))
+                    .arg(c.unit.window_end(w))
+                    .arg(c.unit.window_end(w + keep).saturating_add(1000))
                     .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
                     .arg(c.cost.min(MAX_COUNT))
                     .arg(u8::from(c.shadow))
@@ -652,7 +656,7 @@ impl QuotaStore for RedisStore {
                     } else {
                         used
                     },
-                    reset: reset_after(answer.now, c.unit.millis()),
+                    reset: c.unit.reset_after(answer.now),
                     window: answer.windows.get(pos).copied().unwrap_or(0),
                 });
             }
@@ -696,7 +700,7 @@ impl QuotaStore for RedisStore {
         // Every window that can hold a count now, for every unit, with one
         // either side of the estimate in case the clocks disagree slightly.
         for unit in Unit::ALL {
-            let w = now / unit.millis();
+            let w = unit.window_of(now);
             for window in [w.saturating_sub(1), w, w + 1] {
                 inv.key(format!("{base}:{window}"));
             }

@@ -7,7 +7,9 @@
 //! tokens, which makes a price in micro-dollars per token numerically equal
 //! to the configured number.
 
+pub mod catalog;
 pub mod response;
+pub mod tokenizer;
 
 use std::collections::BTreeMap;
 
@@ -42,57 +44,13 @@ pub struct Estimate {
     pub max_output_tokens: Option<u64>,
 }
 
-/// Estimates the input tokens of an OpenAI- or Anthropic-style request body:
-/// the text of `messages[].content` (a string, or parts with `text`),
-/// `system`, `prompt` and `input` (strings or arrays of strings), plus a
-/// small overhead per message. The estimate is one token per 4 bytes of
-/// text, rounded up — the usual rule of thumb for English under BPE
-/// tokenizers; it is not a tokenizer, and is documented as such. `None` when
-/// the body is not a JSON object.
+/// Estimates the input tokens of an OpenAI- or Anthropic-style request body
+/// without a tokenizer: one token per 4 bytes of text, rounded up, plus 4
+/// per message ([`tokenizer::Counter::default`]). `None` when the body is
+/// not a JSON object. Families mapped to an encoding are counted exactly by
+/// [`catalog::Catalog::count_input`].
 pub fn estimate_input_tokens(body: &[u8]) -> Option<u64> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object()?;
-    let mut bytes: u64 = 0;
-    let mut messages: u64 = 0;
-    // Iterative walk over the fields that carry text: no recursion on
-    // untrusted nesting.
-    let mut stack: Vec<&serde_json::Value> = Vec::new();
-    for field in ["prompt", "input", "system"] {
-        if let Some(v) = object.get(field) {
-            stack.push(v);
-        }
-    }
-    if let Some(list) = object.get("messages").and_then(|m| m.as_array()) {
-        messages = list.len() as u64;
-        for m in list {
-            if let Some(content) = m.get("content") {
-                stack.push(content);
-            }
-        }
-    }
-    let mut visited = 0usize;
-    while let Some(v) = stack.pop() {
-        visited += 1;
-        if visited > 100_000 {
-            break;
-        }
-        match v {
-            serde_json::Value::String(s) => bytes = bytes.saturating_add(s.len() as u64),
-            serde_json::Value::Array(items) => stack.extend(items.iter()),
-            serde_json::Value::Object(part) => {
-                if let Some(t) = part.get("text") {
-                    stack.push(t);
-                }
-            }
-            _ => {}
-        }
-    }
-    Some(
-        bytes
-            .div_ceil(4)
-            .saturating_add(messages.saturating_mul(4))
-            .min(MAX_TOKENS),
-    )
+    tokenizer::Counter::default().count_body(body)
 }
 
 /// One model's prices, in US dollars per million tokens.

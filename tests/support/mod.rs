@@ -1148,3 +1148,30 @@ impl Caddy {
         std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default()
     }
 }
+
+/// The Python of the test virtualenv: `$PYTHON_BIN`, else the `python`
+/// beside the Envoy binary (scripts/test installs both into `.venv`).
+pub fn python_bin() -> PathBuf {
+    std::env::var_os("PYTHON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| envoy_bin().with_file_name("python"))
+}
+
+/// Sends `tollgate.v1` `ReportUsage` for `request_id` and returns its result
+/// code (`report_usage_response::Result`).
+pub async fn report_usage(tollgate: &Tollgate, request_id: &str, input: u64, output: u64) -> i32 {
+    use tollgate::proto::decision_service_client::DecisionServiceClient;
+    use tollgate::proto::{ReportUsageRequest, ReportUsageResponse};
+    let mut c = DecisionServiceClient::new(tollgate.channel().await);
+    let ReportUsageResponse { result } = c
+        .report_usage(ReportUsageRequest {
+            request_id: request_id.into(),
+            input_tokens: input,
+            output_tokens: output,
+            cached_input_tokens: 0,
+        })
+        .await
+        .expect("report")
+        .into_inner();
+    result
+}
