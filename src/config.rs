@@ -42,6 +42,8 @@ pub struct Config {
     pub authzen: crate::adapters::authzen::AuthzenConfig,
     /// The audit trail (`[audit]`).
     pub audit: crate::audit::AuditConfig,
+    /// MCP endpoints (`[mcp]`, `[[mcp.servers]]`).
+    pub mcp: crate::mcp::McpConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -338,6 +340,7 @@ impl Default for Config {
             log: LogConfig::default(),
             authzen: Default::default(),
             audit: crate::audit::AuditConfig::default(),
+            mcp: crate::mcp::McpConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -460,6 +463,7 @@ impl Config {
         };
         self.route_table().map_err(|e| invalid(e.to_string()))?;
         self.authzen.check().map_err(|e| invalid(e.to_string()))?;
+        self.mcp.check().map_err(invalid)?;
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

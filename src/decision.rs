@@ -78,6 +78,25 @@ pub enum Reason {
     /// A forward-auth request lacks a forwarded-request header the trusted
     /// convention requires, or carries it twice.
     MissingForwardedHeader,
+    /// An MCP request that is not a well-formed JSON-RPC request (not an
+    /// object, no `method`, a repeated key, a method differing from a known
+    /// one only in case, a cut body).
+    MalformedMcp,
+    /// A JSON-RPC batch (an array) on an MCP endpoint.
+    McpBatchRefused,
+    /// The `Mcp-Method`, `Mcp-Name` or `Mcp-Param-*` headers disagree with
+    /// the body, or one the protocol revision requires is missing.
+    McpHeaderMismatch,
+    /// A `tools/call` names a tool that is not a valid MCP tool name
+    /// (control characters, `::`, `/`, empty, over 128 bytes).
+    InvalidToolName,
+    /// Tool arguments that are too large, too deep, or do not match the
+    /// tool's declared input type.
+    InvalidArguments,
+    /// A tool or MCP method the server's Cedar schema does not declare.
+    UnknownTool,
+    /// The caller's token lacks a scope the MCP endpoint requires.
+    InsufficientScope,
 }
 
 impl Reason {
@@ -112,6 +131,13 @@ impl Reason {
             Self::InvalidKeyRecord => "invalid_key_record",
             Self::UntrustedForwardedHeader => "untrusted_forwarded_header",
             Self::MissingForwardedHeader => "missing_forwarded_header",
+            Self::MalformedMcp => "malformed_mcp",
+            Self::McpBatchRefused => "mcp_batch_refused",
+            Self::McpHeaderMismatch => "mcp_header_mismatch",
+            Self::InvalidToolName => "invalid_tool_name",
+            Self::InvalidArguments => "invalid_arguments",
+            Self::UnknownTool => "unknown_tool",
+            Self::InsufficientScope => "insufficient_scope",
         }
     }
 }
@@ -201,6 +227,9 @@ pub struct Decision {
     pub quota_fail_open: bool,
     /// The model the request names, when the engine read one.
     pub model: Option<String>,
+    /// Set when the request went to an MCP endpoint: denials are then
+    /// JSON-RPC errors.
+    pub mcp: Option<crate::mcp::McpFacts>,
 }
 
 impl Decision {
@@ -218,6 +247,7 @@ impl Decision {
             quota: None,
             quota_fail_open: false,
             model: None,
+            mcp: None,
         }
     }
 }

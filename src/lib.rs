@@ -17,6 +17,7 @@ pub mod decision;
 pub mod engine;
 pub mod identity;
 pub mod invalidate;
+pub mod mcp;
 pub mod metrics;
 pub mod path;
 pub mod policy;

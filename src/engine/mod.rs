@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod context;
+mod mcp;
 pub mod model;
 pub mod principal;
 mod query;
@@ -72,6 +73,7 @@ pub struct Engine {
     prices: crate::usage::Prices,
     reservation_ttl: std::time::Duration,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
+    mcp: mcp::McpState,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -111,6 +113,7 @@ impl Engine {
             prices: config.quota.price_table(),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
             audit: std::sync::OnceLock::new(),
+            mcp: mcp::McpState::new(&config.mcp),
         }
     }
 
@@ -178,10 +181,14 @@ impl Engine {
         // The host feeds `context.http.host`: a policy on it must never see
         // one of several values.
         let host = crate::request::check_host(request);
-        let mut decision = match crate::path::canonicalize(&request.raw_path) {
+        let canonical = crate::path::canonicalize(&request.raw_path);
+        let mcp_index = canonical.as_ref().ok().and_then(|p| self.mcp_server(&p.path));
+        let mut decision = match (canonical, mcp_index) {
             _ if host.is_err() => early(Outcome::Invalid(Reason::AmbiguousHost)),
-            Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
-            Ok(path) => {
+            (Err(_), _) => early(Outcome::Invalid(Reason::AmbiguousPath)),
+            // An MCP endpoint: the JSON-RPC body says what is asked.
+            (Ok(_), Some(index)) => self.decide_mcp(&snapshot, request, index).await,
+            (Ok(path), None) => {
                 let matched = self.routes.find(&request.method, &path);
                 match self.authenticate(request, matched.as_ref()).await {
                     Ok(principal) => {
@@ -320,17 +327,22 @@ impl Engine {
         );
         decision.policies = verdict.policies;
         decision.errors = verdict.errors;
-        decision.outcome = if verdict.allow {
+        decision.outcome = self.outcome_of(verdict.allow, !decision.errors.is_empty(), &principal);
+        decision
+    }
+
+    /// The outcome of a policy verdict for `principal`.
+    fn outcome_of(&self, allow: bool, errors: bool, principal: &Principal) -> Outcome {
+        if allow {
             Outcome::Allow
-        } else if !decision.errors.is_empty() && self.on_error == OnEvaluationError::Deny {
+        } else if errors && self.on_error == OnEvaluationError::Deny {
             Outcome::Forbidden(Reason::PolicyError)
         } else if principal.kind == crate::identity::PrincipalKind::Anonymous {
             // With a credential this might have been allowed: ask for one.
             Outcome::Unauthenticated(Reason::MissingCredential)
         } else {
             Outcome::Forbidden(Reason::PolicyDenied)
-        };
-        decision
+        }
     }
 
     /// Authenticates the caller of an API Tollgate serves itself (the AuthZEN
