@@ -393,6 +393,7 @@ impl App {
             issuers: self.issuers.clone(),
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
+            mcp: Arc::new(self.config.mcp.clone()),
         };
         let health_follower = tokio::spawn(crate::admin::follow_readiness(
             admin_state.clone(),

@@ -29,15 +29,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
-use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
-    ProcessingRequest, ProcessingResponse, TrailersResponse,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
+    ProcessingResponse, TrailersResponse,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -173,8 +173,9 @@ impl ExternalProcessor for ExtProc {
                             x.filter = None;
                         }
                         if x.filter.is_some() {
-                            x.sse = header(h.headers.as_ref(), "content-type")
-                                .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
+                            x.sse = header(h.headers.as_ref(), "content-type").is_some_and(|c| {
+                                c.to_ascii_lowercase().starts_with("text/event-stream")
+                            });
                             mode_override = Some(ProcessingMode {
                                 response_body_mode: BodySendMode::Buffered as i32,
                                 ..Default::default()

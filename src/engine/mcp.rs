@@ -44,7 +44,9 @@ impl McpState {
             types: Mutex::new(None),
             lists: moka::sync::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(std::time::Duration::from_secs(config.list_filter_ttl_secs.max(1)))
+                .time_to_live(std::time::Duration::from_secs(
+                    config.list_filter_ttl_secs.max(1),
+                ))
                 .build(),
         }
     }
@@ -61,9 +63,9 @@ impl McpState {
         }
         let mut by_ns = HashMap::new();
         for s in &self.config.servers {
-            by_ns
-                .entry(s.namespace.clone())
-                .or_insert_with(|| ToolTypes::from_schema_text(&snapshot.schema_text, &s.namespace));
+            by_ns.entry(s.namespace.clone()).or_insert_with(|| {
+                ToolTypes::from_schema_text(&snapshot.schema_text, &s.namespace)
+            });
         }
         let types = Arc::new(by_ns);
         *cached = Some((snapshot.version.clone(), types.clone()));
@@ -72,7 +74,8 @@ impl McpState {
 }
 
 fn uid_in(namespace: &str, ty: &str, id: &str) -> Result<EntityUid, String> {
-    let name = EntityTypeName::from_str(&format!("{namespace}::{ty}")).map_err(|e| e.to_string())?;
+    let name =
+        EntityTypeName::from_str(&format!("{namespace}::{ty}")).map_err(|e| e.to_string())?;
     Ok(EntityUid::from_type_name_and_id(name, EntityId::new(id)))
 }
 
@@ -89,11 +92,7 @@ fn refused(e: &McpError) -> Outcome {
 impl Engine {
     /// The MCP endpoint at `path`, if any.
     pub(super) fn mcp_server(&self, path: &str) -> Option<usize> {
-        self.mcp
-            .config
-            .servers
-            .iter()
-            .position(|s| s.path == path)
+        self.mcp.config.servers.iter().position(|s| s.path == path)
     }
 
     /// Whether a raw `:path` (with query) is an MCP endpoint.
@@ -150,7 +149,15 @@ impl Engine {
         let outcome = match principal {
             Ok(principal) => {
                 decision.principal = Some(principal.clone());
-                self.mcp_verdict(snapshot, request, server, index, &principal, &mut decision, &mut facts)
+                self.mcp_verdict(
+                    snapshot,
+                    request,
+                    server,
+                    index,
+                    &principal,
+                    &mut decision,
+                    &mut facts,
+                )
             }
             Err(outcome) => outcome,
         };
@@ -183,7 +190,11 @@ impl Engine {
                     (Some(b), false) => b,
                     _ => return Outcome::Invalid(Reason::MalformedMcp),
                 };
-                let parsed = match mcp_request::parse(body, &request.headers, self.mcp.config.limits()) {
+                let parsed = match mcp_request::parse(
+                    body,
+                    &request.headers,
+                    self.mcp.config.limits(),
+                ) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::info!(request_id = %request.request_id, error = %e, "MCP request refused");
@@ -225,7 +236,9 @@ impl Engine {
                         .protocol_version
                         .as_deref()
                         .is_some_and(|v| v >= HEADERS_REQUIRED_FROM);
-                    if let Err(e) = typing::check_param_headers(ty, &r.arguments, &r.param_headers, required) {
+                    if let Err(e) =
+                        typing::check_param_headers(ty, &r.arguments, &r.param_headers, required)
+                    {
                         tracing::info!(request_id = %request.request_id, error = %e, "MCP header mismatch");
                         return Outcome::Invalid(Reason::McpHeaderMismatch);
                     }
@@ -278,7 +291,13 @@ impl Engine {
                 return Outcome::Forbidden(Reason::PolicyError);
             }
         };
-        let verdict = evaluate(&self.authorizer, snapshot, &cedar_request, &entities, self.on_error);
+        let verdict = evaluate(
+            &self.authorizer,
+            snapshot,
+            &cedar_request,
+            &entities,
+            self.on_error,
+        );
         decision.policies = verdict.policies;
         decision.errors = verdict.errors;
         let outcome = self.outcome_of(verdict.allow, !decision.errors.is_empty(), principal);

@@ -182,7 +182,10 @@ impl Engine {
         // one of several values.
         let host = crate::request::check_host(request);
         let canonical = crate::path::canonicalize(&request.raw_path);
-        let mcp_index = canonical.as_ref().ok().and_then(|p| self.mcp_server(&p.path));
+        let mcp_index = canonical
+            .as_ref()
+            .ok()
+            .and_then(|p| self.mcp_server(&p.path));
         let mut decision = match (canonical, mcp_index) {
             _ if host.is_err() => early(Outcome::Invalid(Reason::AmbiguousHost)),
             (Err(_), _) => early(Outcome::Invalid(Reason::AmbiguousPath)),

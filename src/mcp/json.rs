@@ -27,7 +27,8 @@ pub fn parse(bytes: &[u8], max_depth: usize) -> Result<Value, StrictJsonError> {
     }
     .deserialize_any(&mut de)
     .map_err(classify)?;
-    de.end().map_err(|e| StrictJsonError::Syntax(e.to_string()))?;
+    de.end()
+        .map_err(|e| StrictJsonError::Syntax(e.to_string()))?;
     Ok(value)
 }
 
@@ -157,7 +158,10 @@ mod tests {
             Err(StrictJsonError::DuplicateKey("x".into()))
         );
         let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
-        assert_eq!(parse(deep.as_bytes(), 16), Err(StrictJsonError::TooDeep(16)));
+        assert_eq!(
+            parse(deep.as_bytes(), 16),
+            Err(StrictJsonError::TooDeep(16))
+        );
         assert!(matches!(parse(b"{} x", 8), Err(StrictJsonError::Syntax(_))));
         assert!(matches!(parse(b"{", 8), Err(StrictJsonError::Syntax(_))));
     }

@@ -108,7 +108,10 @@ impl McpConfig {
                     .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             }) {
-                return Err(format!("{at}: namespace {:?} is not a Cedar namespace", s.namespace));
+                return Err(format!(
+                    "{at}: namespace {:?} is not a Cedar namespace",
+                    s.namespace
+                ));
             }
             if let Some(r) = &s.resource {
                 canonical_resource(r).map_err(|e| format!("{at}: resource {r:?}: {e}"))?;
@@ -270,6 +273,9 @@ mod tests {
             s.metadata_url().as_deref(),
             Some("https://mcp.example.com/.well-known/oauth-protected-resource/mcp")
         );
-        assert_eq!(s.metadata()["resource"], json!("https://mcp.example.com/mcp"));
+        assert_eq!(
+            s.metadata()["resource"],
+            json!("https://mcp.example.com/mcp")
+        );
     }
 }

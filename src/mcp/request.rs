@@ -23,6 +23,7 @@ pub const BATCH_REVISION: &str = "2025-03-26";
 /// policy did not see.
 pub const KNOWN_METHODS: &[&str] = &[
     "initialize",
+    "server/discover",
     "ping",
     "tools/list",
     "tools/call",
@@ -157,17 +158,25 @@ pub fn parse(
         ));
     };
     if !KNOWN_METHODS.contains(&method.as_str())
-        && KNOWN_METHODS.iter().any(|k| k.eq_ignore_ascii_case(&method))
+        && KNOWN_METHODS
+            .iter()
+            .any(|k| k.eq_ignore_ascii_case(&method))
     {
         return Err(McpError::MethodCase(method));
     }
     if method.bytes().any(|b| b.is_ascii_control()) || method.is_empty() || method.len() > 128 {
-        return Err(McpError::Malformed("method has control characters or a bad length".into()));
+        return Err(McpError::Malformed(
+            "method has control characters or a bad length".into(),
+        ));
     }
     let id = match message.remove("id") {
         None => None,
         Some(v @ (Value::String(_) | Value::Number(_))) => Some(v),
-        Some(_) => return Err(McpError::Malformed("id must be a string or a number".into())),
+        Some(_) => {
+            return Err(McpError::Malformed(
+                "id must be a string or a number".into(),
+            ));
+        }
     };
     let mut params = match message.remove("params") {
         None | Some(Value::Null) => Map::new(),
@@ -211,7 +220,9 @@ pub fn parse(
             return Err(McpError::Malformed("prompts/get needs params.name".into()));
         }
         "resources/read" if uri.is_none() => {
-            return Err(McpError::Malformed("resources/read needs params.uri".into()));
+            return Err(McpError::Malformed(
+                "resources/read needs params.uri".into(),
+            ));
         }
         _ => {}
     }
@@ -283,9 +294,7 @@ fn check_headers(
         (Some(_), None) => Err(McpError::HeaderMismatch(
             "Mcp-Name is sent for a method without a name".into(),
         )),
-        (None, Some(_)) if required => {
-            Err(McpError::HeaderMismatch("Mcp-Name is missing".into()))
-        }
+        (None, Some(_)) if required => Err(McpError::HeaderMismatch("Mcp-Name is missing".into())),
         _ => Ok(()),
     }
 }
@@ -315,8 +324,12 @@ mod tests {
 
     #[test]
     fn reads_a_tool_call() {
-        let r = parse(call("transfer", r#"{"amount":5}"#).as_bytes(), &h(&[]), LIMITS)
-            .expect("parses");
+        let r = parse(
+            call("transfer", r#"{"amount":5}"#).as_bytes(),
+            &h(&[]),
+            LIMITS,
+        )
+        .expect("parses");
         assert_eq!(r.method, "tools/call");
         assert_eq!(r.id, Some(Value::from(7)));
         assert_eq!(r.name.as_deref(), Some("transfer"));
@@ -331,20 +344,44 @@ mod tests {
             (call("bank::transfer", "{}"), h(&[])),
             (call("", "{}"), h(&[])),
             (call("transfer", r#"{"a":[[[[[[[[[1]]]]]]]]]}"#), h(&[])),
-            (call("transfer", &format!(r#"{{"a":"{}"}}"#, "x".repeat(300))), h(&[])),
+            (
+                call("transfer", &format!(r#"{{"a":"{}"}}"#, "x".repeat(300))),
+                h(&[]),
+            ),
             (call("transfer", "[1]"), h(&[])),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"x"}}"#.into(), h(&[])),
-            (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"tools/list"}"#.into(), h(&[])),
-            (r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#.into(), h(&[])),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"Tools/Call","params":{"name":"x"}}"#.into(),
+                h(&[]),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"tools/list"}"#.into(),
+                h(&[]),
+            ),
+            (
+                r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#.into(),
+                h(&[]),
+            ),
             (r#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#.into(), h(&[])),
-            (r#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#.into(), h(&[])),
+            (
+                r#"{"jsonrpc":"2.0","id":{},"method":"ping"}"#.into(),
+                h(&[]),
+            ),
             (call("transfer", "{}"), h(&[("mcp-method", "tools/list")])),
             (call("transfer", "{}"), h(&[("mcp-name", "other")])),
-            (call("transfer", "{}"), h(&[("mcp-protocol-version", "2026-07-28")])),
-            (call("transfer", "{}"), h(&[("mcp-param-x", "=?base64?***?=")])),
+            (
+                call("transfer", "{}"),
+                h(&[("mcp-protocol-version", "2026-07-28")]),
+            ),
+            (
+                call("transfer", "{}"),
+                h(&[("mcp-param-x", "=?base64?***?=")]),
+            ),
         ];
         for (body, headers) in cases {
-            assert!(parse(body.as_bytes(), &headers, LIMITS).is_err(), "{body} {headers:?}");
+            assert!(
+                parse(body.as_bytes(), &headers, LIMITS).is_err(),
+                "{body} {headers:?}"
+            );
         }
     }
 
@@ -361,7 +398,11 @@ mod tests {
             r.param_headers,
             vec![("region".to_string(), "Hello, 世界".to_string())]
         );
-        let batch = parse(br#"[]"#, &h(&[("mcp-protocol-version", "2025-06-18")]), LIMITS);
+        let batch = parse(
+            br#"[]"#,
+            &h(&[("mcp-protocol-version", "2025-06-18")]),
+            LIMITS,
+        );
         assert_eq!(batch, Err(McpError::Batch("2025-06-18".into())));
     }
 }

@@ -55,6 +55,7 @@ pub enum SchemaGenError {
 /// Methods every MCP server fragment declares, with their context.
 const METHOD_ACTIONS: &[(&str, &str)] = &[
     ("initialize", "{}"),
+    ("server/discover", "{}"),
     ("tools/list", "{}"),
     ("resources/list", "{}"),
     ("resources/templates/list", "{}"),
@@ -101,7 +102,9 @@ pub fn generate(list: &Value, options: &SchemaOptions) -> Result<String, SchemaG
     let tools = tools_of(list)?;
     let principals = options.principals.join(", ");
     let applies = |context: &str| {
-        format!("appliesTo {{\n    principal: [{principals}],\n    resource: [McpServer],\n    context: {context}\n  }}")
+        format!(
+            "appliesTo {{\n    principal: [{principals}],\n    resource: [McpServer],\n    context: {context}\n  }}"
+        )
     };
     let mut out = String::new();
     let _ = writeln!(
@@ -111,8 +114,16 @@ pub fn generate(list: &Value, options: &SchemaOptions) -> Result<String, SchemaG
     );
     out.push_str("  // The MCP server (the resource of every action).\n");
     out.push_str("  entity McpServer = { \"name\"?: String, \"tags\"?: Set<String> };\n\n");
-    for (method, context) in METHOD_ACTIONS {
-        let _ = writeln!(out, "  action \"{method}\" {};", applies(context));
+    // One declaration per context shape keeps the fragment short.
+    let mut shapes: Vec<&str> = METHOD_ACTIONS.iter().map(|(_, c)| *c).collect();
+    shapes.dedup();
+    for shape in shapes {
+        let names: Vec<String> = METHOD_ACTIONS
+            .iter()
+            .filter(|(_, c)| *c == shape)
+            .map(|(m, _)| format!("\"{m}\""))
+            .collect();
+        let _ = writeln!(out, "  action {} {};", names.join(", "), applies(shape));
     }
     out.push_str("  // Every tool's action is in this group.\n  action \"tools/call\";\n");
     let mut type_names = BTreeSet::new();
@@ -124,7 +135,10 @@ pub fn generate(list: &Value, options: &SchemaOptions) -> Result<String, SchemaG
         };
         if !valid_tool_name(name) {
             let shown: String = name.escape_debug().take(64).collect();
-            let _ = writeln!(out, "\n  // skipped: \"{shown}\" is not a valid MCP tool name");
+            let _ = writeln!(
+                out,
+                "\n  // skipped: \"{shown}\" is not a valid MCP tool name"
+            );
             continue;
         }
         if !seen.insert(name.to_string()) {
@@ -188,7 +202,9 @@ fn record_of(schema: &Value, indent: &str, notes: &mut Vec<String>, path: &str) 
         let (ty, nullable) = match type_of(prop, indent, notes, &here) {
             Some(t) => t,
             None => {
-                notes.push(format!("argument {here:?} is not typed; policies cannot see it"));
+                notes.push(format!(
+                    "argument {here:?} is not typed; policies cannot see it"
+                ));
                 continue;
             }
         };

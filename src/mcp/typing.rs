@@ -132,7 +132,9 @@ fn resolve(t: &Value, common: &Map<String, Value>, ns: &str, depth: usize) -> Ty
                 })
                 .collect(),
         ),
-        "Extension" | "EntityOrCommon" => named(t.get("name").and_then(Value::as_str).unwrap_or("")),
+        "Extension" | "EntityOrCommon" => {
+            named(t.get("name").and_then(Value::as_str).unwrap_or(""))
+        }
         "Entity" => Ty::Other,
         other => named(other),
     }
@@ -289,7 +291,10 @@ mod tests {
             "",
         )
         .expect("converts");
-        assert_eq!(ok["rate"], json!({"__extn": {"fn": "decimal", "arg": "1.25"}}));
+        assert_eq!(
+            ok["rate"],
+            json!({"__extn": {"fn": "decimal", "arg": "1.25"}})
+        );
         assert!(ok.get("extra").is_none());
         for bad in [
             json!({"amount": "5", "to": "b"}),
