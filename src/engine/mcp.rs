@@ -20,11 +20,14 @@ use crate::policy::Snapshot;
 use crate::policy::evaluate::evaluate;
 use crate::request::HttpRequest;
 
+/// Input types by namespace, and the policy version they were read from.
+type TypesByVersion = Option<(String, Arc<HashMap<String, ToolTypes>>)>;
+
 /// The MCP side of the engine.
 pub struct McpState {
     config: McpConfig,
     /// Input types per namespace, for one policy version.
-    types: Mutex<Option<(String, Arc<HashMap<String, ToolTypes>>)>>,
+    types: Mutex<TypesByVersion>,
     /// Allowed `tools/list` requests waiting for their answer, by request id.
     lists: moka::sync::Cache<String, PendingList>,
 }
@@ -178,9 +181,6 @@ impl Engine {
         facts: &mut McpFacts,
     ) -> Outcome {
         let anonymous = principal.kind == PrincipalKind::Anonymous;
-        if !anonymous && !server.scopes.iter().all(|s| principal.scopes.contains(s)) {
-            return Outcome::Forbidden(Reason::InsufficientScope);
-        }
         // GET opens the server's event stream and DELETE ends a session:
         // both are session-level, decided as `initialize`.
         let (method, context, mcp) = match request.method.as_str() {
@@ -207,6 +207,10 @@ impl Engine {
             }
             _ => return Outcome::Invalid(Reason::MalformedMcp),
         };
+        // After reading the body, so the refusal carries the request's id.
+        if !anonymous && !server.scopes.iter().all(|s| principal.scopes.contains(s)) {
+            return Outcome::Forbidden(Reason::InsufficientScope);
+        }
         let mut context = context;
         let mut action = method.clone();
         if let Some(r) = &mcp {
