@@ -254,6 +254,17 @@ pub fn check_response(
                 None => headers_to_remove.push(name.clone()),
             }
         }
+        if let Some(facts) = &decision.mcp {
+            if facts.method.as_deref() == Some("tools/list") {
+                headers.push(header(
+                    crate::mcp::LIST_MARK_HEADER,
+                    "1",
+                    HeaderAppendAction::OverwriteIfExistsOrAdd,
+                ));
+            } else {
+                headers_to_remove.push(crate::mcp::LIST_MARK_HEADER.to_string());
+            }
+        }
         // The MCP server never sees the client's token (it was issued for
         // this resource, not for the server's own upstreams).
         if config.strip_credentials || decision.mcp.is_some() {

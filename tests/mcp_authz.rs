@@ -147,3 +147,131 @@ async fn a_missing_scope_is_insufficient_scope_with_every_scope_named() {
         "{challenge}"
     );
 }
+
+/// Which allowed MCP requests carry the tools/list mark for ext_proc: set
+/// (overwriting a client's copy) on tools/list, removed on everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_tools_list_is_marked_for_the_external_processor() {
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse as Http;
+    let tg = Tollgate::start(config("")).await;
+    let mut client = AuthorizationClient::new(tg.channel().await);
+    let forged = [KEY, ("x-tollgate-mcp-list", "0")];
+    let list = check_request("POST", "/mcp", &forged, &rpc("tools/list", json!({})));
+    let Some(Http::OkResponse(ok)) = client
+        .check(list)
+        .await
+        .expect("check")
+        .into_inner()
+        .http_response
+    else {
+        panic!("tools/list is allowed");
+    };
+    let set: Vec<(String, String)> = ok
+        .headers
+        .into_iter()
+        .filter_map(|h| h.header)
+        .map(|h| (h.key, h.value))
+        .collect();
+    assert!(
+        set.contains(&("x-tollgate-mcp-list".into(), "1".into())),
+        "{set:?}"
+    );
+    let call = rpc(
+        "tools/call",
+        json!({"name": "get_balance", "arguments": {"account": "a"}}),
+    );
+    let Some(Http::OkResponse(ok)) = client
+        .check(check_request(
+            "POST",
+            "/mcp",
+            &[KEY, ("x-tollgate-mcp-list", "1")],
+            &call,
+        ))
+        .await
+        .expect("check")
+        .into_inner()
+        .http_response
+    else {
+        panic!("get_balance is allowed");
+    };
+    assert!(
+        ok.headers_to_remove
+            .contains(&"x-tollgate-mcp-list".to_string())
+    );
+}
+
+/// A marked tools/list answer whose allow this Tollgate does not remember
+/// (another replica, expired) lists no tools rather than all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_answer_without_its_decision_lists_no_tools() {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
+    let tg = Tollgate::start(config("")).await;
+    let headers = |pairs: &[(&str, &str)]| HeaderMap {
+        headers: pairs
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                value: v.to_string(),
+                raw_value: Vec::new(),
+            })
+            .collect(),
+    };
+    let answer = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "get_balance"}, {"name": "transfer"}]}});
+    let messages = vec![
+        ProcessingRequest {
+            request: Some(In::RequestHeaders(HttpHeaders {
+                headers: Some(headers(&[
+                    (":path", "/mcp"),
+                    ("x-request-id", "never-decided"),
+                    ("x-tollgate-mcp-list", "1"),
+                ])),
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(In::ResponseHeaders(HttpHeaders {
+                headers: Some(headers(&[
+                    (":status", "200"),
+                    ("content-type", "application/json"),
+                ])),
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        ProcessingRequest {
+            request: Some(In::ResponseBody(HttpBody {
+                body: answer.to_string().into_bytes(),
+                end_of_stream: true,
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+    ];
+    let mut client = ExternalProcessorClient::new(tg.channel().await);
+    let mut replies = client
+        .process(tokio_stream::iter(messages))
+        .await
+        .expect("process")
+        .into_inner();
+    let mut body = None;
+    while let Some(reply) = replies.message().await.expect("reply") {
+        if let Some(Out::ResponseBody(b)) = reply.response {
+            body = b
+                .response
+                .and_then(|c| c.body_mutation)
+                .and_then(|m| m.mutation);
+            break;
+        }
+    }
+    let Some(Mutation::Body(bytes)) = body else {
+        panic!("the answer is replaced");
+    };
+    let filtered: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(filtered["result"]["tools"], json!([]));
+}

@@ -155,12 +155,21 @@ impl ExternalProcessor for ExtProc {
                             header(h.headers.as_ref(), "x-request-id").filter(|id| !id.is_empty());
                         x.mcp = header(h.headers.as_ref(), ":path")
                             .is_some_and(|p| engine.is_mcp_path(&p));
+                        let marked = header(h.headers.as_ref(), crate::mcp::LIST_MARK_HEADER)
+                            .is_some_and(|v| v == "1");
                         if x.mcp {
                             x.filter = x.request_id.as_deref().and_then(|id| {
                                 engine
                                     .tools_list_filter(id)
                                     .map(|f| Box::new(f) as ToolFilter)
                             });
+                            if marked && x.filter.is_none() {
+                                // ext_authz allowed a tools/list this
+                                // replica does not remember: list nothing
+                                // rather than everything.
+                                tracing::warn!(request_id = ?x.request_id, "tools/list answer without its decision; no tools listed");
+                                x.filter = Some(Box::new(|_: &serde_json::Value| false));
+                            }
                         }
                         Out::RequestHeaders(headers_ok())
                     }

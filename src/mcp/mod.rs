@@ -198,6 +198,13 @@ impl McpServerConfig {
     }
 }
 
+/// Request header ext_authz sets (overwriting any client copy) on an
+/// allowed `tools/list` and removes on every other allowed MCP request, so
+/// the external processor knows which answers must be filtered even when
+/// it cannot find the allow it remembered (expired, another replica):
+/// such an answer then lists no tools.
+pub const LIST_MARK_HEADER: &str = "x-tollgate-mcp-list";
+
 /// MCP facts a decision carries to the response table.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct McpFacts {

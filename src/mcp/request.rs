@@ -157,17 +157,17 @@ pub fn parse(
             "method is missing or not a string (a response is not a request)".into(),
         ));
     };
+    if method.bytes().any(|b| b.is_ascii_control()) || method.is_empty() || method.len() > 128 {
+        return Err(McpError::Malformed(
+            "method has control characters or a bad length".into(),
+        ));
+    }
     if !KNOWN_METHODS.contains(&method.as_str())
         && KNOWN_METHODS
             .iter()
             .any(|k| k.eq_ignore_ascii_case(&method))
     {
         return Err(McpError::MethodCase(method));
-    }
-    if method.bytes().any(|b| b.is_ascii_control()) || method.is_empty() || method.len() > 128 {
-        return Err(McpError::Malformed(
-            "method has control characters or a bad length".into(),
-        ));
     }
     let id = match message.remove("id") {
         None => None,
