@@ -1,4 +1,7 @@
-//! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/policy`.
+//! The admin HTTP listener: `/healthz`, `/readyz`, `/metrics`, `/policy`,
+//! and the OAuth protected resource metadata (RFC 9728) of each MCP
+//! endpoint at `/.well-known/oauth-protected-resource<resource path>`
+//! (route that path of the MCP origin here, without ext_authz).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,8 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Readiness requires a connected quota store.
     pub store_required: bool,
+    /// MCP endpoints, for their metadata documents.
+    pub mcp: Arc<crate::mcp::McpConfig>,
 }
 
 /// The admin routes, every one of them.
@@ -51,7 +56,9 @@ pub enum AdminEndpoint {
 pub fn router_exposing(state: AdminState, exposed: &[AdminEndpoint]) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route(WELL_KNOWN, get(resource_metadata))
+        .route(&format!("{WELL_KNOWN}/{{*rest}}"), get(resource_metadata));
     if exposed.contains(&AdminEndpoint::Metrics) {
         router = router.route("/metrics", get(metrics));
     }
@@ -59,6 +66,24 @@ pub fn router_exposing(state: AdminState, exposed: &[AdminEndpoint]) -> Router {
         router = router.route("/policy", get(policy));
     }
     router.with_state(state)
+}
+
+const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
+
+/// RFC 9728 §3: the metadata of the MCP endpoint whose resource path
+/// follows the well-known prefix; 404 for any other path.
+async fn resource_metadata(
+    State(state): State<AdminState>,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    match state.mcp.server_for_metadata(uri.path()) {
+        Some(server) => (
+            [(header::CACHE_CONTROL, "max-age=300")],
+            Json(server.metadata()),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 fn policy_status(state: &AdminState) -> serde_json::Value {

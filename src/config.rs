@@ -46,6 +46,8 @@ pub struct Config {
     pub tracing: crate::telemetry::TracingConfig,
     /// The model catalog: families, tokenizers, context windows (`[usage]`).
     pub usage: crate::usage::catalog::UsageConfig,
+    /// MCP endpoints (`[mcp]`, `[[mcp.servers]]`).
+    pub mcp: crate::mcp::McpConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -388,6 +390,7 @@ impl Default for Config {
             audit: crate::audit::AuditConfig::default(),
             tracing: crate::telemetry::TracingConfig::default(),
             usage: Default::default(),
+            mcp: crate::mcp::McpConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -530,6 +533,7 @@ impl Config {
         self.route_table().map_err(|e| invalid(e.to_string()))?;
         self.authzen.check().map_err(|e| invalid(e.to_string()))?;
         self.tracing.check().map_err(|e| invalid(e.to_string()))?;
+        self.mcp.check().map_err(invalid)?;
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

@@ -89,6 +89,25 @@ pub enum Reason {
     /// The credential is valid but may not be used from the client's
     /// address (the key record's `allowed_cidrs`).
     SourceNotAllowed,
+    /// An MCP request that is not a well-formed JSON-RPC request (not an
+    /// object, no `method`, a repeated key, a method differing from a known
+    /// one only in case, a cut body).
+    MalformedMcp,
+    /// A JSON-RPC batch (an array) on an MCP endpoint.
+    McpBatchRefused,
+    /// The `Mcp-Method`, `Mcp-Name` or `Mcp-Param-*` headers disagree with
+    /// the body, or one the protocol revision requires is missing.
+    McpHeaderMismatch,
+    /// A `tools/call` names a tool that is not a valid MCP tool name
+    /// (control characters, `::`, `/`, empty, over 128 bytes).
+    InvalidToolName,
+    /// Tool arguments that are too large, too deep, or do not match the
+    /// tool's declared input type.
+    InvalidArguments,
+    /// A tool or MCP method the server's Cedar schema does not declare.
+    UnknownTool,
+    /// The caller's token lacks a scope the MCP endpoint requires.
+    InsufficientScope,
 }
 
 impl Reason {
@@ -126,6 +145,13 @@ impl Reason {
             Self::MissingForwardedHeader => "missing_forwarded_header",
             Self::LockedOut => "locked_out",
             Self::SourceNotAllowed => "source_not_allowed",
+            Self::MalformedMcp => "malformed_mcp",
+            Self::McpBatchRefused => "mcp_batch_refused",
+            Self::McpHeaderMismatch => "mcp_header_mismatch",
+            Self::InvalidToolName => "invalid_tool_name",
+            Self::InvalidArguments => "invalid_arguments",
+            Self::UnknownTool => "unknown_tool",
+            Self::InsufficientScope => "insufficient_scope",
         }
     }
 }
@@ -224,6 +250,9 @@ pub struct Decision {
     /// The request's estimated usage, when the engine estimated it (a
     /// catalog or a budget needs it); computed once per request.
     pub estimate: Option<crate::usage::Estimate>,
+    /// Set when the request went to an MCP endpoint: denials are then
+    /// JSON-RPC errors.
+    pub mcp: Option<crate::mcp::McpFacts>,
 }
 
 impl Decision {
@@ -244,6 +273,7 @@ impl Decision {
             trace_id: None,
             shadow: None,
             estimate: None,
+            mcp: None,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod identity;
 pub mod invalidate;
 pub mod listener;
+pub mod mcp;
 pub mod metrics;
 pub mod path;
 pub mod policy;

@@ -102,6 +102,33 @@ fn www_authenticate(reason: Reason, realm: &str) -> String {
     }
 }
 
+/// `WWW-Authenticate` of a refused MCP request: a 401 names the protected
+/// resource metadata (RFC 9728 §5.1) so the client can discover the
+/// authorization server; a 403 for a missing scope says
+/// `error="insufficient_scope"` with every scope the endpoint needs
+/// (RFC 6750 §3.1).
+fn mcp_www_authenticate(
+    outcome: Outcome,
+    facts: &crate::mcp::McpFacts,
+    realm: &str,
+) -> Option<String> {
+    let metadata = facts
+        .resource_metadata
+        .as_deref()
+        .map(|m| format!(", resource_metadata=\"{m}\""))
+        .unwrap_or_default();
+    match outcome {
+        Outcome::Unauthenticated(reason) => {
+            Some(format!("{}{metadata}", www_authenticate(reason, realm)))
+        }
+        Outcome::Forbidden(Reason::InsufficientScope) => Some(format!(
+            "Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{}\"{metadata}",
+            facts.scopes.join(" ")
+        )),
+        _ => None,
+    }
+}
+
 fn header(key: &str, value: &str, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
@@ -227,7 +254,20 @@ pub fn check_response(
                 None => headers_to_remove.push(name.clone()),
             }
         }
-        if config.strip_credentials {
+        if let Some(facts) = &decision.mcp {
+            if facts.method.as_deref() == Some("tools/list") {
+                headers.push(header(
+                    crate::mcp::LIST_MARK_HEADER,
+                    "1",
+                    HeaderAppendAction::OverwriteIfExistsOrAdd,
+                ));
+            } else {
+                headers_to_remove.push(crate::mcp::LIST_MARK_HEADER.to_string());
+            }
+        }
+        // The MCP server never sees the client's token (it was issued for
+        // this resource, not for the server's own upstreams).
+        if config.strip_credentials || decision.mcp.is_some() {
             for name in ["authorization", "x-api-key"] {
                 if client_headers.contains_key(name) {
                     headers_to_remove.push(name.to_string());
@@ -262,10 +302,17 @@ pub fn check_response(
             "application/json",
             HeaderAppendAction::OverwriteIfExistsOrAdd,
         )];
-        if let Outcome::Unauthenticated(reason) = decision.outcome {
+        let challenge = match (&decision.mcp, decision.outcome) {
+            (Some(facts), outcome) => mcp_www_authenticate(outcome, facts, &config.realm),
+            (None, Outcome::Unauthenticated(reason)) => {
+                Some(www_authenticate(reason, &config.realm))
+            }
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
             headers.push(header(
                 "www-authenticate",
-                &www_authenticate(reason, &config.realm),
+                &challenge,
                 HeaderAppendAction::OverwriteIfExistsOrAdd,
             ));
         }
@@ -282,7 +329,10 @@ pub fn check_response(
                 code: i32::from(pair.http),
             }),
             headers,
-            body: deny_body(decision),
+            body: match &decision.mcp {
+                Some(facts) => crate::mcp::error_body(decision, facts),
+                None => deny_body(decision),
+            },
         })
     };
     CheckResponse {

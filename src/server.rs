@@ -528,6 +528,7 @@ impl App {
             introspection: self.introspection.clone(),
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
+            mcp: Arc::new(self.config.mcp.clone()),
         };
         let health_follower = tokio::spawn(crate::admin::follow_readiness(
             admin_state.clone(),

@@ -25,7 +25,7 @@ fn validate_accepts_the_examples() {
     let out = tollgate(&["validate"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("policies ok: 18 policies"),
+        text(&out).contains("policies ok: 23 policies"),
         "{}",
         text(&out)
     );
@@ -326,4 +326,42 @@ fn errors_say_their_cause_once() {
     let t = text(&out);
     assert_eq!(t.matches("unknown unit").count(), 1, "{t}");
     assert!(t.contains("limits.yaml:4:"), "{t}");
+}
+
+#[test]
+fn mcp_schema_generates_the_example_fragment_and_validate_types_arguments() {
+    // The example schema ends with the fragment generated from the saved
+    // tools list: regenerating it gives the same text.
+    let out = tollgate(&["mcp", "schema", "examples/mcp/tools.json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let fragment = String::from_utf8_lossy(&out.stdout).into_owned();
+    let schema = std::fs::read_to_string(support::repo().join("policies/schema.cedarschema"))
+        .expect("schema");
+    assert!(
+        schema.ends_with(&fragment),
+        "regenerate the MCP part of policies/schema.cedarschema"
+    );
+    assert!(fragment.contains("\"amount\": Long"), "{fragment}");
+
+    // Policies on tool arguments are type-checked: a typo and a string
+    // compared as a number are load errors; the right policy loads.
+    for (condition, ok) in [
+        ("context.input.amount > 10", true),
+        ("context.input.amout > 10", false),
+        ("context.input.amount > \"10\"", false),
+    ] {
+        let dir = support::copy_policies();
+        let path = dir.path().join("mcp.cedar");
+        let mut content = std::fs::read_to_string(&path).expect("read");
+        content.push_str(&format!(
+            "\n@id(\"typed\")\nforbid (principal, action == Mcp::Action::\"transfer\", resource) when {{ {condition} }};\n"
+        ));
+        std::fs::write(&path, content).expect("write");
+        let out = tollgate(&["validate", dir.path().to_str().expect("utf8")]);
+        assert_eq!(out.status.success(), ok, "{condition}: {}", text(&out));
+    }
+
+    let bad = tollgate(&["mcp", "schema", "Cargo.toml"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("not JSON"), "{}", text(&bad));
 }

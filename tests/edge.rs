@@ -514,7 +514,7 @@ async fn plaintext_through_envoy_with_include_tls_session_is_not_tls() {
     let policies = support::copy_policies();
     std::fs::write(
         policies.path().join("tls_probe.cedar"),
-        "@id(\"tls-probe\")\nforbid (principal, action, resource) when { context.http.tls };\n",
+        "@id(\"tls-probe\")\nforbid (principal, action in [Action::\"chat\", Action::\"complete\", Action::\"embed\", Action::\"finetune\", Action::\"get_model\", Action::\"list_models\"], resource) when { context.http.tls };\n",
     )
     .expect("write policy");
     let mut config = test_config();
@@ -770,7 +770,7 @@ async fn every_source_address_form_parses_or_is_refused_with_a_reason() {
     let policies = support::copy_policies();
     std::fs::write(
         policies.path().join("net.cedar"),
-        "@id(\"no-ten-net\")\nforbid (principal, action, resource) when { context.http has source_ip && context.http.source_ip.isInRange(ip(\"10.0.0.0/8\")) };\n",
+        "@id(\"no-ten-net\")\nforbid (principal, action in [Action::\"chat\", Action::\"complete\", Action::\"embed\", Action::\"finetune\", Action::\"get_model\", Action::\"list_models\"], resource) when { context.http has source_ip && context.http.source_ip.isInRange(ip(\"10.0.0.0/8\")) };\n",
     )
     .expect("write policy");
     let mut config = test_config();

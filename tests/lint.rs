@@ -129,7 +129,7 @@ fn bad_configs() -> Vec<(&'static str, String, &'static str)> {
         (
             "bypass-route",
             replaced(&plain, ROUTES, &format!("{ROUTES}{BYPASS_ROUTE}")),
-            "only health routes may skip it",
+            "only those may skip it",
         ),
         (
             "no-ext-authz",
@@ -246,7 +246,7 @@ fn every_problem_in_one_file_is_reported() {
         "does not state failure_mode_deny",
         "require_client_certificate: true",
         "SANITIZE_SET",
-        "only health routes may skip it",
+        "only those may skip it",
         "5 errors",
     ] {
         assert!(t.contains(want), "{want:?} not in {t}");

@@ -270,7 +270,7 @@ async fn context_http_tls_follows_the_connection_through_envoy() {
     let policies = support::copy_policies();
     std::fs::write(
         policies.path().join("tls_probe.cedar"),
-        "@id(\"tls-probe\")\nforbid (principal, action, resource) when { context.http.tls };\n",
+        "@id(\"tls-probe\")\nforbid (principal, action in [Action::\"chat\", Action::\"complete\", Action::\"embed\", Action::\"finetune\", Action::\"get_model\", Action::\"list_models\"], resource) when { context.http.tls };\n",
     )
     .expect("write policy");
     let mut config = test_config();

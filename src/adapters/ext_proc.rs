@@ -16,17 +16,28 @@
 //! Envoy configuration: `processing_mode` with `request_header_mode: SEND`,
 //! `response_header_mode: SEND`, `response_body_mode: STREAMED`, everything
 //! else `SKIP`/`NONE` (see `examples/envoy/envoy.yaml`).
+//!
+//! On MCP endpoints (`[[mcp.servers]]`) nothing is settled. The answer to a
+//! `tools/list` ext_authz allowed is filtered to the tools the caller may
+//! call: at its response headers Tollgate asks Envoy for the whole body
+//! (`mode_override` to `BUFFERED`, which needs `allow_mode_override: true`)
+//! and removes `content-length`, then replaces the body with the filtered
+//! JSON or event stream ([`crate::mcp::tools_list`]). This is the one place
+//! the adapter alters traffic.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, CommonResponse, HeadersResponse, ProcessingRequest, ProcessingResponse,
-    TrailersResponse,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
+    ProcessingResponse, TrailersResponse,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -57,6 +68,9 @@ fn header(map: Option<&HeaderMap>, name: &str) -> Option<String> {
     })
 }
 
+/// Which listed tools to keep.
+type ToolFilter = Box<dyn Fn(&serde_json::Value) -> bool + Send>;
+
 /// One HTTP stream's state.
 #[derive(Default)]
 struct Exchange {
@@ -65,6 +79,12 @@ struct Exchange {
     /// The upstream answered with a status that is not 2xx.
     failed: bool,
     settled: bool,
+    /// A request to an MCP endpoint: no usage to settle.
+    mcp: bool,
+    /// An allowed `tools/list` whose answer is filtered.
+    filter: Option<ToolFilter>,
+    /// The answer being filtered is an event stream.
+    sse: bool,
 }
 
 impl Exchange {
@@ -128,11 +148,81 @@ impl ExternalProcessor for ExtProc {
                         return;
                     }
                 };
+                let mut mode_override = None;
                 let reply = match message.request {
                     Some(In::RequestHeaders(h)) => {
                         x.request_id =
                             header(h.headers.as_ref(), "x-request-id").filter(|id| !id.is_empty());
+                        x.mcp = header(h.headers.as_ref(), ":path")
+                            .is_some_and(|p| engine.is_mcp_path(&p));
+                        let marked = header(h.headers.as_ref(), crate::mcp::LIST_MARK_HEADER)
+                            .is_some_and(|v| v == "1");
+                        if x.mcp {
+                            x.filter = x.request_id.as_deref().and_then(|id| {
+                                engine
+                                    .tools_list_filter(id)
+                                    .map(|f| Box::new(f) as ToolFilter)
+                            });
+                            if marked && x.filter.is_none() {
+                                // ext_authz allowed a tools/list this
+                                // replica does not remember: list nothing
+                                // rather than everything.
+                                tracing::warn!(request_id = ?x.request_id, "tools/list answer without its decision; no tools listed");
+                                x.filter = Some(Box::new(|_: &serde_json::Value| false));
+                            }
+                        }
                         Out::RequestHeaders(headers_ok())
+                    }
+                    Some(In::ResponseHeaders(h)) if x.mcp => {
+                        let status = header(h.headers.as_ref(), ":status")
+                            .and_then(|s| s.parse::<u16>().ok())
+                            .unwrap_or(0);
+                        if !(200..300).contains(&status) || h.end_of_stream {
+                            // An error or an empty answer lists no tools.
+                            x.filter = None;
+                        }
+                        if x.filter.is_some() {
+                            x.sse = header(h.headers.as_ref(), "content-type").is_some_and(|c| {
+                                c.to_ascii_lowercase().starts_with("text/event-stream")
+                            });
+                            mode_override = Some(ProcessingMode {
+                                response_body_mode: BodySendMode::Buffered as i32,
+                                ..Default::default()
+                            });
+                            Out::ResponseHeaders(HeadersResponse {
+                                response: Some(CommonResponse {
+                                    header_mutation: Some(HeaderMutation {
+                                        remove_headers: vec!["content-length".into()],
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                }),
+                            })
+                        } else {
+                            Out::ResponseHeaders(headers_ok())
+                        }
+                    }
+                    Some(In::ResponseBody(b)) if x.mcp => {
+                        let body_mutation = match x.filter.take() {
+                            Some(keep) => {
+                                let filtered = if x.sse {
+                                    crate::mcp::tools_list::filter_sse(&b.body, &keep)
+                                } else {
+                                    crate::mcp::tools_list::filter_json(&b.body, &keep)
+                                };
+                                tracing::debug!(request_id = ?x.request_id, hidden = filtered.hidden, "tools/list answer filtered");
+                                Some(BodyMutation {
+                                    mutation: Some(Mutation::Body(filtered.body)),
+                                })
+                            }
+                            None => None,
+                        };
+                        Out::ResponseBody(BodyResponse {
+                            response: Some(CommonResponse {
+                                body_mutation,
+                                ..Default::default()
+                            }),
+                        })
                     }
                     Some(In::ResponseHeaders(h)) => {
                         let status = header(h.headers.as_ref(), ":status")
@@ -186,7 +276,9 @@ impl ExternalProcessor for ExtProc {
                     }
                     None => continue,
                 };
-                if tx.send(Ok(continue_as(reply))).await.is_err() {
+                let mut answer = continue_as(reply);
+                answer.mode_override = mode_override;
+                if tx.send(Ok(answer)).await.is_err() {
                     if let Some(reader) = x.reader.take() {
                         let seen = reader.finish();
                         x.settle(&engine, seen, "cut_short").await;

@@ -307,7 +307,7 @@ fn lint_hcm(hcm: &Value, place: &str, out: &mut Vec<Finding>) {
                 error(
                     format!("{place}, virtual host {vname:?}, route {i} {m}"),
                     format!(
-                        "ext_authz is disabled on a route that is not a health check ({}); only health routes may skip it",
+                        "ext_authz is disabled on a route that is not a health check ({}) or RFC 9728 metadata; only those may skip it",
                         HEALTH_PATHS.join(", ")
                     ),
                 );
@@ -360,9 +360,13 @@ fn is_health(route: &Value) -> bool {
         m.get(*k)
             .and_then(Value::as_str)
             .map(|p| p.trim_end_matches('/'))
-            .is_some_and(|p| HEALTH_PATHS.contains(&p))
+            .is_some_and(|p| HEALTH_PATHS.contains(&p) || p.starts_with(RESOURCE_METADATA))
     })
 }
+
+/// RFC 9728 protected resource metadata must be readable without a token
+/// (an MCP client fetches it after a 401), so its routes may skip ext_authz.
+const RESOURCE_METADATA: &str = "/.well-known/oauth-protected-resource";
 
 #[cfg(test)]
 mod tests {

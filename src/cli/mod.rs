@@ -102,6 +102,30 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// MCP helpers.
+    Mcp {
+        #[command(subcommand)]
+        command: McpCommand,
+    },
+}
+
+/// `tollgate mcp ...`.
+#[derive(Debug, Subcommand)]
+pub enum McpCommand {
+    /// Print the Cedar schema fragment for a saved `tools/list` result
+    /// (one action per tool, typed `context.input`); add it to the policy
+    /// directory's schema, then `tollgate validate` type-checks policies on
+    /// tool arguments.
+    Schema {
+        /// The saved tools/list answer (JSON-RPC response, its result, or the tools array).
+        tools_list: PathBuf,
+        /// Cedar namespace of the server's actions.
+        #[arg(long, default_value = "Mcp")]
+        namespace: String,
+        /// Principal entity types that may call the tools.
+        #[arg(long, value_delimiter = ',', default_value = "ApiKey,User,Service")]
+        principals: Vec<String>,
+    },
 }
 
 /// `tollgate audit ...`.
@@ -204,6 +228,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Quota { command } => quota::run(config, command).await,
         Command::Policy { command } => Ok(policy::run(&config, &command)),
         Command::Usage { command } => usage::run(config, command).await,
+        Command::Mcp {
+            command:
+                McpCommand::Schema {
+                    tools_list,
+                    namespace,
+                    principals,
+                },
+        } => {
+            let text = std::fs::read_to_string(&tools_list)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", tools_list.display()))?;
+            let list: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", tools_list.display()))?;
+            let options = crate::mcp::schema::SchemaOptions {
+                namespace,
+                principals,
+            };
+            let fragment = crate::mcp::schema::generate(&list, &options)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tools_list.display()))?;
+            print!("{fragment}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { files },
         } => {

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod context;
 mod guard;
+mod mcp;
 pub mod model;
 pub mod principal;
 mod query;
@@ -82,6 +83,7 @@ pub struct Engine {
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
     shadow: std::sync::OnceLock<Arc<PolicyStore>>,
     lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
+    mcp: mcp::McpState,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -121,6 +123,7 @@ impl Engine {
             audit: std::sync::OnceLock::new(),
             shadow: std::sync::OnceLock::new(),
             lockout: std::sync::OnceLock::new(),
+            mcp: mcp::McpState::new(&config.mcp),
         }
     }
 
@@ -237,10 +240,17 @@ impl Engine {
         // The host feeds `context.http.host`: a policy on it must never see
         // one of several values.
         let host = crate::request::check_host(request);
-        let mut decision = match crate::path::canonicalize(&request.raw_path) {
+        let canonical = crate::path::canonicalize(&request.raw_path);
+        let mcp_index = canonical
+            .as_ref()
+            .ok()
+            .and_then(|p| self.mcp_server(&p.path));
+        let mut decision = match (canonical, mcp_index) {
             _ if host.is_err() => early(Outcome::Invalid(Reason::AmbiguousHost)),
-            Err(_) => early(Outcome::Invalid(Reason::AmbiguousPath)),
-            Ok(path) => {
+            (Err(_), _) => early(Outcome::Invalid(Reason::AmbiguousPath)),
+            // An MCP endpoint: the JSON-RPC body says what is asked.
+            (Ok(_), Some(index)) => self.decide_mcp(&snapshot, request, index).await,
+            (Ok(path), None) => {
                 let matched = self.routes.find(&request.method, &path);
                 let identity =
                     tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.identity");
@@ -401,17 +411,22 @@ impl Engine {
         decision.shadow = self.shadow_http(&cedar_request, &principal, verdict.allow);
         decision.policies = verdict.policies;
         decision.errors = verdict.errors;
-        decision.outcome = if verdict.allow {
+        decision.outcome = self.outcome_of(verdict.allow, !decision.errors.is_empty(), &principal);
+        decision
+    }
+
+    /// The outcome of a policy verdict for `principal`.
+    fn outcome_of(&self, allow: bool, errors: bool, principal: &Principal) -> Outcome {
+        if allow {
             Outcome::Allow
-        } else if !decision.errors.is_empty() && self.on_error == OnEvaluationError::Deny {
+        } else if errors && self.on_error == OnEvaluationError::Deny {
             Outcome::Forbidden(Reason::PolicyError)
         } else if principal.kind == crate::identity::PrincipalKind::Anonymous {
             // With a credential this might have been allowed: ask for one.
             Outcome::Unauthenticated(Reason::MissingCredential)
         } else {
             Outcome::Forbidden(Reason::PolicyDenied)
-        };
-        decision
+        }
     }
 
     /// Authenticates the caller of an API Tollgate serves itself (the AuthZEN

@@ -157,7 +157,17 @@ fn run_case(
     case: &TestCase,
     on_error: OnEvaluationError,
 ) -> Result<(), String> {
-    let mut ctx = context::base();
+    // Actions in a namespace (an MCP server's, `Mcp::Action::"transfer"`)
+    // have their own context (`{ input: … }`), not the HTTP request's.
+    let namespaced = case
+        .action
+        .split_once("Action::")
+        .is_some_and(|(ns, _)| !ns.is_empty());
+    let mut ctx = if namespaced {
+        Value::Object(serde_json::Map::new())
+    } else {
+        context::base()
+    };
     if let Some(c) = &file.context {
         context::merge(&mut ctx, c);
     }

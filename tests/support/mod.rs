@@ -1175,3 +1175,94 @@ pub async fn report_usage(tollgate: &Tollgate, request_id: &str, input: u64, out
         .into_inner();
     result
 }
+
+/// The demo enterprise key (`examples/keys.toml`: demo-admin, tier enterprise).
+pub const DEMO_ADMIN_KEY: &str = "tg_demo-admin_FAcFFpAJpY3Jny1toWZvGvb2HtbM43Ex2LoCQa";
+
+/// The Python with the PyPI `mcp` SDK: `$MCP_PYTHON`, else `.venv/bin/python`
+/// (scripts/test installs `mcp` there).
+pub fn mcp_python() -> PathBuf {
+    let path = std::env::var_os("MCP_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            // Envoy and the SDK share a virtualenv; follow $ENVOY_BIN to it.
+            std::env::var_os("ENVOY_BIN")
+                .map(PathBuf::from)
+                .and_then(|e| e.parent().map(|d| d.join("python")))
+        })
+        .unwrap_or_else(|| repo().join(".venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python at {}; run scripts/test, which installs the mcp SDK",
+        path.display()
+    );
+    path
+}
+
+/// The example MCP server (`tests/mcp/bank_server.py`, PyPI `mcp`,
+/// Streamable HTTP at `/mcp`) on a free port, killed on drop. `seen` lists
+/// the credential headers each request reached it with.
+pub struct McpServer {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl McpServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+        let child = Command::new(mcp_python())
+            .arg(repo().join("tests/mcp/bank_server.py"))
+            .arg(port.to_string())
+            .arg(dir.path().join("seen.txt"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the MCP server");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let up = eventually(Duration::from_secs(30), || async move {
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        assert!(up, "MCP server did not start; see {}", dir.path().display());
+        Self { child, addr, dir }
+    }
+
+    /// One line per request the server received.
+    pub fn seen(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("seen.txt")).unwrap_or_default()
+    }
+}
+
+/// Runs `tests/mcp/client.py URL TOKEN STEPS…` (the SDK's client) and
+/// returns one JSON value per step.
+pub fn mcp_client(url: &str, token: &str, steps: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(mcp_python())
+        .arg(repo().join("tests/mcp/client.py"))
+        .arg(url)
+        .arg(token)
+        .args(steps)
+        .output()
+        .expect("run the MCP client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        steps.len(),
+        "client output: {text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lines
+}
