@@ -5,9 +5,7 @@
 
 mod support;
 
-use support::{
-    Caddy, DEMO_FREE_KEY, DEMO_PAID_KEY, Tollgate, free_port, raw_http, start_upstream, test_config,
-};
+use support::{Caddy, DEMO_FREE_KEY, DEMO_PAID_KEY, free_port, raw_http, start_upstream};
 use tollgate::config::ForwardAuthTrust;
 
 const GLOBEX_KEY: &str = "tg_demo-globex_yBbjeNm0bA39bTc7QNb3XbD6xs4RtFQ62kcZfO";
@@ -42,24 +40,7 @@ async fn start_caddy(forward_auth: std::net::SocketAddr, upstream: u16) -> Caddy
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_through_caddy() {
-    let mut config = test_config();
-    config.server.forward_auth_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    config.server.forward_auth_trust = ForwardAuthTrust::Forwarded;
-    #[derive(serde::Deserialize)]
-    struct Rules {
-        rules: Vec<tollgate::quota::rules::QuotaRule>,
-    }
-    let rules: Rules = toml::from_str(
-        "[[rules]]\nname = \"paid-key-per-minute\"\nper = [\"key\"]\nunit = \"minute\"\ntiers = { paid = 3 }\n",
-    )
-    .expect("rules");
-    config.quota.rules = rules.rules;
-    let mut tg = Tollgate::start(config).await;
-    let fa = tg
-        .running
-        .as_ref()
-        .and_then(|r| r.forward_auth_addr)
-        .expect("forward-auth listener");
+    let (mut tg, fa) = support::forward_auth_tollgate(ForwardAuthTrust::Forwarded).await;
     let (upstream, _task) = start_upstream().await;
     let caddy = start_caddy(fa, upstream.port()).await;
     let gw = caddy.listener;

@@ -40,24 +40,7 @@ async fn start_nginx(forward_auth: std::net::SocketAddr, upstream: u16) -> Nginx
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_through_nginx() {
-    let mut config = test_config();
-    config.server.forward_auth_listen = Some("127.0.0.1:0".parse().expect("addr"));
-    config.server.forward_auth_trust = ForwardAuthTrust::Original;
-    #[derive(serde::Deserialize)]
-    struct Rules {
-        rules: Vec<tollgate::quota::rules::QuotaRule>,
-    }
-    let rules: Rules = toml::from_str(
-        "[[rules]]\nname = \"paid-key-per-minute\"\nper = [\"key\"]\nunit = \"minute\"\ntiers = { paid = 3 }\n",
-    )
-    .expect("rules");
-    config.quota.rules = rules.rules;
-    let mut tg = Tollgate::start(config).await;
-    let fa = tg
-        .running
-        .as_ref()
-        .and_then(|r| r.forward_auth_addr)
-        .expect("forward-auth listener");
+    let (mut tg, fa) = support::forward_auth_tollgate(ForwardAuthTrust::Original).await;
     let (upstream, _task) = start_upstream().await;
     let nginx = start_nginx(fa, upstream.port()).await;
     let gw = nginx.listener;

@@ -1266,3 +1266,28 @@ pub fn mcp_client(url: &str, token: &str, steps: &[&str]) -> Vec<serde_json::Val
     );
     lines
 }
+
+/// Tollgate on the test config with its forward-auth listener on a free port
+/// (trusting `trust`'s forwarded headers) and one quota rule,
+/// `paid-key-per-minute` (3 a minute per paid key), for the gateway
+/// end-to-end matrices; and the forward-auth listener's address.
+pub async fn forward_auth_tollgate(
+    trust: tollgate::config::ForwardAuthTrust,
+) -> (Tollgate, SocketAddr) {
+    let mut config = test_config();
+    config.server.forward_auth_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.server.forward_auth_trust = trust;
+    config.quota.rules = vec![
+        toml::from_str(
+            "name = \"paid-key-per-minute\"\nper = [\"key\"]\nunit = \"minute\"\ntiers = { paid = 3 }\n",
+        )
+        .expect("rule"),
+    ];
+    let tg = Tollgate::start(config).await;
+    let fa = tg
+        .running
+        .as_ref()
+        .and_then(|r| r.forward_auth_addr)
+        .expect("forward-auth listener");
+    (tg, fa)
+}
