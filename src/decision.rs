@@ -108,6 +108,9 @@ pub enum Reason {
     UnknownTool,
     /// The caller's token lacks a scope the MCP endpoint requires.
     InsufficientScope,
+    /// The bearer token's `aud` does not name the MCP endpoint's resource
+    /// (RFC 8707; MCP authorization: tokens are issued for one resource).
+    WrongAudience,
 }
 
 impl Reason {
@@ -152,6 +155,7 @@ impl Reason {
             Self::InvalidArguments => "invalid_arguments",
             Self::UnknownTool => "unknown_tool",
             Self::InsufficientScope => "insufficient_scope",
+            Self::WrongAudience => "wrong_audience",
         }
     }
 }

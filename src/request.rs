@@ -43,6 +43,9 @@ pub struct HttpRequest {
     /// metadata), by payload key. Used only for issuers configured to trust
     /// them.
     pub jwt_authn_payloads: HashMap<String, serde_json::Value>,
+    /// What Envoy's MCP filter read of the JSON-RPC request (its dynamic
+    /// metadata, forwarded by ext_authz; see [`crate::mcp::envoy_metadata`]).
+    pub mcp_metadata: Option<serde_json::Value>,
 }
 
 /// Route facts the gateway's own configuration supplies.

@@ -136,7 +136,7 @@ async fn every_decision_is_audited_without_secrets_and_the_chain_verifies() {
     };
 
     let allow = by_id("allow");
-    assert_eq!(allow["v"], 1);
+    assert_eq!(allow["v"], tollgate::audit::SCHEMA_VERSION);
     assert_eq!(allow["decision"], "allow");
     assert_eq!(allow["reason"], "allowed");
     assert_eq!(allow["status"], 200);

@@ -187,11 +187,33 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
     } else {
         None
     };
-    let jwt_authn_payloads = metadata_context
-        .and_then(|mut m| {
-            m.filter_metadata
-                .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
+    let mut filter_metadata = metadata_context
+        .map(|m| m.filter_metadata)
+        .unwrap_or_default();
+    let too_deep = || {
+        (
+            request_id.clone(),
+            MalformedRequest::MetadataTooDeep(MAX_METADATA_DEPTH),
+        )
+    };
+    // Envoy's MCP filter (`envoy.filters.http.mcp`), when it runs in front.
+    let mcp_metadata = crate::mcp::envoy_metadata::NAMESPACES
+        .iter()
+        .find_map(|ns| filter_metadata.remove(*ns))
+        .map(|s| {
+            json_of(
+                envoy_types::pb::google::protobuf::Value {
+                    kind: Some(envoy_types::pb::google::protobuf::value::Kind::StructValue(
+                        s,
+                    )),
+                },
+                1,
+            )
+            .ok_or_else(too_deep)
         })
+        .transpose()?;
+    let jwt_authn_payloads = filter_metadata
+        .remove(crate::identity::jwt::JWT_AUTHN_NAMESPACE)
         .map(|s| {
             s.fields
                 .into_iter()
@@ -199,12 +221,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
                 .collect::<Option<HashMap<_, _>>>()
         })
         .unwrap_or_else(|| Some(HashMap::new()))
-        .ok_or_else(|| {
-            (
-                request_id.clone(),
-                MalformedRequest::MetadataTooDeep(MAX_METADATA_DEPTH),
-            )
-        })?;
+        .ok_or_else(too_deep)?;
     let mut ext = context_extensions;
     Ok(HttpRequest {
         body_partial: headers
@@ -227,6 +244,7 @@ fn to_http_request(check: CheckRequest) -> Result<HttpRequest, (String, Malforme
             identity: ext.remove("identity"),
         },
         jwt_authn_payloads,
+        mcp_metadata,
         headers,
     })
 }

@@ -19,7 +19,9 @@ pub mod suggest;
 mod trail;
 mod verify;
 
-pub use record::{AuditRecord, Caller, QuotaOutcome, SCHEMA_VERSION, UsageFacts};
+pub use record::{
+    AuditRecord, Caller, ChainLink, McpAudit, QuotaOutcome, SCHEMA_VERSION, UsageFacts,
+};
 pub use trail::{AuditConfig, AuditError, AuditSink, AuditTrail};
 pub use verify::{GENESIS, VerifyError, VerifyReport, verify};
 

@@ -1,7 +1,9 @@
 //! The audit record: what one decision leaves in the trail.
 //!
-//! Schema `tollgate.audit/1` (field `v: 1`), one JSON object per line, keys
-//! in this order; optional values are `null`, never absent. The writer adds
+//! Schema `tollgate.audit/2` (field `v: 2`), one JSON object per line, keys
+//! in this order; optional values are `null`, never absent. Version 2 adds
+//! `mcp` (after `shadow`); a reader of version 1 records sees no other
+//! change. The writer adds
 //! `seq`, `prev` and `hash` (see [`super::trail`]). Documented in README.md,
 //! "Audit record schema".
 
@@ -15,7 +17,7 @@ use crate::identity::PrincipalKind;
 use crate::request::HttpRequest;
 
 /// The `v` of every record this version writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Who asked: never a credential, only what the credential resolved to.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -39,6 +41,34 @@ pub struct QuotaOutcome {
     pub rule: Option<String>,
     pub limit: Option<u64>,
     pub remaining: Option<u64>,
+}
+
+/// One identity in the chain of who is acting: the principal decided on,
+/// and (filled by the caller-context and delegation features) the agent
+/// runtime or the service that carried the principal's credential.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChainLink {
+    /// `principal`, `agent` (the runtime acting for the principal) or
+    /// `via` (a service that carried the principal's token).
+    pub role: &'static str,
+    /// Cedar UID, `User::"alice"`.
+    pub identity: String,
+}
+
+/// What an MCP request was (a decision on an MCP endpoint only).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct McpAudit {
+    /// The JSON-RPC method, when the request was read.
+    pub method: Option<String>,
+    /// The tool, for `tools/call`.
+    pub tool: Option<String>,
+    /// The MCP server entity, `Mcp::McpServer::"bank"`.
+    pub server: Option<String>,
+    /// Who acts, the principal first: `[{role, identity}]`.
+    pub caller_chain: Vec<ChainLink>,
+    /// Lowercase hex SHA-256 of each top-level argument's value as compact
+    /// JSON (object members sorted), by argument name. Never the values.
+    pub argument_sha256: std::collections::BTreeMap<String, String>,
 }
 
 /// What a usage report settled (`api = usage`).
@@ -100,6 +130,10 @@ pub struct AuditRecord {
     /// only when it disagrees with the live set: `{decision, direction,
     /// policies, errored_policies, policy_version}`.
     pub shadow: Option<crate::policy::shadow::ShadowVerdict>,
+    /// MCP facts (v2): method, tool, server, caller chain and argument
+    /// hashes; `null` off MCP endpoints. The determining policies and the
+    /// quota outcome of a tool decision are `policies` and `quota` above.
+    pub mcp: Option<McpAudit>,
 }
 
 impl AuditRecord {
@@ -162,6 +196,20 @@ impl AuditRecord {
             latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             usage: None,
             shadow: decision.shadow.clone(),
+            mcp: decision.mcp.as_ref().map(|facts| McpAudit {
+                method: facts.method.clone(),
+                tool: facts.tool.clone(),
+                server: facts.server.clone(),
+                caller_chain: decision
+                    .principal
+                    .iter()
+                    .map(|p| ChainLink {
+                        role: "principal",
+                        identity: p.uid(),
+                    })
+                    .collect(),
+                argument_sha256: facts.argument_sha256.clone(),
+            }),
         }
     }
 }

@@ -78,6 +78,10 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
                     }
                     Per::Model => format!("model={}", caller.model),
                     Per::Tier => format!("tier={}", principal.tier.as_deref().unwrap_or("-")),
+                    // The counter looked up is the rule's first action's.
+                    Per::Action => {
+                        format!("action={}", rule.actions.first().map_or("", String::as_str))
+                    }
                 })
                 .collect();
             let per = if per.is_empty() {

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use super::Engine;
 use crate::decision::{Decision, Outcome, Reason};
 use crate::identity::{Principal, PrincipalKind};
-use crate::mcp::request::{self as mcp_request, HEADERS_REQUIRED_FROM, McpError};
+use crate::mcp::envoy_metadata;
+use crate::mcp::request::{self as mcp_request, HEADERS_REQUIRED_FROM, McpError, McpRequest};
 use crate::mcp::typing::{self, ToolTypes};
 use crate::mcp::{McpConfig, McpFacts, McpServerConfig, Permit};
 use crate::policy::Snapshot;
@@ -30,6 +31,8 @@ pub struct McpState {
     types: Mutex<TypesByVersion>,
     /// Allowed `tools/list` requests waiting for their answer, by request id.
     lists: moka::sync::Cache<String, PendingList>,
+    /// `iss` of the JWT issuers configured with `relaxed_audience`.
+    relaxed_issuers: std::collections::HashSet<String>,
 }
 
 /// An allowed `tools/list` whose answer is to be filtered.
@@ -40,9 +43,14 @@ struct PendingList {
 }
 
 impl McpState {
-    /// From `[mcp]`.
-    pub fn new(config: &McpConfig) -> Self {
+    /// From `[mcp]` and the JWT issuers (for their `relaxed_audience`).
+    pub fn new(config: &McpConfig, issuers: &[crate::identity::jwt::IssuerConfig]) -> Self {
         Self {
+            relaxed_issuers: issuers
+                .iter()
+                .filter(|i| i.relaxed_audience)
+                .map(|i| i.issuer.clone())
+                .collect(),
             config: config.clone(),
             types: Mutex::new(None),
             lists: moka::sync::Cache::builder()
@@ -134,8 +142,10 @@ impl Engine {
             id: Value::Null,
             resource_metadata: server.metadata_url(),
             scopes: server.scopes.clone(),
-            method: None,
-            tool: None,
+            server: uid_in(&server.namespace, "McpServer", &server.server)
+                .ok()
+                .map(|u| u.to_string()),
+            ..McpFacts::default()
         };
         let principal = match self
             .identity
@@ -145,7 +155,7 @@ impl Engine {
             Ok(p) if !crate::respond::principal_is_expressible(&p) => {
                 Err(Outcome::Unauthenticated(Reason::InvalidClaim))
             }
-            Ok(p) => Ok(p),
+            Ok(p) => self.check_audience(request, server, &p).map(|()| p),
             Err(Reason::Unavailable) => Err(Outcome::Unavailable(Reason::Unavailable)),
             Err(r) => Err(Outcome::Unauthenticated(r)),
         };
@@ -186,15 +196,7 @@ impl Engine {
         let (method, context, mcp) = match request.method.as_str() {
             "GET" | "DELETE" => ("initialize".to_string(), json!({}), None),
             "POST" => {
-                let body = match (&request.body, request.body_partial) {
-                    (Some(b), false) => b,
-                    _ => return Outcome::Invalid(Reason::MalformedMcp),
-                };
-                let parsed = match mcp_request::parse(
-                    body,
-                    &request.headers,
-                    self.mcp.config.limits(),
-                ) {
+                let parsed = match self.read_mcp(request) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::info!(request_id = %request.request_id, error = %e, "MCP request refused");
@@ -208,7 +210,19 @@ impl Engine {
             _ => return Outcome::Invalid(Reason::MalformedMcp),
         };
         // After reading the body, so the refusal carries the request's id.
-        if !anonymous && !server.scopes.iter().all(|s| principal.scopes.contains(s)) {
+        // A tool's own scopes join the endpoint's: the challenge names every
+        // scope the operation needs.
+        if let Some(r) = &mcp
+            && r.method == "tools/call"
+            && let Some(extra) = r.name.as_ref().and_then(|n| server.tool_scopes.get(n))
+        {
+            for scope in extra {
+                if !facts.scopes.contains(scope) {
+                    facts.scopes.push(scope.clone());
+                }
+            }
+        }
+        if !anonymous && !facts.scopes.iter().all(|s| principal.scopes.contains(s)) {
             return Outcome::Forbidden(Reason::InsufficientScope);
         }
         let mut context = context;
@@ -233,9 +247,14 @@ impl Engine {
                 "tools/call" => {
                     let name = r.name.clone().unwrap_or_default();
                     facts.tool = Some(name.clone());
+                    facts.argument_sha256 = crate::mcp::argument_hashes(&r.arguments);
                     let Some(ty) = declared.tools.get(&name) else {
                         return Outcome::Forbidden(Reason::UnknownTool);
                     };
+                    if request.body.is_none() && !envoy_metadata::flat_input(ty) {
+                        tracing::info!(request_id = %request.request_id, tool = %name, "tool has nested arguments, which Envoy's MCP filter metadata cannot carry; send the body to ext_authz");
+                        return Outcome::Invalid(Reason::InvalidArguments);
+                    }
                     let required = r
                         .protocol_version
                         .as_deref()
@@ -315,6 +334,73 @@ impl Engine {
             );
         }
         outcome
+    }
+
+    /// The JSON-RPC request of a POST: from the body, from Envoy's MCP
+    /// filter metadata when only that came, and from the body checked
+    /// against the metadata when both came.
+    fn read_mcp(&self, request: &HttpRequest) -> Result<McpRequest, McpError> {
+        let limits = self.mcp.config.limits();
+        let from_metadata = request
+            .mcp_metadata
+            .as_ref()
+            .map(|m| envoy_metadata::parse(m, &request.headers, limits))
+            .transpose()?;
+        let from_body = match (&request.body, request.body_partial) {
+            (Some(b), false) => Some(mcp_request::parse(b, &request.headers, limits)?),
+            (Some(_), true) => {
+                return Err(McpError::Malformed("the body was cut at the limit".into()));
+            }
+            (None, _) => None,
+        };
+        match (from_metadata, from_body) {
+            (Some(m), Some(b)) => envoy_metadata::agree(&m, &b).map(|()| b),
+            (None, Some(b)) => Ok(b),
+            (Some(m), None) => Ok(m),
+            (None, None) => Err(McpError::Malformed("no body and no MCP metadata".into())),
+        }
+    }
+
+    /// RFC 8707 / MCP authorization: a bearer token used at an endpoint
+    /// with a `resource` must name that resource in `aud`. An issuer with
+    /// `relaxed_audience` is let through without it, and logged.
+    fn check_audience(
+        &self,
+        request: &HttpRequest,
+        server: &McpServerConfig,
+        principal: &Principal,
+    ) -> Result<(), Outcome> {
+        let Some(resource) = server.resource.as_deref() else {
+            return Ok(());
+        };
+        if principal.kind != PrincipalKind::User {
+            return Ok(());
+        }
+        // The token the identity chain just verified: its payload is read
+        // again here only for `iss` and `aud`.
+        let claims = match request.jwt_authn_payloads.values().next() {
+            Some(payload) => payload.as_object().cloned(),
+            None => request
+                .header("authorization")
+                .and_then(|a| a.split_once(' '))
+                .and_then(|(_, token)| {
+                    crate::identity::jwt::token::Parts::decode(token.trim()).ok()
+                })
+                .map(|p| p.payload),
+        };
+        let Some(claims) = claims else {
+            return Err(Outcome::Unauthenticated(Reason::WrongAudience));
+        };
+        if crate::mcp::audience_names(claims.get("aud"), resource) {
+            return Ok(());
+        }
+        let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+        if self.mcp.relaxed_issuers.contains(iss) {
+            tracing::warn!(request_id = %request.request_id, issuer = %iss, %resource, "audience relaxed: token does not name this MCP resource");
+            return Ok(());
+        }
+        tracing::info!(request_id = %request.request_id, issuer = %iss, %resource, "token audience is not this MCP resource");
+        Err(Outcome::Unauthenticated(Reason::WrongAudience))
     }
 
     /// For an allowed `tools/list` (by request id, once): which listed tools

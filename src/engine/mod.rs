@@ -123,7 +123,7 @@ impl Engine {
             audit: std::sync::OnceLock::new(),
             shadow: std::sync::OnceLock::new(),
             lockout: std::sync::OnceLock::new(),
-            mcp: mcp::McpState::new(&config.mcp),
+            mcp: mcp::McpState::new(&config.mcp, &config.identity.jwt_issuers),
         }
     }
 

@@ -136,7 +136,12 @@ impl Authenticator for JwtAuthenticator {
             return Authentication::Rejected(r);
         }
         match issuer
-            .verify(token, header.alg, header.kid.as_deref())
+            .verify(
+                token,
+                header.alg,
+                header.kid.as_deref(),
+                parts.payload.contains_key("aud"),
+            )
             .await
         {
             Ok(claims) => match issuer.principal(&claims) {

@@ -9,6 +9,7 @@
 //! methods; resource = `<namespace>::McpServer::"<server>"`; a tool's typed
 //! arguments are `context.input`.
 
+pub mod envoy_metadata;
 pub mod json;
 pub mod request;
 pub mod schema;
@@ -82,6 +83,11 @@ pub struct McpServerConfig {
     /// Scopes every request must carry (all of them); also `scopes_supported`.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Scopes a `tools/call` of a tool needs besides `scopes` (tool name →
+    /// scopes, all required). A call without them is refused 403
+    /// `insufficient_scope` naming every scope the call needs.
+    #[serde(default)]
+    pub tool_scopes: std::collections::BTreeMap<String, Vec<String>>,
     /// Identity sources this endpoint accepts (default: all configured).
     #[serde(default)]
     pub identity: Option<Vec<crate::identity::SourceKind>>,
@@ -145,6 +151,27 @@ impl McpConfig {
             max_argument_bytes: self.max_argument_bytes,
             max_depth: self.max_depth,
         }
+    }
+}
+
+/// Whether a token's `aud` (a string or an array of strings) names the
+/// protected resource `resource`, compared as RFC 8707 canonical URIs
+/// ([`canonical_resource`]; a trailing `/` on the path is not significant,
+/// as the MCP authorization spec lets clients send either form). An `aud`
+/// value that is not a valid resource indicator names nothing.
+pub fn audience_names(aud: Option<&Value>, resource: &str) -> bool {
+    let canonical = |u: &str| canonical_resource(u).map(|c| c.trim_end_matches('/').to_string());
+    let Ok(want) = canonical(resource) else {
+        return false;
+    };
+    let names = |v: &Value| {
+        v.as_str()
+            .is_some_and(|a| canonical(a).is_ok_and(|a| a == want))
+    };
+    match aud {
+        Some(Value::Array(list)) => list.iter().any(names),
+        Some(v) => names(v),
+        None => false,
     }
 }
 
@@ -218,6 +245,29 @@ pub struct McpFacts {
     pub method: Option<String>,
     /// The tool called, for `tools/call`.
     pub tool: Option<String>,
+    /// The MCP server entity (`Mcp::McpServer::"bank"`).
+    pub server: Option<String>,
+    /// Lowercase hex SHA-256 of each top-level argument's value, by
+    /// argument name ([`argument_hashes`]); never the values.
+    pub argument_sha256: std::collections::BTreeMap<String, String>,
+}
+
+/// SHA-256 of each argument's value as compact JSON with object members in
+/// sorted order (serde_json's map is ordered), so the same value hashes the
+/// same whatever order the client sent. These hash low-entropy values too
+/// (an amount of `5` can be found by trying): the audit record keeps them
+/// to compare calls, not to keep values secret from whoever reads it.
+pub fn argument_hashes(
+    arguments: &serde_json::Map<String, Value>,
+) -> std::collections::BTreeMap<String, String> {
+    use sha2::{Digest, Sha256};
+    arguments
+        .iter()
+        .map(|(k, v)| {
+            let text = serde_json::to_vec(v).unwrap_or_default();
+            (k.clone(), hex::encode(Sha256::digest(&text)))
+        })
+        .collect()
 }
 
 /// The JSON-RPC error code of a refused MCP request. `-32001` is the
@@ -274,6 +324,7 @@ mod tests {
             resource: Some("https://mcp.example.com/mcp".into()),
             authorization_servers: vec!["https://idp.example.com".into()],
             scopes: vec!["mcp:tools".into()],
+            tool_scopes: Default::default(),
             identity: None,
         };
         assert_eq!(
@@ -284,5 +335,27 @@ mod tests {
             s.metadata()["resource"],
             json!("https://mcp.example.com/mcp")
         );
+    }
+
+    #[test]
+    fn audiences_are_compared_as_canonical_resource_uris() {
+        let r = "https://mcp.example.com/mcp";
+        for (aud, names) in [
+            (json!("https://mcp.example.com/mcp"), true),
+            (json!("HTTPS://MCP.Example.com:443/mcp"), true),
+            (json!("https://mcp.example.com/mcp/"), true),
+            (json!(["tollgate", "https://mcp.example.com/mcp"]), true),
+            (json!("https://mcp.example.com/other"), false),
+            (json!("https://mcp.example.com/MCP"), false),
+            (json!("https://mcp.example.com:8443/mcp"), false),
+            (json!("http://mcp.example.com/mcp"), false),
+            (json!("https://mcp.example.com/mcp#x"), false),
+            (json!("tollgate"), false),
+            (json!(["tollgate"]), false),
+            (json!(7), false),
+        ] {
+            assert_eq!(audience_names(Some(&aud), r), names, "{aud}");
+        }
+        assert!(!audience_names(None, r));
     }
 }

@@ -157,18 +157,7 @@ pub fn parse(
             "method is missing or not a string (a response is not a request)".into(),
         ));
     };
-    if method.bytes().any(|b| b.is_ascii_control()) || method.is_empty() || method.len() > 128 {
-        return Err(McpError::Malformed(
-            "method has control characters or a bad length".into(),
-        ));
-    }
-    if !KNOWN_METHODS.contains(&method.as_str())
-        && KNOWN_METHODS
-            .iter()
-            .any(|k| k.eq_ignore_ascii_case(&method))
-    {
-        return Err(McpError::MethodCase(method));
-    }
+    check_method(&method)?;
     let id = match message.remove("id") {
         None => None,
         Some(v @ (Value::String(_) | Value::Number(_))) => Some(v),
@@ -198,6 +187,53 @@ pub fn parse(
         Some(Value::Object(a)) => a,
         Some(_) => return Err(McpError::BadArguments("must be an object".into())),
     };
+    let meta = match params.remove("_meta") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => return Err(McpError::Malformed("params._meta must be an object".into())),
+    };
+    finish(
+        McpRequest {
+            id,
+            method,
+            name,
+            uri,
+            arguments,
+            meta,
+            param_headers: Vec::new(),
+            protocol_version,
+        },
+        headers,
+        limits,
+    )
+}
+
+/// A method string's own checks: no control characters, 1–128 bytes, and
+/// not a known method in another case (a case-insensitive server would run
+/// the method the policy did not see).
+pub(super) fn check_method(method: &str) -> Result<(), McpError> {
+    if method.bytes().any(|b| b.is_ascii_control()) || method.is_empty() || method.len() > 128 {
+        return Err(McpError::Malformed(
+            "method has control characters or a bad length".into(),
+        ));
+    }
+    if !KNOWN_METHODS.contains(&method)
+        && KNOWN_METHODS.iter().any(|k| k.eq_ignore_ascii_case(method))
+    {
+        return Err(McpError::MethodCase(method.to_string()));
+    }
+    Ok(())
+}
+
+/// The checks shared by every source of an MCP request (body or Envoy's
+/// MCP filter metadata): argument size, what each method needs, and the
+/// `Mcp-*` headers against the request.
+pub(super) fn finish(
+    mut request: McpRequest,
+    headers: &std::collections::HashMap<String, String>,
+    limits: Limits,
+) -> Result<McpRequest, McpError> {
+    let arguments = &request.arguments;
     let argument_bytes = serde_json::to_vec(&arguments).map_or(usize::MAX, |v| v.len());
     if argument_bytes > limits.max_argument_bytes {
         return Err(McpError::BadArguments(format!(
@@ -205,11 +241,7 @@ pub fn parse(
             limits.max_argument_bytes
         )));
     }
-    let meta = match params.remove("_meta") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => Some(m),
-        Some(_) => return Err(McpError::Malformed("params._meta must be an object".into())),
-    };
+    let (method, name, uri) = (&request.method, &request.name, &request.uri);
     match method.as_str() {
         "tools/call" => match &name {
             Some(n) if valid_tool_name(n) => {}
@@ -226,16 +258,7 @@ pub fn parse(
         }
         _ => {}
     }
-    let request = McpRequest {
-        id,
-        method,
-        name,
-        uri,
-        arguments,
-        meta,
-        param_headers: param_headers(headers)?,
-        protocol_version,
-    };
+    request.param_headers = param_headers(headers)?;
     check_headers(&request, headers)?;
     Ok(request)
 }

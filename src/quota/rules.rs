@@ -40,6 +40,10 @@ pub enum Per {
     /// The request's resource (the model).
     Model,
     Tier,
+    /// The request's Cedar action id: for an MCP `tools/call`, the tool
+    /// (`tool` is an alias), so one rule keeps a counter per tool.
+    #[serde(alias = "tool")]
+    Action,
 }
 
 /// What a request costs against a rule.
@@ -307,6 +311,7 @@ impl QuotaRule {
                     Per::Group => ("group", group_id.unwrap_or("-").to_string()),
                     Per::Model => ("model", input.resource_id.to_string()),
                     Per::Tier => ("tier", principal.tier.clone().unwrap_or_else(|| "-".into())),
+                    Per::Action => ("action", input.action.to_string()),
                 };
                 entries.push((k.to_string(), v));
             }

@@ -87,6 +87,13 @@ pub struct IssuerConfig {
     pub issuer: String,
     /// Accepted `aud` values; a token must name one.
     pub audiences: Vec<String>,
+    /// For identity providers that leave `aud` out of access tokens: a
+    /// token of this issuer without `aud` is accepted, and at an MCP
+    /// endpoint a token whose `aud` does not name the endpoint's resource
+    /// (RFC 8707) is accepted too. Each such acceptance is logged
+    /// (`audience relaxed`). Default false: `aud` is required.
+    #[serde(default)]
+    pub relaxed_audience: bool,
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
     /// HTTPS URL of the JWKS (plain HTTP only for a loopback IP literal or

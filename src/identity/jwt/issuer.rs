@@ -324,6 +324,7 @@ impl Issuer {
         token: &str,
         alg: Algorithm,
         kid: Option<&str>,
+        has_aud: bool,
     ) -> Result<Value, Reason> {
         if !self.algorithms.contains(&alg) {
             return Err(Reason::InvalidCredential);
@@ -341,8 +342,15 @@ impl Issuer {
         let mut v = Validation::new(alg);
         v.algorithms = vec![alg];
         v.set_issuer(&[&self.config.issuer]);
-        v.set_audience(&self.config.audiences);
-        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        if self.config.relaxed_audience && !has_aud {
+            // The issuer is configured as one that omits `aud`.
+            tracing::warn!(issuer = %self.config.name, "audience relaxed: token without aud accepted");
+            v.validate_aud = false;
+            v.set_required_spec_claims(&["exp", "iss"]);
+        } else {
+            v.set_audience(&self.config.audiences);
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        }
         v.validate_nbf = true;
         v.leeway = self.config.leeway_secs;
         let mut outcome = Err(Reason::InvalidCredential);

@@ -1,0 +1,194 @@
+//! With Envoy 1.40's own MCP filter (`envoy.filters.http.mcp`) in front,
+//! Tollgate makes the same tool decisions from the filter's dynamic
+//! metadata as from the body (issue 18, item 1): the PyPI `mcp` SDK's
+//! server and client through a real Envoy wired by
+//! `examples/envoy/mcp-filter.yaml` as it is, whose ext_authz sends no body.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use serde_json::{Value, json};
+use support::{
+    DEMO_ADMIN_KEY, DEMO_FREE_KEY, DEMO_PAID_KEY, Envoy, McpServer, Tollgate, free_port,
+    mcp_client, raw_http, test_config,
+};
+
+struct Stack {
+    _tg: Tollgate,
+    mcp: McpServer,
+    envoy: Envoy,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let listen = free_port();
+        let mut config = test_config();
+        let toml = format!(
+            "[mcp]\n[[mcp.servers]]\npath = \"/mcp\"\nserver = \"bank\"\nresource = \"http://127.0.0.1:{listen}/mcp\"\n"
+        );
+        #[derive(serde::Deserialize)]
+        struct Mcp {
+            mcp: tollgate::mcp::McpConfig,
+        }
+        config.mcp = toml::from_str::<Mcp>(&toml).expect("toml").mcp;
+        let tg = Tollgate::start(config).await;
+        let mcp = McpServer::start().await;
+        let admin = free_port();
+        let yaml = std::fs::read_to_string(support::repo().join("examples/envoy/mcp-filter.yaml"))
+            .expect("mcp-filter.yaml")
+            .replace("port_value: 10000", &format!("port_value: {listen}"))
+            .replace("port_value: 9901", &format!("port_value: {admin}"))
+            .replace(
+                "port_value: 50051",
+                &format!("port_value: {}", tg.grpc.port()),
+            )
+            .replace(
+                "port_value: 9090",
+                &format!("port_value: {}", tg.admin.port()),
+            )
+            .replace(
+                "port_value: 8000",
+                &format!("port_value: {}", mcp.addr.port()),
+            );
+        let envoy = Envoy::run(&yaml, listen, admin).await;
+        Self {
+            _tg: tg,
+            mcp,
+            envoy,
+        }
+    }
+
+    async fn client(&self, token: &'static str, steps: &'static [&'static str]) -> Vec<Value> {
+        let url = format!("http://{}/mcp", self.envoy.listener);
+        tokio::task::spawn_blocking(move || mcp_client(&url, token, steps))
+            .await
+            .expect("client task")
+    }
+}
+
+async fn post(to: SocketAddr, extra: &[(&str, &str)], body: &str) -> support::HttpResponse {
+    let auth = format!("Bearer {DEMO_PAID_KEY}");
+    let mut headers = vec![
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    headers.extend_from_slice(extra);
+    raw_http(to, "POST", "/mcp", &headers, body).await
+}
+
+fn call(id: u64, tool: &str, args: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": tool, "arguments": args}})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_decisions_from_the_mcp_filter_metadata() {
+    let stack = Stack::start().await;
+
+    // The decisions of tests/e2e_mcp.rs, now with ext_authz seeing no body:
+    // only the filter's metadata says which tool and which arguments.
+    let paid = stack
+        .client(
+            DEMO_PAID_KEY,
+            &[
+                "list",
+                r#"call:get_balance:{"account":"a-1"}"#,
+                r#"call:transfer:{"amount":5,"to":"bob"}"#,
+                r#"call:transfer:{"amount":5000,"to":"bob"}"#,
+                r#"call:delete_account:{"account":"a-1"}"#,
+            ],
+        )
+        .await;
+    assert_eq!(
+        paid[0]["tools"],
+        json!(["get_balance", "transfer"]),
+        "{paid:?}"
+    );
+    assert_eq!(paid[1]["ok"], json!(true), "{paid:?}");
+    assert_eq!(paid[2]["text"], json!("sent 5 to bob"), "{paid:?}");
+    assert_eq!(paid[3]["ok"], json!(false), "{paid:?}");
+    assert_eq!(paid[4]["ok"], json!(false), "{paid:?}");
+    let admin = stack
+        .client(
+            DEMO_ADMIN_KEY,
+            &["list", r#"call:transfer:{"amount":5000,"to":"bob"}"#],
+        )
+        .await;
+    assert_eq!(
+        admin[0]["tools"],
+        json!(["delete_account", "get_balance", "transfer"]),
+        "{admin:?}"
+    );
+    assert_eq!(admin[1]["text"], json!("sent 5000 to bob"), "{admin:?}");
+    let free = stack.client(DEMO_FREE_KEY, &["list"]).await;
+    assert_eq!(free[0]["tools"], json!(["get_balance"]), "{free:?}");
+
+    // On the wire: the refusal is a JSON-RPC error under the id the
+    // metadata carried.
+    let to = stack.envoy.listener;
+    let big = post(
+        to,
+        &[],
+        &call(41, "transfer", json!({"amount": 5000, "to": "bob"})),
+    )
+    .await;
+    assert_eq!(big.status, 403, "{}", big.body);
+    assert_eq!(big.json()["id"], json!(41));
+    assert_eq!(
+        big.json()["error"]["data"]["reason"],
+        json!("policy_denied")
+    );
+
+    // Headers disagreeing with what the filter read are refused.
+    let mismatch = post(
+        to,
+        &[("mcp-method", "tools/list")],
+        &call(43, "transfer", json!({"amount": 5, "to": "bob"})),
+    )
+    .await;
+    assert_eq!(mismatch.status, 400, "{}", mismatch.body);
+    assert_eq!(mismatch.json()["error"]["code"], json!(-32001));
+
+    // Bad input through the filter: a tool name with `::`, a method
+    // differing only in case, an argument of the wrong type, a nested
+    // argument the metadata cannot carry, an integer beyond 2^53.
+    let reason = |r: &support::HttpResponse| r.json()["error"]["data"]["reason"].clone();
+    let bad_name = post(to, &[], &call(44, "bank::transfer", json!({}))).await;
+    assert_eq!(
+        reason(&bad_name),
+        json!("invalid_tool_name"),
+        "{}",
+        bad_name.body
+    );
+    let cased = post(
+        to,
+        &[],
+        r#"{"jsonrpc":"2.0","id":45,"method":"Tools/Call","params":{"name":"transfer","arguments":{}}}"#,
+    )
+    .await;
+    assert_eq!(reason(&cased), json!("malformed_mcp"), "{}", cased.body);
+    for args in [
+        json!({"amount": "5", "to": "bob"}),
+        json!({"amount": 5, "to": "bob", "memo": {"note": "x"}}),
+        json!({"amount": 12345678901234567890u64, "to": "bob"}),
+    ] {
+        let r = post(to, &[], &call(46, "transfer", args.clone())).await;
+        assert_eq!(r.status, 400, "{args}: {}", r.body);
+        assert_eq!(reason(&r), json!("invalid_arguments"), "{args}");
+    }
+    // A JSON-RPC batch is not an MCP request to the filter either.
+    let batch = post(to, &[], &format!("[{}]", call(47, "transfer", json!({})))).await;
+    assert_eq!(batch.status, 400, "{}", batch.body);
+
+    // The MCP server was reached, never with the client's credential, and
+    // never for a refused call.
+    let seen = stack.mcp.seen();
+    assert!(
+        seen.lines()
+            .all(|l| l.contains("authorization=- ") && l.ends_with("x-api-key=-")),
+        "{seen}"
+    );
+}
