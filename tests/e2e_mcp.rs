@@ -9,67 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{
-    DEMO_ADMIN_KEY, DEMO_FREE_KEY, DEMO_PAID_KEY, Envoy, McpServer, Tollgate, free_port,
-    mcp_client, raw_http, test_config,
-};
-
-struct Stack {
-    _tg: Tollgate,
-    mcp: McpServer,
-    envoy: Envoy,
-}
-
-impl Stack {
-    async fn start() -> Self {
-        let listen = free_port();
-        let mut config = test_config();
-        let toml = format!(
-            "[mcp]\n[[mcp.servers]]\npath = \"/mcp\"\nserver = \"bank\"\nresource = \"http://127.0.0.1:{listen}/mcp\"\nauthorization_servers = [\"https://idp.example.com\"]\n"
-        );
-        #[derive(serde::Deserialize)]
-        struct Mcp {
-            mcp: tollgate::mcp::McpConfig,
-        }
-        config.mcp = toml::from_str::<Mcp>(&toml).expect("toml").mcp;
-        let tg = Tollgate::start(config).await;
-        let mcp = McpServer::start().await;
-        let admin = free_port();
-        let yaml = std::fs::read_to_string(support::repo().join("examples/envoy/mcp.yaml"))
-            .expect("mcp.yaml")
-            .replace("port_value: 10000", &format!("port_value: {listen}"))
-            .replace("port_value: 9901", &format!("port_value: {admin}"))
-            .replace(
-                "port_value: 50051",
-                &format!("port_value: {}", tg.grpc.port()),
-            )
-            .replace(
-                "port_value: 9090",
-                &format!("port_value: {}", tg.admin.port()),
-            )
-            .replace(
-                "port_value: 8000",
-                &format!("port_value: {}", mcp.addr.port()),
-            );
-        let envoy = Envoy::run(&yaml, listen, admin).await;
-        Self {
-            _tg: tg,
-            mcp,
-            envoy,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/mcp", self.envoy.listener)
-    }
-
-    async fn client(&self, token: &'static str, steps: &'static [&'static str]) -> Vec<Value> {
-        let url = self.url();
-        tokio::task::spawn_blocking(move || mcp_client(&url, token, steps))
-            .await
-            .expect("client task")
-    }
-}
+use support::mcp::McpStack;
+use support::{DEMO_PAID_KEY, raw_http};
 
 /// A JSON-RPC POST as the SDK sends it (2026-07-28 headers included).
 async fn post(
@@ -99,48 +40,12 @@ fn call(tool: &str, args: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_are_decided_per_tool_and_argument_through_envoy() {
-    let stack = Stack::start().await;
-
-    // A paid key: lists only what it may call, calls a small transfer,
-    // is refused a large one and a tool it may not use.
-    let paid = stack
-        .client(
-            DEMO_PAID_KEY,
-            &[
-                "list",
-                r#"call:get_balance:{"account":"a-1"}"#,
-                r#"call:transfer:{"amount":5,"to":"bob"}"#,
-                r#"call:transfer:{"amount":5000,"to":"bob"}"#,
-                r#"call:delete_account:{"account":"a-1"}"#,
-            ],
-        )
-        .await;
-    assert_eq!(
-        paid[0]["tools"],
-        json!(["get_balance", "transfer"]),
-        "{paid:?}"
-    );
-    assert_eq!(paid[1]["ok"], json!(true), "{paid:?}");
-    assert_eq!(paid[2]["text"], json!("sent 5 to bob"), "{paid:?}");
-    assert_eq!(paid[3]["ok"], json!(false), "{paid:?}");
-    assert_eq!(paid[4]["ok"], json!(false), "{paid:?}");
-
-    // The same large transfer is allowed for an enterprise key, whose list
-    // also shows delete_account; a free key sees only get_balance.
-    let admin = stack
-        .client(
-            DEMO_ADMIN_KEY,
-            &["list", r#"call:transfer:{"amount":5000,"to":"bob"}"#],
-        )
-        .await;
-    assert_eq!(
-        admin[0]["tools"],
-        json!(["delete_account", "get_balance", "transfer"]),
-        "{admin:?}"
-    );
-    assert_eq!(admin[1]["text"], json!("sent 5000 to bob"), "{admin:?}");
-    let free = stack.client(DEMO_FREE_KEY, &["list"]).await;
-    assert_eq!(free[0]["tools"], json!(["get_balance"]), "{free:?}");
+    let stack = McpStack::start(
+        "mcp.yaml",
+        "authorization_servers = [\"https://idp.example.com\"]",
+    )
+    .await;
+    stack.assert_bank_decisions().await;
 
     // What the refusals look like on the wire: JSON-RPC errors under the
     // request's id, with the HTTP status of the outcome.

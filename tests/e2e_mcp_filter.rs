@@ -9,63 +9,8 @@ mod support;
 use std::net::SocketAddr;
 
 use serde_json::{Value, json};
-use support::{
-    DEMO_ADMIN_KEY, DEMO_FREE_KEY, DEMO_PAID_KEY, Envoy, McpServer, Tollgate, free_port,
-    mcp_client, raw_http, test_config,
-};
-
-struct Stack {
-    _tg: Tollgate,
-    mcp: McpServer,
-    envoy: Envoy,
-}
-
-impl Stack {
-    async fn start() -> Self {
-        let listen = free_port();
-        let mut config = test_config();
-        let toml = format!(
-            "[mcp]\n[[mcp.servers]]\npath = \"/mcp\"\nserver = \"bank\"\nresource = \"http://127.0.0.1:{listen}/mcp\"\n"
-        );
-        #[derive(serde::Deserialize)]
-        struct Mcp {
-            mcp: tollgate::mcp::McpConfig,
-        }
-        config.mcp = toml::from_str::<Mcp>(&toml).expect("toml").mcp;
-        let tg = Tollgate::start(config).await;
-        let mcp = McpServer::start().await;
-        let admin = free_port();
-        let yaml = std::fs::read_to_string(support::repo().join("examples/envoy/mcp-filter.yaml"))
-            .expect("mcp-filter.yaml")
-            .replace("port_value: 10000", &format!("port_value: {listen}"))
-            .replace("port_value: 9901", &format!("port_value: {admin}"))
-            .replace(
-                "port_value: 50051",
-                &format!("port_value: {}", tg.grpc.port()),
-            )
-            .replace(
-                "port_value: 9090",
-                &format!("port_value: {}", tg.admin.port()),
-            )
-            .replace(
-                "port_value: 8000",
-                &format!("port_value: {}", mcp.addr.port()),
-            );
-        let envoy = Envoy::run(&yaml, listen, admin).await;
-        Self {
-            _tg: tg,
-            mcp,
-            envoy,
-        }
-    }
-
-    async fn client(&self, token: &'static str, steps: &'static [&'static str]) -> Vec<Value> {
-        let url = format!("http://{}/mcp", self.envoy.listener);
-        tokio::task::spawn_blocking(move || mcp_client(&url, token, steps))
-            .await
-            .expect("client task")
-    }
-}
+use support::mcp::McpStack;
+use support::{DEMO_PAID_KEY, raw_http};
 
 async fn post(to: SocketAddr, extra: &[(&str, &str)], body: &str) -> support::HttpResponse {
     let auth = format!("Bearer {DEMO_PAID_KEY}");
@@ -86,45 +31,10 @@ fn call(id: u64, tool: &str, args: Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_decisions_from_the_mcp_filter_metadata() {
-    let stack = Stack::start().await;
-
+    let stack = McpStack::start("mcp-filter.yaml", "").await;
     // The decisions of tests/e2e_mcp.rs, now with ext_authz seeing no body:
     // only the filter's metadata says which tool and which arguments.
-    let paid = stack
-        .client(
-            DEMO_PAID_KEY,
-            &[
-                "list",
-                r#"call:get_balance:{"account":"a-1"}"#,
-                r#"call:transfer:{"amount":5,"to":"bob"}"#,
-                r#"call:transfer:{"amount":5000,"to":"bob"}"#,
-                r#"call:delete_account:{"account":"a-1"}"#,
-            ],
-        )
-        .await;
-    assert_eq!(
-        paid[0]["tools"],
-        json!(["get_balance", "transfer"]),
-        "{paid:?}"
-    );
-    assert_eq!(paid[1]["ok"], json!(true), "{paid:?}");
-    assert_eq!(paid[2]["text"], json!("sent 5 to bob"), "{paid:?}");
-    assert_eq!(paid[3]["ok"], json!(false), "{paid:?}");
-    assert_eq!(paid[4]["ok"], json!(false), "{paid:?}");
-    let admin = stack
-        .client(
-            DEMO_ADMIN_KEY,
-            &["list", r#"call:transfer:{"amount":5000,"to":"bob"}"#],
-        )
-        .await;
-    assert_eq!(
-        admin[0]["tools"],
-        json!(["delete_account", "get_balance", "transfer"]),
-        "{admin:?}"
-    );
-    assert_eq!(admin[1]["text"], json!("sent 5000 to bob"), "{admin:?}");
-    let free = stack.client(DEMO_FREE_KEY, &["list"]).await;
-    assert_eq!(free[0]["tools"], json!(["get_balance"]), "{free:?}");
+    stack.assert_bank_decisions().await;
 
     // On the wire: the refusal is a JSON-RPC error under the id the
     // metadata carried.

@@ -78,38 +78,20 @@ pub fn parse(
             ));
         }
     };
-    let mut params = match meta.get("params") {
+    let params = match meta.get("params") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(p)) => p.clone(),
         Some(_) => return Err(McpError::Malformed("params must be a struct".into())),
     };
-    let text = |v: Option<Value>, what: &str| match v {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(McpError::Malformed(format!(
-            "params.{what} must be a string"
-        ))),
-    };
-    let name = text(params.remove("name"), "name")?;
-    let uri = text(params.remove("uri"), "uri")?;
-    let arguments = match params.remove("arguments") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(a)) => exact_arguments(a)?,
-        Some(_) => return Err(McpError::BadArguments("must be an object".into())),
-    };
-    let meta_field = match params.remove("_meta") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(m)) => Some(m),
-        Some(_) => return Err(McpError::Malformed("params._meta must be a struct".into())),
-    };
+    let params = request::read_params(params)?;
     request::finish(
         McpRequest {
             id,
             method,
-            name,
-            uri,
-            arguments,
-            meta: meta_field,
+            name: params.name,
+            uri: params.uri,
+            arguments: exact_arguments(params.arguments)?,
+            meta: params.meta,
             param_headers: Vec::new(),
             protocol_version: headers.get("mcp-protocol-version").cloned(),
         },

@@ -167,11 +167,44 @@ pub fn parse(
             ));
         }
     };
-    let mut params = match message.remove("params") {
+    let params = match message.remove("params") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(p)) => p,
         Some(_) => return Err(McpError::Malformed("params must be an object".into())),
     };
+    let Params {
+        name,
+        uri,
+        arguments,
+        meta,
+    } = read_params(params)?;
+    finish(
+        McpRequest {
+            id,
+            method,
+            name,
+            uri,
+            arguments,
+            meta,
+            param_headers: Vec::new(),
+            protocol_version,
+        },
+        headers,
+        limits,
+    )
+}
+
+/// What Tollgate reads of `params` (the rest is left to the server).
+pub(super) struct Params {
+    pub name: Option<String>,
+    pub uri: Option<String>,
+    pub arguments: Map<String, Value>,
+    pub meta: Option<Map<String, Value>>,
+}
+
+/// `params.name`, `params.uri`, `params.arguments` and `params._meta`,
+/// each of its JSON type or absent.
+pub(super) fn read_params(mut params: Map<String, Value>) -> Result<Params, McpError> {
     let name = match params.remove("name") {
         None => None,
         Some(Value::String(s)) => Some(s),
@@ -192,20 +225,12 @@ pub fn parse(
         Some(Value::Object(m)) => Some(m),
         Some(_) => return Err(McpError::Malformed("params._meta must be an object".into())),
     };
-    finish(
-        McpRequest {
-            id,
-            method,
-            name,
-            uri,
-            arguments,
-            meta,
-            param_headers: Vec::new(),
-            protocol_version,
-        },
-        headers,
-        limits,
-    )
+    Ok(Params {
+        name,
+        uri,
+        arguments,
+        meta,
+    })
 }
 
 /// A method string's own checks: no control characters, 1–128 bytes, and

@@ -752,6 +752,7 @@ impl Drop for Sentinel {
 
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
+pub mod mcp;
 pub mod otlp;
 /// A throwaway PKI and raw TLS clients for the listener tests.
 pub mod tls;
