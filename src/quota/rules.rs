@@ -3,7 +3,7 @@
 //! ```toml
 //! [[quota.rules]]
 //! name = "key-per-minute"
-//! per = ["key"]                 # key, tenant, group, model, tier; empty = one global counter
+//! per = ["key"]                 # key, tenant, group, model, tier, action (tool); empty = one global counter
 //! unit = "minute"
 //! tiers = { free = 20, paid = 600, enterprise = 6000 }
 //! requests_per_unit = 100       # for tiers not listed (optional)
