@@ -102,3 +102,39 @@ async fn the_same_decisions_from_the_mcp_filter_metadata() {
         "{seen}"
     );
 }
+
+/// With the body sent too, Tollgate decides on the body and checks that the
+/// filter's metadata agrees: the same decisions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_and_body_together_agree_and_decide_the_same() {
+    let yaml = std::fs::read_to_string(support::repo().join("examples/envoy/mcp-filter.yaml"))
+        .expect("mcp-filter.yaml");
+    let with_body = yaml.replace(
+        "              metadata_context_namespaces: [envoy.filters.http.mcp]\n",
+        "              metadata_context_namespaces: [envoy.filters.http.mcp]\n              with_request_body:\n                max_request_bytes: 65536\n                allow_partial_message: true\n                pack_as_bytes: true\n",
+    );
+    assert_ne!(with_body, yaml, "the example's ext_authz block changed");
+    let stack = McpStack::start_with(&with_body, "").await;
+    stack.assert_bank_decisions().await;
+    // An undeclared nested argument, refused from metadata alone (it could
+    // hide a dropped list), is decided on the body here: allowed, and served.
+    let to = stack.envoy.listener;
+    let body = json!({"jsonrpc": "2.0", "id": 48, "method": "tools/call", "params": {
+        "name": "transfer", "arguments": {"amount": 5, "to": "bob", "memo": {"note": "x"}},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                  "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+                  "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let served = post(
+        to,
+        &[
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "transfer"),
+            ("mcp-param-to", "bob"),
+        ],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert!(served.body.contains("sent 5 to bob"), "{}", served.body);
+}

@@ -394,3 +394,60 @@ async fn each_tool_decision_is_audited_with_argument_hashes_never_values() {
     );
     assert_eq!(records[1]["quota"]["outcome"], json!("none"));
 }
+
+/// The real binary's log at debug level, JSON lines, over allowed and
+/// refused tool calls (policy, typing, header mismatch, metadata): no
+/// argument value appears in it, while the decisions are logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_values_never_reach_the_log() {
+    let secret = "sekrit-recipient-7731";
+    let tg = support::TollgateProcess::start(
+        &support::repo().join("policies"),
+        "",
+        "watch = false\n[log]\nformat = \"json\"\nlevel = \"debug\"\n[mcp]\n[[mcp.servers]]\npath = \"/mcp\"\nserver = \"bank\"\n",
+    )
+    .await;
+    let mut client = AuthorizationClient::new(tg.channel().await);
+    let key = ("x-api-key", DEMO_PAID_KEY);
+    let cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+        (
+            vec![key],
+            call("transfer", json!({"amount": 5, "to": secret})),
+        ),
+        (
+            vec![key],
+            call("transfer", json!({"amount": 5000, "to": secret})),
+        ),
+        (
+            vec![key],
+            call("transfer", json!({"amount": secret, "to": secret})),
+        ),
+        (
+            vec![key, ("mcp-method", "tools/call"), ("mcp-param-to", "eve")],
+            call("transfer", json!({"amount": 5, "to": secret})),
+        ),
+        (
+            vec![key],
+            call("get_balance", json!({"account": {"nested": secret}})),
+        ),
+    ];
+    for (headers, body) in &cases {
+        client
+            .check(support::check_request("POST", "/mcp", headers, body))
+            .await
+            .expect("check");
+    }
+    let log = tg.log();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            tg.log().matches("\"decision\"").count() >= cases.len()
+        })
+        .await,
+        "{log}"
+    );
+    let log = tg.log();
+    assert!(
+        !log.contains(secret),
+        "an argument value is in the log: {log}"
+    );
+}

@@ -341,10 +341,11 @@ impl Engine {
     /// against the metadata when both came.
     fn read_mcp(&self, request: &HttpRequest) -> Result<McpRequest, McpError> {
         let limits = self.mcp.config.limits();
+        let alone = request.body.is_none();
         let from_metadata = request
             .mcp_metadata
             .as_ref()
-            .map(|m| envoy_metadata::parse(m, &request.headers, limits))
+            .map(|m| envoy_metadata::parse(m, &request.headers, limits, alone))
             .transpose()?;
         let from_body = match (&request.body, request.body_partial) {
             (Some(b), false) => Some(mcp_request::parse(b, &request.headers, limits)?),

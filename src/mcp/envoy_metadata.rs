@@ -17,8 +17,9 @@
 //! when nothing was lost: integers within ±2^53, and a tool whose declared
 //! input has no set or record attribute ([`flat_input`]); anything else is
 //! refused, with the advice to send the body too. When ext_authz also has
-//! the body, the body is decided and the metadata must agree with it
-//! ([`agree`]): a filter and a server reading one request two ways would
+//! the body, the body is decided and the metadata must agree with it on
+//! everything it carries exactly ([`agree`]; a nested or inexact argument is
+//! then left to the body): a filter and a server reading one request two ways would
 //! otherwise let the policy see something else than what is served.
 
 use serde_json::{Map, Value};
@@ -35,11 +36,15 @@ const EXACT_INTEGER: f64 = 9_007_199_254_740_992.0;
 /// Reads the MCP filter's metadata (and the request's headers, lowercase
 /// names) into the same [`McpRequest`] the body parser makes, with the same
 /// checks: method spelling, tool name, argument size and depth, and
-/// `Mcp-Method` / `Mcp-Name` agreement.
+/// `Mcp-Method` / `Mcp-Name` agreement. `alone`: the metadata is all there
+/// is to decide on, so an argument it cannot carry exactly refuses the
+/// request; otherwise (the body came too) such an argument is left out, to
+/// be decided from the body.
 pub fn parse(
     metadata: &Value,
     headers: &std::collections::HashMap<String, String>,
     limits: Limits,
+    alone: bool,
 ) -> Result<McpRequest, McpError> {
     let Value::Object(meta) = metadata else {
         return Err(McpError::Malformed("MCP metadata is not a struct".into()));
@@ -90,7 +95,7 @@ pub fn parse(
             method,
             name: params.name,
             uri: params.uri,
-            arguments: exact_arguments(params.arguments)?,
+            arguments: exact_arguments(params.arguments, alone)?,
             meta: params.meta,
             param_headers: Vec::new(),
             protocol_version: headers.get("mcp-protocol-version").cloned(),
@@ -118,12 +123,21 @@ fn exact_number(n: &serde_json::Number) -> Result<Value, McpError> {
 }
 
 /// Top-level scalar arguments, numbers made exact. A struct or list value
-/// is refused: Envoy 1.40 empties nested structs in its metadata.
-fn exact_arguments(arguments: Map<String, Value>) -> Result<Map<String, Value>, McpError> {
+/// (Envoy 1.40 empties nested structs in its metadata) or an inexact number
+/// is refused when `strict`, else left out.
+fn exact_arguments(
+    arguments: Map<String, Value>,
+    strict: bool,
+) -> Result<Map<String, Value>, McpError> {
     let mut out = Map::new();
     for (k, v) in arguments {
         let v = match v {
-            Value::Number(n) => exact_number(&n)?,
+            Value::Number(n) => match exact_number(&n) {
+                Ok(v) => v,
+                Err(_) if !strict => continue,
+                Err(e) => return Err(e),
+            },
+            Value::Object(_) | Value::Array(_) if !strict => continue,
             Value::Object(_) | Value::Array(_) => {
                 return Err(McpError::BadArguments(format!(
                     "argument {k:?} is nested, and Envoy's MCP metadata does not carry nested values; send the body to ext_authz"
@@ -201,9 +215,10 @@ mod tests {
     #[test]
     fn reads_what_envoy_emits() {
         let r = parse(
-            &observed(json!({"amount": 5.0, "to": "bob", "rate": 1.5})),
+            &observed(json!({"amount": 5.0, "to": "bob", "rate": 1.5, "memo": {}})),
             &HashMap::new(),
             LIMITS,
+            false,
         )
         .expect("parses");
         assert_eq!(r.method, "tools/call");
@@ -244,10 +259,13 @@ mod tests {
             json!("tools/call"),
         ];
         for case in cases {
-            assert!(parse(&case, &HashMap::new(), LIMITS).is_err(), "{case}");
+            assert!(
+                parse(&case, &HashMap::new(), LIMITS, true).is_err(),
+                "{case}"
+            );
         }
         let headers: HashMap<String, String> =
             [("mcp-method".to_string(), "tools/list".to_string())].into();
-        assert!(parse(&observed(json!({})), &headers, LIMITS).is_err());
+        assert!(parse(&observed(json!({})), &headers, LIMITS, true).is_err());
     }
 }

@@ -21,6 +21,13 @@ impl McpStack {
     /// entry (`resource` is set to Envoy's listener). The Envoy file is used
     /// as it is, with only its port numbers substituted.
     pub async fn start(yaml: &str, server_toml: &str) -> Self {
+        let text = std::fs::read_to_string(super::repo().join("examples/envoy").join(yaml))
+            .expect("Envoy config");
+        Self::start_with(&text, server_toml).await
+    }
+
+    /// [`McpStack::start`] on an Envoy config's text.
+    pub async fn start_with(yaml: &str, server_toml: &str) -> Self {
         let listen = free_port();
         let mut config = test_config();
         let toml = format!(
@@ -34,8 +41,7 @@ impl McpStack {
         let tg = Tollgate::start(config).await;
         let mcp = McpServer::start().await;
         let admin = free_port();
-        let yaml = std::fs::read_to_string(super::repo().join("examples/envoy").join(yaml))
-            .expect("Envoy config")
+        let yaml = yaml
             .replace("port_value: 10000", &format!("port_value: {listen}"))
             .replace("port_value: 9901", &format!("port_value: {admin}"))
             .replace(
