@@ -1,7 +1,7 @@
 //! Property-based fuzzing of every parser that sees untrusted input, on
 //! stable Rust (proptest): CheckRequest conversion and the whole ext_authz
 //! answer, rate limit requests, path canonicalization, body parsing, API key
-//! and JWT parsing, limits YAML and config TOML.
+//! and JWT parsing, Envoy MCP filter metadata, limits YAML and config TOML.
 //!
 //! Properties: nothing panics; every Check answer carries an explicit status
 //! (an empty CheckResponse is an allow to Envoy); every rate limit answer has
@@ -413,6 +413,33 @@ fn body_parsing_never_panics() {
             ..Default::default()
         };
         let _ = tollgate::engine::body::inspect(&request, max);
+    });
+}
+
+/// What Envoy's MCP filter could put in its metadata: the observed shape
+/// with each field replaced by arbitrary JSON now and then.
+fn mcp_metadata() -> impl Strategy<Value = serde_json::Value> {
+    let any_json =
+        || json_text().prop_map(|t| serde_json::from_str(&t).unwrap_or(serde_json::Value::Null));
+    (
+        prop_oneof![Just(serde_json::json!("tools/call")), Just(serde_json::json!("Tools/Call")), any_json()],
+        prop_oneof![Just(serde_json::json!(7.0)), Just(serde_json::json!(1e300)), any_json()],
+        prop_oneof![Just(serde_json::json!("transfer")), Just(serde_json::json!("a::b")), any_json()],
+        prop_oneof![Just(serde_json::json!({"amount": 5.0, "to": "b"})), any_json()],
+        prop_oneof![Just(serde_json::json!("mcp_ok")), any_json()],
+        any::<bool>(),
+    )
+        .prop_map(|(method, id, name, arguments, status, is_mcp)| {
+            serde_json::json!({"method": method, "id": id, "status": status, "is_mcp_request": is_mcp,
+                               "params": {"name": name, "arguments": arguments}})
+        })
+}
+
+#[test]
+fn mcp_filter_metadata_parses_without_panics() {
+    proptest!(cases(512), |(metadata in mcp_metadata(), alone in any::<bool>(), headers in headers())| {
+        let limits = tollgate::mcp::request::Limits { max_argument_bytes: 256, max_depth: 8 };
+        let _ = tollgate::mcp::envoy_metadata::parse(&metadata, &headers, limits, alone);
     });
 }
 
