@@ -108,6 +108,18 @@ pub enum Reason {
     UnknownTool,
     /// The caller's token lacks a scope the MCP endpoint requires.
     InsufficientScope,
+    /// The request offers a tool (`tools` / `functions`) the caller may not
+    /// offer (`offer_tool`); the deny names the tool.
+    ToolForbidden,
+    /// A caller-context header that does not verify: malformed, another
+    /// algorithm, unknown or retired key, bad signature, expired, repeated.
+    InvalidCallerContext,
+    /// A caller context used more often than `max_uses`, or presented
+    /// without the mTLS identity of an agent runtime.
+    CallerContextRefused,
+    /// A service presented a user's token but is not among
+    /// `agents.token_carriers`.
+    TokenCarrierNotAllowed,
 }
 
 impl Reason {
@@ -152,6 +164,10 @@ impl Reason {
             Self::InvalidArguments => "invalid_arguments",
             Self::UnknownTool => "unknown_tool",
             Self::InsufficientScope => "insufficient_scope",
+            Self::ToolForbidden => "tool_forbidden",
+            Self::InvalidCallerContext => "invalid_caller_context",
+            Self::CallerContextRefused => "caller_context_refused",
+            Self::TokenCarrierNotAllowed => "token_carrier_not_allowed",
         }
     }
 }
@@ -253,6 +269,9 @@ pub struct Decision {
     /// Set when the request went to an MCP endpoint: denials are then
     /// JSON-RPC errors.
     pub mcp: Option<crate::mcp::McpFacts>,
+    /// Agent facts: the tool a deny names, the caller context to issue,
+    /// the agent / via identities of a hop (see [`crate::agents`]).
+    pub agent: crate::agents::AgentFacts,
 }
 
 impl Decision {
@@ -274,6 +293,7 @@ impl Decision {
             shadow: None,
             estimate: None,
             mcp: None,
+            agent: Default::default(),
         }
     }
 }

@@ -54,6 +54,9 @@ pub fn deny_body(decision: &Decision) -> String {
     if let (Outcome::OverQuota(_), Some(q)) = (decision.outcome, &decision.quota) {
         error["rule"] = serde_json::json!(q.rule);
     }
+    if let Some(tool) = &decision.agent.tool {
+        error["tool"] = serde_json::json!(tool);
+    }
     serde_json::json!({ "error": error }).to_string()
 }
 
@@ -254,6 +257,16 @@ pub fn check_response(
                 None => headers_to_remove.push(name.clone()),
             }
         }
+        // The signed caller context for the agent runtime (replacing any
+        // client copy, which the prefix strip below would also remove).
+        let issued = decision.agent.caller_context.as_ref();
+        if let Some((name, token)) = issued {
+            headers.push(header(
+                name,
+                token,
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            ));
+        }
         if let Some(facts) = &decision.mcp {
             if facts.method.as_deref() == Some("tools/list") {
                 headers.push(header(
@@ -276,7 +289,8 @@ pub fn check_response(
         }
         if !config.strip_prefix.is_empty() {
             for name in client_headers.keys() {
-                let ours = set_names(config).any(|n| n == name);
+                let ours = set_names(config).any(|n| n == name)
+                    || issued.is_some_and(|(issued, _)| issued == name);
                 if !ours && name.starts_with(&config.strip_prefix) {
                     headers_to_remove.push(name.clone());
                 }
