@@ -46,14 +46,7 @@ async fn start_llm(seen: Arc<Mutex<Vec<Option<String>>>>) -> std::net::SocketAdd
             ([(header::CONTENT_TYPE, "text/event-stream")], sse)
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+    support::serve_axum(app).await.0
 }
 
 fn chat_body(tools: &[&str], stream: bool) -> String {
