@@ -334,7 +334,7 @@ async fn a_manifest_guards_reloads_and_is_written_by_the_cli() {
     assert!(out.status.success(), "{}", text(&out));
     let admin = tg.admin;
     let applied = eventually(Duration::from_secs(10), || async move {
-        policy_status(admin).await["policies"] == 20
+        policy_status(admin).await["policies"] == 25
     })
     .await;
     assert!(applied, "{}", policy_status(admin).await);

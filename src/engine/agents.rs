@@ -212,20 +212,32 @@ impl Engine {
         if !config.tools.enabled && self.agents.keys.get().is_none() {
             return;
         }
+        let json = super::body::is_json(request.header("content-type"));
         let offered = match request.body.as_deref().filter(|b| !b.is_empty()) {
-            Some(body) if config.tools.enabled => match tools::offered(body) {
+            None => Vec::new(),
+            Some(_) if !config.tools.enabled => Vec::new(),
+            // A cut JSON body may hide tools past the cut: refuse rather
+            // than let the upstream read tools nobody decided.
+            Some(b) if json && (request.body_partial || b.len() > self.context.max_body_bytes) => {
+                tracing::info!(request_id = %request.request_id, "body not read whole; offered tools cannot be checked");
+                decision.outcome = Outcome::Invalid(Reason::MalformedBody);
+                return;
+            }
+            Some(body) => match tools::offered(body) {
                 Ok(t) => t,
                 Err(tools::ToolError::BadName) => {
                     decision.outcome = Outcome::Invalid(Reason::InvalidToolName);
                     return;
                 }
+                // Not JSON at all under another content type (a multipart
+                // upload): it offers no tools.
+                Err(_) if !json => Vec::new(),
                 Err(e) => {
                     tracing::info!(request_id = %request.request_id, error = %e, "offered tools refused");
                     decision.outcome = Outcome::Invalid(Reason::MalformedBody);
                     return;
                 }
             },
-            _ => Vec::new(),
         };
         let mut callable = HashSet::new();
         for tool in &offered {
