@@ -225,7 +225,9 @@ async fn bad_tool_lists_are_refused_with_a_reason() {
     let tools = |list: &str| {
         format!(r#"{{"model":"llama-3-8b","max_tokens":16,"messages":[],"tools":[{list}]}}"#)
     };
-    let cases: Vec<(&str, Vec<(&str, &str)>, String, u16, &str)> = vec![
+    // (what, headers, body, status, reason code)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             // (the chat route needs the body's model first; on a route that
             // does not, the unread tools refuse it: 400 malformed_body)
