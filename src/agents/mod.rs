@@ -126,3 +126,28 @@ pub struct AgentFacts {
     /// The service carrying a user's token.
     pub via: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_parses_and_bad_values_say_what_to_fix() {
+        let ok: AgentsConfig = toml::from_str(
+            "token_carriers = [\"spiffe://a/b\"]\n[tools]\nenabled = true\n[caller_context]\nkeys_file = \"k.toml\"\nmax_uses = 2\n",
+        )
+        .expect("parses");
+        assert!(ok.tools.enabled && ok.check().is_ok());
+        assert_eq!(ok.caller_context.header, "x-tollgate-caller-context");
+        assert!(toml::from_str::<AgentsConfig>("[tools]\nenable = true\n").is_err());
+        for (text, needle) in [
+            ("[caller_context]\nttl_secs = 0\n", "ttl_secs"),
+            ("[caller_context]\nmax_uses = 0\n", "max_uses"),
+            ("[caller_context]\nheader = \"Authorization\"\n", "header"),
+            ("[tools]\ncheck_ttl_secs = 0\n", "check_ttl_secs"),
+        ] {
+            let c: AgentsConfig = toml::from_str(text).expect("parses");
+            assert!(c.check().unwrap_err().contains(needle), "{text}");
+        }
+    }
+}
