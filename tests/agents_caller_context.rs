@@ -233,3 +233,20 @@ async fn a_caller_context_keeps_the_original_caller_across_the_hop() {
         .collect();
     assert_eq!(kids, ["old", "new"]);
 }
+
+/// Without `[agents.caller_context]`, a client's caller-context header is
+/// not read: the request is decided as before, and no context is added
+/// (the client copy is removed with every `x-tollgate-` header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_the_header_is_ignored_and_stripped() {
+    let tg = Tollgate::start(test_config()).await;
+    let req = check_request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-api-key", DEMO_PAID_KEY), (CC, "forged.forged.forged")],
+        r#"{"model":"llama-3-8b","max_tokens":16,"messages":[]}"#,
+    );
+    let v = ext_authz(&tg, req).await;
+    assert_eq!((v.status, v.code.as_str()), (200, "allowed"));
+    assert!(!v.upstream_headers.iter().any(|(k, _)| k == CC));
+}

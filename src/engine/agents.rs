@@ -84,7 +84,14 @@ impl Engine {
         caller: Principal,
     ) -> Result<Hop, Outcome> {
         let config = &self.agents.config;
-        let Some(token) = request.header(&config.caller_context.header) else {
+        // Without keys the header means nothing (it is removed on allow, as
+        // every `x-tollgate-` header a client sends).
+        let keys = self.agents.keys.get();
+        let Some((token, keys)) = keys.and_then(|k| {
+            request
+                .header(&config.caller_context.header)
+                .map(|t| (t, k))
+        }) else {
             let mut facts = AgentFacts::default();
             if caller.kind == PrincipalKind::User
                 && let Some(carriers) = &config.token_carriers
@@ -101,9 +108,6 @@ impl Engine {
                 facts,
                 claims: None,
             });
-        };
-        let Some(keys) = self.agents.keys.get() else {
-            return Err(Outcome::Unauthenticated(Reason::InvalidCallerContext));
         };
         // The runtime proves who it is by its certificate; a caller context
         // beside another credential (or none) is not a hop.
