@@ -171,6 +171,17 @@ fn metadata(decision: &Decision) -> Struct {
     if let Some(a) = &decision.action {
         put("action", a);
     }
+    // The caller chain of an agent hop, and the tool a deny names.
+    let agent = &decision.agent;
+    for (k, v) in [
+        ("agent", &agent.agent),
+        ("via", &agent.via),
+        ("tool", &agent.tool),
+    ] {
+        if let Some(v) = v {
+            put(k, v);
+        }
+    }
     Struct { fields }
 }
 
@@ -533,6 +544,19 @@ mod tests {
 
     fn decision(outcome: Outcome) -> Decision {
         Decision::early("req-1".into(), outcome, "v1".into())
+    }
+
+    #[test]
+    fn agent_facts_reach_the_deny_body_and_the_access_log_metadata() {
+        let mut d = decision(Outcome::Forbidden(Reason::ToolForbidden));
+        d.agent.tool = Some("send_email".into());
+        d.agent.agent = Some("spiffe://a/runtime".into());
+        let body: serde_json::Value = serde_json::from_str(&deny_body(&d)).unwrap();
+        assert_eq!(body["error"]["tool"], "send_email");
+        assert_eq!(body["error"]["code"], "tool_forbidden");
+        let m = metadata(&d);
+        assert!(m.fields.contains_key("tool") && m.fields.contains_key("agent"));
+        assert!(!m.fields.contains_key("via"));
     }
 
     #[test]
