@@ -33,6 +33,9 @@ pub struct AdminState {
     pub store_required: bool,
     /// MCP endpoints, for their metadata documents.
     pub mcp: Arc<crate::mcp::McpConfig>,
+    /// Caller-context signing keys, whose public halves are served as a
+    /// JWK Set at [`CALLER_CONTEXT_JWKS`].
+    pub caller_context: Option<Arc<crate::agents::caller_context::KeyRing>>,
 }
 
 /// The admin routes, every one of them.
@@ -58,7 +61,8 @@ pub fn router_exposing(state: AdminState, exposed: &[AdminEndpoint]) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route(WELL_KNOWN, get(resource_metadata))
-        .route(&format!("{WELL_KNOWN}/{{*rest}}"), get(resource_metadata));
+        .route(&format!("{WELL_KNOWN}/{{*rest}}"), get(resource_metadata))
+        .route(CALLER_CONTEXT_JWKS, get(caller_context_jwks));
     if exposed.contains(&AdminEndpoint::Metrics) {
         router = router.route("/metrics", get(metrics));
     }
@@ -66,6 +70,21 @@ pub fn router_exposing(state: AdminState, exposed: &[AdminEndpoint]) -> Router {
         router = router.route("/policy", get(policy));
     }
     router.with_state(state)
+}
+
+/// Where the caller-context public keys are served (404 without keys).
+pub const CALLER_CONTEXT_JWKS: &str = "/.well-known/tollgate-caller-context-jwks.json";
+
+/// The caller-context public keys that verify now (RFC 7517 JWK Set).
+async fn caller_context_jwks(State(state): State<AdminState>) -> axum::response::Response {
+    match &state.caller_context {
+        Some(keys) => (
+            [(header::CACHE_CONTROL, "max-age=60")],
+            Json(keys.jwks(std::time::SystemTime::now())),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";

@@ -48,6 +48,9 @@ pub struct Config {
     pub usage: crate::usage::catalog::UsageConfig,
     /// MCP endpoints (`[mcp]`, `[[mcp.servers]]`).
     pub mcp: crate::mcp::McpConfig,
+    /// Agents on LLM routes: offered tools, tool calls, signed caller
+    /// context, token carriers (`[agents]`).
+    pub agents: crate::agents::AgentsConfig,
     /// Method + path pattern → Cedar action and resource. Empty means the
     /// built-in OpenAI-style table (see [`RouteSpec::openai_defaults`]).
     pub routes: Vec<RouteSpec>,
@@ -391,6 +394,7 @@ impl Default for Config {
             tracing: crate::telemetry::TracingConfig::default(),
             usage: Default::default(),
             mcp: crate::mcp::McpConfig::default(),
+            agents: crate::agents::AgentsConfig::default(),
             routes: Vec::new(),
             base_dir: PathBuf::from("."),
             source: "embedded defaults".to_string(),
@@ -534,6 +538,7 @@ impl Config {
         self.authzen.check().map_err(|e| invalid(e.to_string()))?;
         self.tracing.check().map_err(|e| invalid(e.to_string()))?;
         self.mcp.check().map_err(invalid)?;
+        self.agents.check().map_err(invalid)?;
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

@@ -111,6 +111,18 @@ pub enum Reason {
     /// The bearer token's `aud` does not name the MCP endpoint's resource
     /// (RFC 8707; MCP authorization: tokens are issued for one resource).
     WrongAudience,
+    /// The request offers a tool (`tools` / `functions`) the caller may not
+    /// offer (`offer_tool`); the deny names the tool.
+    ToolForbidden,
+    /// A caller-context header that does not verify: malformed, another
+    /// algorithm, unknown or retired key, bad signature, expired, repeated.
+    InvalidCallerContext,
+    /// A caller context used more often than `max_uses`, or presented
+    /// without the mTLS identity of an agent runtime.
+    CallerContextRefused,
+    /// A service presented a user's token but is not among
+    /// `agents.token_carriers`.
+    TokenCarrierNotAllowed,
 }
 
 impl Reason {
@@ -156,6 +168,10 @@ impl Reason {
             Self::UnknownTool => "unknown_tool",
             Self::InsufficientScope => "insufficient_scope",
             Self::WrongAudience => "wrong_audience",
+            Self::ToolForbidden => "tool_forbidden",
+            Self::InvalidCallerContext => "invalid_caller_context",
+            Self::CallerContextRefused => "caller_context_refused",
+            Self::TokenCarrierNotAllowed => "token_carrier_not_allowed",
         }
     }
 }
@@ -257,6 +273,9 @@ pub struct Decision {
     /// Set when the request went to an MCP endpoint: denials are then
     /// JSON-RPC errors.
     pub mcp: Option<crate::mcp::McpFacts>,
+    /// Agent facts: the tool a deny names, the caller context to issue,
+    /// the agent / via identities of a hop (see [`crate::agents`]).
+    pub agent: crate::agents::AgentFacts,
 }
 
 impl Decision {
@@ -278,6 +297,7 @@ impl Decision {
             shadow: None,
             estimate: None,
             mcp: None,
+            agent: Default::default(),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod admin;
+pub mod agents;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -54,6 +54,9 @@ pub fn deny_body(decision: &Decision) -> String {
     if let (Outcome::OverQuota(_), Some(q)) = (decision.outcome, &decision.quota) {
         error["rule"] = serde_json::json!(q.rule);
     }
+    if let Some(tool) = &decision.agent.tool {
+        error["tool"] = serde_json::json!(tool);
+    }
     serde_json::json!({ "error": error }).to_string()
 }
 
@@ -168,6 +171,17 @@ fn metadata(decision: &Decision) -> Struct {
     if let Some(a) = &decision.action {
         put("action", a);
     }
+    // The caller chain of an agent hop, and the tool a deny names.
+    let agent = &decision.agent;
+    for (k, v) in [
+        ("agent", &agent.agent),
+        ("via", &agent.via),
+        ("tool", &agent.tool),
+    ] {
+        if let Some(v) = v {
+            put(k, v);
+        }
+    }
     Struct { fields }
 }
 
@@ -254,6 +268,16 @@ pub fn check_response(
                 None => headers_to_remove.push(name.clone()),
             }
         }
+        // The signed caller context for the agent runtime (replacing any
+        // client copy, which the prefix strip below would also remove).
+        let issued = decision.agent.caller_context.as_ref();
+        if let Some((name, token)) = issued {
+            headers.push(header(
+                name,
+                token,
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            ));
+        }
         if let Some(facts) = &decision.mcp {
             if facts.method.as_deref() == Some("tools/list") {
                 headers.push(header(
@@ -276,7 +300,8 @@ pub fn check_response(
         }
         if !config.strip_prefix.is_empty() {
             for name in client_headers.keys() {
-                let ours = set_names(config).any(|n| n == name);
+                let ours = set_names(config).any(|n| n == name)
+                    || issued.is_some_and(|(issued, _)| issued == name);
                 if !ours && name.starts_with(&config.strip_prefix) {
                     headers_to_remove.push(name.clone());
                 }
@@ -519,6 +544,19 @@ mod tests {
 
     fn decision(outcome: Outcome) -> Decision {
         Decision::early("req-1".into(), outcome, "v1".into())
+    }
+
+    #[test]
+    fn agent_facts_reach_the_deny_body_and_the_access_log_metadata() {
+        let mut d = decision(Outcome::Forbidden(Reason::ToolForbidden));
+        d.agent.tool = Some("send_email".into());
+        d.agent.agent = Some("spiffe://a/runtime".into());
+        let body: serde_json::Value = serde_json::from_str(&deny_body(&d)).unwrap();
+        assert_eq!(body["error"]["tool"], "send_email");
+        assert_eq!(body["error"]["code"], "tool_forbidden");
+        let m = metadata(&d);
+        assert!(m.fields.contains_key("tool") && m.fields.contains_key("agent"));
+        assert!(!m.fields.contains_key("via"));
     }
 
     #[test]

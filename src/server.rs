@@ -153,6 +153,11 @@ impl App {
             .with_metrics(metrics.clone());
             engine.attach_lockout(Arc::new(lockout));
         }
+        if let Some(path) = &config.agents.caller_context.keys_file {
+            let keys = crate::agents::caller_context::KeyRing::load(&config.resolve(path))
+                .map_err(|e| StartError::Identity(e.to_string()))?;
+            engine.attach_caller_context(Arc::new(keys));
+        }
         if config.audit.enabled {
             let trail = crate::audit::AuditTrail::start(
                 &config.audit,
@@ -529,6 +534,7 @@ impl App {
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
             mcp: Arc::new(self.config.mcp.clone()),
+            caller_context: self.engine.caller_context_keys(),
         };
         let health_follower = tokio::spawn(crate::admin::follow_readiness(
             admin_state.clone(),

@@ -25,7 +25,7 @@ fn validate_accepts_the_examples() {
     let out = tollgate(&["validate"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("policies ok: 23 policies"),
+        text(&out).contains("policies ok: 28 policies"),
         "{}",
         text(&out)
     );

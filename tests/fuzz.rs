@@ -613,3 +613,52 @@ fn config_loads_or_fails_naming_the_file() {
         }
     });
 }
+
+/// Offered tool lists, model answers (JSON and event streams, any
+/// chunking) and caller contexts: nothing panics; a tool list yields only
+/// valid names; a stream never passes an event naming an uncallable tool;
+/// a mangled caller context never verifies.
+#[test]
+fn agent_tools_and_caller_contexts_never_panic_or_pass_unchecked() {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use tollgate::agents::{caller_context::KeyRing, tools};
+    let json_ish = "[\\[\\]{}\":,a-z_0-9 .\\\\]{0,120}";
+    proptest!(cases(256), |(body in json_ish, name in "[ -~]{0,70}")| {
+        let list = format!(r#"{{"tools":[{{"type":"function","function":{{"name":{}}}}}]}}"#, serde_json::json!(name));
+        for text in [body.as_str(), list.as_str()] {
+            if let Ok(offered) = tools::offered(text.as_bytes()) {
+                for t in offered {
+                    let bare = t.name.strip_prefix("builtin:").unwrap_or(&t.name);
+                    prop_assert!(tools::valid_name(bare), "{:?}", t.name);
+                }
+            }
+        }
+        let callable: HashSet<String> = ["ok".to_string()].into();
+        let _ = tools::check_json(body.as_bytes(), &callable, 1 << 16);
+    });
+    let callable = Arc::new(HashSet::from(["ok".to_string()]));
+    proptest!(cases(256), |(names in proptest::collection::vec("[a-z]{1,3}", 0..4), cut in 1usize..40)| {
+        let mut stream = String::new();
+        for n in &names {
+            stream.push_str(&format!("data: {{\"choices\":[{{\"delta\":{{\"tool_calls\":[{{\"function\":{{\"name\":\"{n}\"}}}}]}}}}]}}\n\n"));
+        }
+        let mut guard = tools::SseGuard::new(callable.clone(), "r".into(), 1 << 16);
+        let chunks: Vec<&[u8]> = stream.as_bytes().chunks(cut).collect();
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            out.extend(guard.feed(c, i + 1 == chunks.len()));
+        }
+        let out = String::from_utf8_lossy(&out);
+        for n in names.iter().filter(|n| *n != "ok") {
+            prop_assert!(!out.contains(&format!("\"name\":\"{n}\"")), "{}", out);
+        }
+    });
+    let ring = KeyRing::parse(
+        "[[keys]]\nkid = \"k\"\nseed = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n",
+    )
+    .expect("keys");
+    proptest!(cases(256), |(token in "[A-Za-z0-9_.,=-]{0,200}")| {
+        prop_assert!(ring.verify(&token, std::time::SystemTime::now()).is_err());
+    });
+}

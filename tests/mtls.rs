@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{Envoy, Tollgate, free_port, raw_http, start_upstream, test_config};
+use support::{Envoy, Tollgate, echoed, free_port, raw_http, start_upstream, test_config};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -126,30 +126,7 @@ const HCM: &str = r#"{ name: envoy.filters.network.http_connection_manager, type
 
 /// `curl` over TLS; returns (status, body).
 fn curl(dir: &Path, port: u16, client_cert: bool) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.current_dir(dir)
-        .args([
-            "-s",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            "--cacert",
-            "ca.crt",
-            "-H",
-            "content-type: application/json",
-        ])
-        .args(["-d", r#"{"model":"text-embedding-small"}"#]);
-    if client_cert {
-        cmd.args(["--cert", "client.crt", "--key", "client.key"]);
-    }
-    let out = cmd
-        .arg(format!("https://127.0.0.1:{port}/v1/embeddings"))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    curl_with(dir, port, client_cert, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,15 +154,10 @@ async fn mtls_identity_through_envoy() {
         .await
         .expect("curl");
     assert_eq!(status, 200, "{body}");
-    let echoed: serde_json::Value = serde_json::from_str(&body).expect("upstream echo");
-    let principal: Vec<&str> = echoed["headers"]
-        .as_array()
-        .expect("headers")
-        .iter()
-        .filter(|p| p[0] == "x-tollgate-principal")
-        .filter_map(|p| p[1].as_str())
-        .collect();
-    assert_eq!(principal, vec![format!("Service::{spiffe:?}").as_str()]);
+    assert_eq!(
+        echoed(&body, "x-tollgate-principal"),
+        [format!("Service::{spiffe:?}")]
+    );
 
     let d = dir.path().to_path_buf();
     let (status, _) = tokio::task::spawn_blocking(move || curl(&d, tls, false))
@@ -289,31 +261,15 @@ async fn context_http_tls_follows_the_connection_through_envoy() {
     let _envoy = Envoy::run(&yaml, tls, admin).await;
     let body = r#"{"model":"llama-3-8b"}"#;
     let d = dir.path().to_path_buf();
-    let over_tls = tokio::task::spawn_blocking(move || {
-        let out = Command::new("curl")
-            .current_dir(&d)
-            .args([
-                "-s",
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                "--cacert",
-                "ca.crt",
-            ])
-            .args(["-H", "content-type: application/json"])
-            .args(["-H", &format!("x-api-key: {}", support::DEMO_PAID_KEY)])
-            .args(["-d", body])
-            .arg(format!("https://127.0.0.1:{tls}/v1/chat/completions"))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).to_string()
+    let key = format!("x-api-key: {}", support::DEMO_PAID_KEY);
+    let (status, over_tls) = tokio::task::spawn_blocking(move || {
+        support::tls::curl(&d, tls, "/v1/chat/completions", None, &[&key], body)
     })
     .await
     .expect("curl");
     assert!(
-        over_tls.ends_with("\n403") && over_tls.contains("policy_denied"),
-        "TLS not seen as TLS: {over_tls}"
+        status == 403 && over_tls.contains("policy_denied"),
+        "TLS not seen as TLS: {status} {over_tls}"
     );
     let plaintext = raw_http(
         format!("127.0.0.1:{plain}").parse().expect("addr"),
@@ -334,47 +290,18 @@ async fn context_http_tls_follows_the_connection_through_envoy() {
     tg.stop().await;
 }
 
-/// `curl` over TLS to `path` with extra headers; returns (status, body).
-/// Status 0 means no HTTP answer (the TLS handshake was refused).
+/// `curl` over TLS to `/v1/embeddings` with extra headers; returns
+/// (status, body). Status 0 means no HTTP answer (the TLS handshake was
+/// refused).
 fn curl_with(dir: &Path, port: u16, client_cert: bool, headers: &[&str]) -> (u16, String) {
-    let mut cmd = Command::new("curl");
-    cmd.current_dir(dir).args([
-        "-s",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "--cacert",
-        "ca.crt",
-        "-H",
-        "content-type: application/json",
-        "-d",
+    support::tls::curl(
+        dir,
+        port,
+        "/v1/embeddings",
+        client_cert.then_some("client"),
+        headers,
         r#"{"model":"text-embedding-small"}"#,
-    ]);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    if client_cert {
-        cmd.args(["--cert", "client.crt", "--key", "client.key"]);
-    }
-    let out = cmd
-        .arg(format!("https://127.0.0.1:{port}/v1/embeddings"))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn echoed(body: &str, name: &str) -> Vec<String> {
-    let echoed: serde_json::Value = serde_json::from_str(body).expect("upstream echo");
-    echoed["headers"]
-        .as_array()
-        .expect("headers")
-        .iter()
-        .filter(|p| p[0] == name)
-        .filter_map(|p| p[1].as_str().map(str::to_string))
-        .collect()
+    )
 }
 
 /// examples/envoy/envoy-mtls.yaml as shipped (only ports and the
@@ -390,22 +317,8 @@ async fn the_mtls_example_works_through_envoy() {
     config.identity.mtls_trust_domains = vec!["acme.example".into()];
     let mut tg = Tollgate::start(config).await;
     let (upstream, _task) = start_upstream().await;
-    let (listen, admin) = (free_port(), free_port());
-    let template = std::fs::read_to_string(support::repo().join("examples/envoy/envoy-mtls.yaml"))
-        .expect("envoy-mtls.yaml");
-    let yaml = template
-        .replace("port_value: 10443", &format!("port_value: {listen}"))
-        .replace("port_value: 9901", &format!("port_value: {admin}"))
-        .replace(
-            "port_value: 50051",
-            &format!("port_value: {}", tg.grpc.port()),
-        )
-        .replace(
-            "port_value: 8080",
-            &format!("port_value: {}", upstream.port()),
-        )
-        .replace("/etc/envoy/tls", &dir.path().display().to_string());
-    let _envoy = support::Envoy::run(&yaml, listen, admin).await;
+    let (_envoy, listen) =
+        support::tls::mtls_example_envoy(dir.path(), tg.grpc.port(), upstream.port()).await;
 
     let forged = "x-forwarded-client-cert: By=spiffe://acme.example/envoy;URI=spiffe://acme.example/ns/prod/sa/admin".to_string();
     let d = dir.path().to_path_buf();

@@ -283,7 +283,7 @@ async fn a_manifest_guards_reloads_and_is_written_by_the_cli() {
         &std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest"),
     )
     .expect("json");
-    assert_eq!(manifest["policies"], 23);
+    assert_eq!(manifest["policies"], 28);
     assert!(
         manifest["files"]["action.cedar"]["sha256"].is_string(),
         "{manifest}"
@@ -334,7 +334,7 @@ async fn a_manifest_guards_reloads_and_is_written_by_the_cli() {
     assert!(out.status.success(), "{}", text(&out));
     let admin = tg.admin;
     let applied = eventually(Duration::from_secs(10), || async move {
-        policy_status(admin).await["policies"] == 20
+        policy_status(admin).await["policies"] == 25
     })
     .await;
     assert!(applied, "{}", policy_status(admin).await);

@@ -85,6 +85,8 @@ struct Exchange {
     filter: Option<ToolFilter>,
     /// The answer being filtered is an event stream.
     sse: bool,
+    /// The tool-call check of an allowed LLM request (`[agents.tools]`).
+    tools: Option<super::tool_calls::ToolCalls>,
 }
 
 impl Exchange {
@@ -171,6 +173,12 @@ impl ExternalProcessor for ExtProc {
                                 x.filter = Some(Box::new(|_: &serde_json::Value| false));
                             }
                         }
+                        if !x.mcp {
+                            x.tools = super::tool_calls::ToolCalls::start(
+                                &engine,
+                                x.request_id.as_deref(),
+                            );
+                        }
                         Out::RequestHeaders(headers_ok())
                     }
                     Some(In::ResponseHeaders(h)) if x.mcp => {
@@ -245,7 +253,19 @@ impl ExternalProcessor for ExtProc {
                             )
                             .await;
                         }
-                        Out::ResponseHeaders(headers_ok())
+                        match super::tool_calls::ToolCalls::on_headers(
+                            &mut x.tools,
+                            status,
+                            header(h.headers.as_ref(), "content-type").as_deref(),
+                            h.end_of_stream,
+                            x.request_id.as_deref().unwrap_or_default(),
+                        ) {
+                            Some((reply, mode)) => {
+                                mode_override = mode;
+                                Out::ResponseHeaders(reply)
+                            }
+                            None => Out::ResponseHeaders(headers_ok()),
+                        }
                     }
                     Some(In::ResponseBody(b)) => {
                         if let Some(reader) = x.reader.as_mut() {
@@ -257,9 +277,17 @@ impl ExternalProcessor for ExtProc {
                             let seen = reader.finish();
                             x.settle(&engine, seen, "response").await;
                         }
-                        Out::ResponseBody(BodyResponse {
-                            response: Some(CommonResponse::default()),
-                        })
+                        let rid = x.request_id.as_deref().unwrap_or_default();
+                        match x
+                            .tools
+                            .as_mut()
+                            .and_then(|t| t.on_body(&b.body, b.end_of_stream, rid))
+                        {
+                            Some(checked) => checked,
+                            None => Out::ResponseBody(BodyResponse {
+                                response: Some(CommonResponse::default()),
+                            }),
+                        }
                     }
                     Some(In::RequestBody(_)) => Out::RequestBody(BodyResponse {
                         response: Some(CommonResponse::default()),

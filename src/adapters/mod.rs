@@ -8,3 +8,4 @@ pub mod ext_authz;
 pub mod ext_proc;
 pub mod forward_auth;
 pub mod rls;
+pub mod tool_calls;

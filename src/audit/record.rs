@@ -134,6 +134,11 @@ pub struct AuditRecord {
     /// hashes; `null` off MCP endpoints. The determining policies and the
     /// quota outcome of a tool decision are `policies` and `quota` above.
     pub mcp: Option<McpAudit>,
+    /// Who acts when more than the principal does (v2): `[{role, identity}]`,
+    /// the principal first, then the agent runtime of a signed caller
+    /// context (`agent`) and the service that carried the principal's token
+    /// (`via`); `null` when the principal acted alone.
+    pub caller_chain: Option<Vec<ChainLink>>,
 }
 
 impl AuditRecord {
@@ -161,6 +166,7 @@ impl AuditRecord {
             .filter(|p| !p.is_empty())
             .map(str::to_string);
         let body = request.body.as_deref().filter(|b| !b.is_empty());
+        let chain = caller_chain(decision);
         Self {
             v: SCHEMA_VERSION,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -200,16 +206,28 @@ impl AuditRecord {
                 method: facts.method.clone(),
                 tool: facts.tool.clone(),
                 server: facts.server.clone(),
-                caller_chain: decision
-                    .principal
-                    .iter()
-                    .map(|p| ChainLink {
-                        role: "principal",
-                        identity: p.uid(),
-                    })
-                    .collect(),
+                caller_chain: chain.clone(),
                 argument_sha256: facts.argument_sha256.clone(),
             }),
+            caller_chain: (chain.len() > 1).then_some(chain),
         }
     }
+}
+
+/// The principal, then the agent runtime and the carrying service of an
+/// agents hop (see [`crate::agents::AgentFacts`]), in that order.
+fn caller_chain(decision: &Decision) -> Vec<ChainLink> {
+    let principal = decision.principal.iter().map(|p| ChainLink {
+        role: "principal",
+        identity: p.uid(),
+    });
+    let agent = decision.agent.agent.iter().map(|id| ChainLink {
+        role: "agent",
+        identity: id.clone(),
+    });
+    let via = decision.agent.via.iter().map(|id| ChainLink {
+        role: "via",
+        identity: id.clone(),
+    });
+    principal.chain(agent).chain(via).collect()
 }

@@ -149,7 +149,7 @@ pub fn inspect(request: &HttpRequest, max_bytes: usize) -> Result<BodyFacts, Rea
 
 /// JSON unless the client said otherwise: LLM APIs are JSON, and a missing
 /// content type must not be a way around the body checks.
-fn is_json(content_type: Option<&str>) -> bool {
+pub(crate) fn is_json(content_type: Option<&str>) -> bool {
     match content_type {
         None => true,
         Some(ct) => {

@@ -4,6 +4,7 @@
 //! request → policy verdict → [`Decision`]. For a direct Cedar query (the
 //! `tollgate.v1` API, `tollgate check`, policy tests): Cedar request → verdict.
 
+mod agents;
 pub mod body;
 pub mod context;
 mod guard;
@@ -84,6 +85,7 @@ pub struct Engine {
     shadow: std::sync::OnceLock<Arc<PolicyStore>>,
     lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
     mcp: mcp::McpState,
+    agents: agents::AgentState,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -124,6 +126,7 @@ impl Engine {
             shadow: std::sync::OnceLock::new(),
             lockout: std::sync::OnceLock::new(),
             mcp: mcp::McpState::new(&config.mcp, &config.identity.jwt_issuers),
+            agents: agents::AgentState::new(&config.agents),
         }
     }
 
@@ -259,9 +262,30 @@ impl Engine {
                     .instrument(identity)
                     .await
                 {
-                    Ok(principal) => {
-                        self.decide_with(&snapshot, request, &path, matched, principal)
-                    }
+                    Ok(caller) => match self.agent_hop(request, caller).await {
+                        Ok(hop) => {
+                            let mut d = self.decide_with(
+                                &snapshot,
+                                request,
+                                &path,
+                                matched,
+                                hop.principal.clone(),
+                                &hop.facts,
+                            );
+                            if d.outcome.is_allow() {
+                                let claims = hop.claims.as_ref();
+                                self.decide_agent_parts(
+                                    &snapshot,
+                                    request,
+                                    &hop.principal,
+                                    claims,
+                                    &mut d,
+                                );
+                            }
+                            d
+                        }
+                        Err(outcome) => early(outcome),
+                    },
                     Err((outcome, quota)) => {
                         let mut d = early(outcome);
                         d.quota = quota;
@@ -286,6 +310,7 @@ impl Engine {
         path: &CanonicalPath,
         matched: Option<RouteMatch<'_>>,
         principal: Principal,
+        agent: &crate::agents::AgentFacts,
     ) -> Decision {
         let early = |outcome| {
             Decision::early(
@@ -296,6 +321,7 @@ impl Engine {
         };
         let mut decision = early(Outcome::Forbidden(Reason::UnknownRoute));
         decision.principal = Some(principal.clone());
+        decision.agent = agent.clone();
 
         let hints = &request.route_hints;
         let action = hints
@@ -382,6 +408,7 @@ impl Engine {
             },
         );
         let cedar = cedar_context
+            .and_then(|ctx| Self::with_agent_facts(ctx, agent))
             .and_then(|ctx| {
                 Request::new(principal_uid, action_uid, resource_uid, ctx, None)
                     .map_err(|e| e.to_string())

@@ -198,6 +198,20 @@ impl IdentityChain {
     }
 }
 
+impl IdentityChain {
+    /// The mTLS peer's own identity (the connection, not the caller's
+    /// credential): what the mTLS source says, whatever else the request
+    /// carries. `None` without an mTLS source or a verified peer.
+    pub async fn mtls_peer(&self, request: &HttpRequest) -> Option<Principal> {
+        for source in self.sources.iter().filter(|s| s.kind() == SourceKind::Mtls) {
+            if let Authentication::Authenticated(p) = source.authenticate(request).await {
+                return Some(p);
+            }
+        }
+        None
+    }
+}
+
 /// Headers in which upstreams take an API key: Tollgate's own `x-api-key`,
 /// Azure OpenAI's `api-key`, Google's `x-goog-api-key`. Tollgate
 /// authenticates only `x-api-key` (and `Authorization`), but an upstream

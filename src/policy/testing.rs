@@ -163,7 +163,10 @@ fn run_case(
         .action
         .split_once("Action::")
         .is_some_and(|(ns, _)| !ns.is_empty());
-    let mut ctx = if namespaced {
+    // So do the tool actions of chat routes (`{ kind, model? }`).
+    let tool_action =
+        [r#"Action::"offer_tool""#, r#"Action::"call_tool""#].contains(&case.action.as_str());
+    let mut ctx = if namespaced || tool_action {
         Value::Object(serde_json::Map::new())
     } else {
         context::base()

@@ -244,6 +244,18 @@ pub async fn serve_axum(app: axum::Router) -> (SocketAddr, tokio::task::JoinHand
     (addr, task)
 }
 
+/// The values of header `name` that [`start_upstream`] echoed in `body`.
+pub fn echoed(body: &str, name: &str) -> Vec<String> {
+    let echoed: serde_json::Value = serde_json::from_str(body).expect("upstream echo");
+    echoed["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .filter(|p| p[0] == name)
+        .filter_map(|p| p[1].as_str().map(str::to_string))
+        .collect()
+}
+
 /// The Envoy binary: `$ENVOY_BIN`, else `.venv/bin/envoy` (scripts/test
 /// installs it).
 pub fn envoy_bin() -> PathBuf {

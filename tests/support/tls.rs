@@ -196,3 +196,59 @@ pub async fn grpc_session(
         _ => Session::Refused,
     }
 }
+
+/// `curl` over TLS from `dir` (which holds `ca.crt`) to `https://127.0.0.1:
+/// {port}{path}`, POSTing a JSON `body` with extra `headers` (`"name:
+/// value"`), presenting `<client>.crt` / `<client>.key` if given. Returns
+/// (status, body); status 0 means no HTTP answer (the handshake failed).
+pub fn curl(
+    dir: &Path,
+    port: u16,
+    path: &str,
+    client: Option<&str>,
+    headers: &[&str],
+    body: &str,
+) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.current_dir(dir).args([
+        "-s",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+        "ca.crt",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+    ]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if let Some(c) = client {
+        cmd.args(["--cert", &format!("{c}.crt"), "--key", &format!("{c}.key")]);
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Envoy on `examples/envoy/envoy-mtls.yaml` as shipped, with only its ports
+/// and certificate directory (`dir`: `server.crt`, `server.key`, `ca.crt`)
+/// substituted; returns Envoy and its TLS listener port.
+pub async fn mtls_example_envoy(dir: &Path, grpc: u16, upstream: u16) -> (super::Envoy, u16) {
+    let (listen, admin) = (super::free_port(), super::free_port());
+    let yaml = std::fs::read_to_string(super::repo().join("examples/envoy/envoy-mtls.yaml"))
+        .expect("envoy-mtls.yaml")
+        .replace("port_value: 10443", &format!("port_value: {listen}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace("port_value: 50051", &format!("port_value: {grpc}"))
+        .replace("port_value: 8080", &format!("port_value: {upstream}"))
+        .replace("/etc/envoy/tls", &dir.display().to_string());
+    (super::Envoy::run(&yaml, listen, admin).await, listen)
+}

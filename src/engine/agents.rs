@@ -1,0 +1,351 @@
+//! Agents on LLM routes, in the engine: each offered tool decided as
+//! `offer_tool` for the caller (a forbidden one denies the request, naming
+//! it), the tools the caller may call (`call_tool`) remembered for the
+//! response check in ext_proc, a signed caller context issued on allow; and
+//! on a later hop, the caller context verified and counted, so the hop is
+//! decided as the original caller with `context.agent` = the runtime.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use cedar_policy::{Context, Request, RestrictedExpression};
+use serde_json::json;
+
+use super::Engine;
+use crate::agents::caller_context::{Claims, KeyRing};
+use crate::agents::tools::{self, OfferedTool};
+use crate::agents::{AgentFacts, AgentsConfig};
+use crate::decision::{Decision, Outcome, Reason};
+use crate::identity::{Principal, PrincipalKind};
+use crate::policy::Snapshot;
+use crate::policy::evaluate::evaluate;
+use crate::quota::engine::QuotaDecision;
+use crate::request::HttpRequest;
+
+/// The agents side of the engine.
+pub struct AgentState {
+    config: AgentsConfig,
+    keys: OnceLock<Arc<KeyRing>>,
+    /// Tools each allowed request may call, by request id, until its
+    /// response is checked.
+    checks: moka::sync::Cache<String, Arc<HashSet<String>>>,
+}
+
+impl AgentState {
+    /// From `[agents]`.
+    pub fn new(config: &AgentsConfig) -> Self {
+        Self {
+            config: config.clone(),
+            keys: OnceLock::new(),
+            checks: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(config.tools.check_ttl_secs.max(1)))
+                .build(),
+        }
+    }
+}
+
+/// A verified caller context on a hop: who the original caller is and what
+/// the context binds.
+pub(super) struct Hop {
+    pub principal: Principal,
+    pub facts: AgentFacts,
+    pub claims: Option<Claims>,
+}
+
+impl Engine {
+    /// Signs and verifies caller contexts with `keys`; false if keys are
+    /// attached already.
+    pub fn attach_caller_context(&self, keys: Arc<KeyRing>) -> bool {
+        self.agents.keys.set(keys).is_ok()
+    }
+
+    /// The caller-context keys, when attached.
+    pub fn caller_context_keys(&self) -> Option<Arc<KeyRing>> {
+        self.agents.keys.get().cloned()
+    }
+
+    /// The tools the allowed request `request_id` may call (once), with the
+    /// largest response to check: the ext_proc side of the tool-call check.
+    pub fn tool_call_check(&self, request_id: &str) -> Option<(Arc<HashSet<String>>, usize)> {
+        let callable = self.agents.checks.remove(request_id)?;
+        Some((callable, self.agents.config.tools.max_response_bytes))
+    }
+
+    /// Who the request is decided as. Without a caller-context header: the
+    /// authenticated caller (a service carrying a user's token must be a
+    /// configured carrier, and is `context.via`). With one: the original
+    /// caller it names, once verified and counted, with `context.agent` =
+    /// the runtime presenting it over mTLS.
+    pub(super) async fn agent_hop(
+        &self,
+        request: &HttpRequest,
+        caller: Principal,
+    ) -> Result<Hop, Outcome> {
+        let config = &self.agents.config;
+        // Without keys the header means nothing (it is removed on allow, as
+        // every `x-tollgate-` header a client sends).
+        let keys = self.agents.keys.get();
+        let Some((token, keys)) = keys.and_then(|k| {
+            request
+                .header(&config.caller_context.header)
+                .map(|t| (t, k))
+        }) else {
+            let mut facts = AgentFacts::default();
+            if caller.kind == PrincipalKind::User
+                && let Some(carriers) = &config.token_carriers
+                && let Some(peer) = self.identity.mtls_peer(request).await
+            {
+                if !carriers.contains(&peer.id) {
+                    tracing::info!(request_id = %request.request_id, service = %peer.id, "service may not carry user tokens");
+                    return Err(Outcome::Forbidden(Reason::TokenCarrierNotAllowed));
+                }
+                facts.via = Some(peer.id);
+            }
+            return Ok(Hop {
+                principal: caller,
+                facts,
+                claims: None,
+            });
+        };
+        // The runtime proves who it is by its certificate; a caller context
+        // beside another credential (or none) is not a hop.
+        if caller.kind != PrincipalKind::Service {
+            tracing::info!(request_id = %request.request_id, "caller context without the runtime's mTLS identity");
+            return Err(Outcome::Forbidden(Reason::CallerContextRefused));
+        }
+        // Envoy joins a repeated header with ','; a JWS never has one.
+        let claims = match keys.verify(token.trim(), SystemTime::now()) {
+            Ok(c) if !token.contains(',') => c,
+            Ok(_) => return Err(Outcome::Unauthenticated(Reason::InvalidCallerContext)),
+            Err(e) => {
+                tracing::info!(request_id = %request.request_id, error = %e, "caller context refused");
+                return Err(Outcome::Unauthenticated(Reason::InvalidCallerContext));
+            }
+        };
+        let Some(original) = claims.principal() else {
+            return Err(Outcome::Unauthenticated(Reason::InvalidCallerContext));
+        };
+        self.count_use(&claims).await?;
+        Ok(Hop {
+            principal: original,
+            facts: AgentFacts {
+                agent: Some(caller.id),
+                ..AgentFacts::default()
+            },
+            claims: Some(claims),
+        })
+    }
+
+    /// Counts one use of a caller context in the quota store (shared by
+    /// replicas): at most `max_uses` per issuing request id. The counter is a
+    /// day window, so a context alive across midnight UTC may be used up to
+    /// twice `max_uses` times.
+    async fn count_use(&self, claims: &Claims) -> Result<(), Outcome> {
+        use crate::quota::rules::{Cost, Planned};
+        use crate::quota::{Algorithm, Charge, ChargeMode, CounterKey, FailureMode, Unit};
+        let plan = Planned {
+            charge: Charge {
+                key: CounterKey::new(
+                    "caller_context",
+                    &[("rid".to_string(), claims.rid.clone())],
+                    &claims.rid,
+                ),
+                limit: self.agents.config.caller_context.max_uses,
+                unit: Unit::Day,
+                algorithm: Algorithm::FixedWindow,
+                cost: 1,
+                shadow: false,
+                mode: ChargeMode::Admission,
+            },
+            failure_mode: FailureMode::Deny,
+            label: "caller_context".into(),
+            measure: Cost::Requests,
+        };
+        match self.quota.charge(&[plan]).await {
+            QuotaDecision::Allowed { .. } => Ok(()),
+            QuotaDecision::OverLimit { .. } => {
+                tracing::info!(rid = %claims.rid, "caller context used up (replay)");
+                Err(Outcome::Forbidden(Reason::CallerContextRefused))
+            }
+            QuotaDecision::Failed { error, .. } => {
+                tracing::warn!(%error, "caller context use could not be counted");
+                Err(Outcome::Unavailable(Reason::QuotaUnavailable))
+            }
+        }
+    }
+
+    /// `context.agent` and `context.via`, added to a request's context.
+    pub(super) fn with_agent_facts(
+        context: Context,
+        facts: &AgentFacts,
+    ) -> Result<Context, String> {
+        let extra: Vec<(String, RestrictedExpression)> =
+            [("agent", &facts.agent), ("via", &facts.via)]
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    v.as_ref()
+                        .map(|v| (k.to_string(), RestrictedExpression::new_string(v.clone())))
+                })
+                .collect();
+        if extra.is_empty() {
+            return Ok(context);
+        }
+        context.merge(extra).map_err(|e| e.to_string())
+    }
+
+    /// After the route's policy allowed: what a caller context binds (tool,
+    /// model), each offered tool, the response check, the caller context to
+    /// issue. Changes `decision` to a deny when something is refused.
+    pub(super) fn decide_agent_parts(
+        &self,
+        snapshot: &Snapshot,
+        request: &HttpRequest,
+        principal: &Principal,
+        hop: Option<&Claims>,
+        decision: &mut Decision,
+    ) {
+        if let Some(claims) = hop
+            && let Err(outcome) = bound_by(claims, decision)
+        {
+            decision.outcome = outcome;
+            return;
+        }
+        let config = &self.agents.config;
+        if !config.tools.enabled && self.agents.keys.get().is_none() {
+            return;
+        }
+        let json = super::body::is_json(request.header("content-type"));
+        let offered = match request.body.as_deref().filter(|b| !b.is_empty()) {
+            None => Vec::new(),
+            Some(_) if !config.tools.enabled => Vec::new(),
+            // A cut JSON body may hide tools past the cut: refuse rather
+            // than let the upstream read tools nobody decided.
+            Some(b) if json && (request.body_partial || b.len() > self.context.max_body_bytes) => {
+                tracing::info!(request_id = %request.request_id, "body not read whole; offered tools cannot be checked");
+                decision.outcome = Outcome::Invalid(Reason::MalformedBody);
+                return;
+            }
+            Some(body) => match tools::offered(body) {
+                Ok(t) => t,
+                Err(tools::ToolError::BadName) => {
+                    decision.outcome = Outcome::Invalid(Reason::InvalidToolName);
+                    return;
+                }
+                // Not JSON at all under another content type (a multipart
+                // upload): it offers no tools.
+                Err(_) if !json => Vec::new(),
+                Err(e) => {
+                    tracing::info!(request_id = %request.request_id, error = %e, "offered tools refused");
+                    decision.outcome = Outcome::Invalid(Reason::MalformedBody);
+                    return;
+                }
+            },
+        };
+        let mut callable = HashSet::new();
+        for tool in &offered {
+            if !self.tool_permitted(snapshot, request, principal, "offer_tool", tool, decision) {
+                tracing::info!(request_id = %request.request_id, tool = %tool.name, "offered tool forbidden");
+                decision.outcome = Outcome::Forbidden(Reason::ToolForbidden);
+                decision.agent.tool = Some(tool.name.clone());
+                return;
+            }
+            if self.tool_permitted(snapshot, request, principal, "call_tool", tool, decision) {
+                callable.insert(tool.name.clone());
+            }
+        }
+        if config.tools.enabled {
+            self.agents
+                .checks
+                .insert(request.request_id.clone(), Arc::new(callable.clone()));
+        }
+        let action = decision.action.as_deref().unwrap_or_default();
+        let issue = config
+            .caller_context
+            .issue_for
+            .iter()
+            .any(|a| action == format!("Action::\"{a}\""));
+        if let (Some(keys), true) = (self.agents.keys.get(), issue) {
+            let mut tools: Vec<String> = callable.into_iter().collect();
+            tools.sort();
+            let claims = Claims::for_request(
+                principal,
+                &request.request_id,
+                decision.model.as_deref(),
+                tools,
+                SystemTime::now(),
+                Duration::from_secs(config.caller_context.ttl_secs),
+            );
+            decision.agent.caller_context = keys
+                .sign(&claims)
+                .map(|t| (config.caller_context.header.clone(), t));
+        }
+    }
+
+    /// Whether `principal` may `action` (`offer_tool`, `call_tool`) `tool`.
+    /// Any error (an undeclared action, a context the schema refuses) is a
+    /// no.
+    fn tool_permitted(
+        &self,
+        snapshot: &Snapshot,
+        request: &HttpRequest,
+        principal: &Principal,
+        action: &str,
+        tool: &OfferedTool,
+        decision: &Decision,
+    ) -> bool {
+        let mut context = json!({ "kind": tool.kind.as_str() });
+        if let Some(m) = &decision.model {
+            context["model"] = json!(m);
+        }
+        for (k, v) in [
+            ("agent", &decision.agent.agent),
+            ("via", &decision.agent.via),
+        ] {
+            if let Some(v) = v {
+                context[k] = json!(v);
+            }
+        }
+        let built = (|| {
+            let p = super::principal::uid(principal)?;
+            let a = super::principal::action_uid(action)?;
+            let r = super::principal::entity_uid("Tool", &tool.name)?;
+            let ctx = Context::from_json_value(context, Some((&snapshot.schema, &a)))
+                .map_err(|e| e.to_string())?;
+            let req =
+                Request::new(p, a, r, ctx, Some(&snapshot.schema)).map_err(|e| e.to_string())?;
+            Ok::<_, String>((req, self.entities_with(snapshot, principal)?))
+        })();
+        match built {
+            Ok((req, entities)) => {
+                evaluate(&self.authorizer, snapshot, &req, &entities, self.on_error).allow
+            }
+            Err(error) => {
+                tracing::info!(request_id = %request.request_id, action, %error, "tool decision cannot be built; denied");
+                false
+            }
+        }
+    }
+}
+
+/// What a hop's caller context binds: a `Tool` resource must be one of its
+/// tools, and a model the hop names must be its model.
+fn bound_by(claims: &Claims, decision: &mut Decision) -> Result<(), Outcome> {
+    if let Some(tool) = decision
+        .resource
+        .as_deref()
+        .and_then(|r| r.strip_prefix("Tool::\""))
+        .and_then(|r| r.strip_suffix('"'))
+        && !claims.tools.iter().any(|t| t == tool)
+    {
+        decision.agent.tool = Some(tool.to_string());
+        return Err(Outcome::Forbidden(Reason::ToolForbidden));
+    }
+    if let (Some(m), Some(bound)) = (&decision.model, &claims.model)
+        && m != bound
+    {
+        return Err(Outcome::Forbidden(Reason::CallerContextRefused));
+    }
+    Ok(())
+}
