@@ -55,6 +55,9 @@ pub enum Cost {
     OutputTokens,
     /// US dollars by `quota.prices`, counted in micro-dollars.
     Usd,
+    /// Requests in flight: a slot taken at admission and released when the
+    /// request is settled (or its reservation's TTL passes). No window.
+    Concurrent,
 }
 
 impl Cost {
@@ -62,7 +65,7 @@ impl Cost {
     /// `None` when the model has no price.
     pub fn amount(self, usage: &TokenUsage, model: Option<&str>, prices: &Prices) -> Option<u64> {
         Some(match self {
-            Self::Requests => 1,
+            Self::Requests | Self::Concurrent => 1,
             Self::Tokens => usage.input.saturating_add(usage.output),
             Self::InputTokens => usage.input,
             Self::OutputTokens => usage.output,
@@ -72,7 +75,7 @@ impl Cost {
 
     /// Whether a request's usage must be estimated and settled.
     pub fn is_usage(self) -> bool {
-        self != Self::Requests
+        !matches!(self, Self::Requests | Self::Concurrent)
     }
 
     /// The metric / log name.
@@ -83,6 +86,7 @@ impl Cost {
             Self::InputTokens => "input_tokens",
             Self::OutputTokens => "output_tokens",
             Self::Usd => "usd",
+            Self::Concurrent => "concurrent",
         }
     }
 }
@@ -94,7 +98,9 @@ pub struct QuotaRule {
     pub name: String,
     #[serde(default)]
     pub per: Vec<Per>,
-    pub unit: Unit,
+    /// The window; required except for `concurrent` rules, which have none.
+    #[serde(default)]
+    pub unit: Option<Unit>,
     /// The limit for principals whose tier is not in `tiers`, in the rule's
     /// `cost` measure (US dollars for `usd`). `limit` is an alias.
     #[serde(default, alias = "limit")]
@@ -130,6 +136,10 @@ pub struct QuotaRule {
     /// never let through free.
     #[serde(default)]
     pub unestimated_reserve: Option<f64>,
+    /// Budgets: what a reservation never settled costs when its TTL passes
+    /// (`charge` or `release`). Unset: `quota.on_expiry`.
+    #[serde(default)]
+    pub on_expiry: Option<super::reserve::Fate>,
 }
 
 /// A charge with what the engine needs to report and fail it.
@@ -166,6 +176,34 @@ impl QuotaRule {
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("quota.rules: a rule has an empty name".into());
+        }
+        match (self.cost, self.unit) {
+            (Cost::Concurrent, Some(_)) => {
+                return Err(format!(
+                    "quota.rules {:?}: a concurrent rule counts requests in flight and has no window; remove unit",
+                    self.name
+                ));
+            }
+            (Cost::Concurrent, None) if self.algorithm != Algorithm::FixedWindow => {
+                return Err(format!(
+                    "quota.rules {:?}: a concurrent rule has no window, so no algorithm",
+                    self.name
+                ));
+            }
+            (Cost::Concurrent, None) => {}
+            (_, None) => {
+                return Err(format!(
+                    "quota.rules {:?}: set unit (second, minute, hour, day, week, month, year, calendar_month)",
+                    self.name
+                ));
+            }
+            (_, Some(_)) => {}
+        }
+        if self.on_expiry.is_some() && !self.cost.is_usage() {
+            return Err(format!(
+                "quota.rules {:?}: on_expiry applies to token and usd budgets (concurrency slots are always released)",
+                self.name
+            ));
         }
         if self.requests_per_unit.is_none() && self.tiers.is_empty() {
             return Err(format!(
@@ -230,7 +268,7 @@ impl QuotaRule {
     /// What this request reserves against the rule.
     fn reservation(&self, limit: u64, input: &PlanInput<'_>) -> Result<u64, PlanError> {
         let e = input.estimate;
-        if self.cost == Cost::Requests {
+        if !self.cost.is_usage() {
             return Ok(1);
         }
         let output = e.max_output_tokens.or(self.default_output_tokens);
@@ -330,7 +368,9 @@ impl QuotaRule {
                 charge: Charge {
                     key: CounterKey::new(DOMAIN, &entries, &slot),
                     limit,
-                    unit: self.unit,
+                    // A concurrent rule's counter has no window; the unit is
+                    // only what its RateLimit headers say (one second).
+                    unit: self.unit.unwrap_or(Unit::Second),
                     algorithm: self.algorithm,
                     cost,
                     shadow: self.shadow,
@@ -366,7 +406,7 @@ mod tests {
         QuotaRule {
             name: "per-key".into(),
             per: vec![Per::Key],
-            unit: Unit::Minute,
+            unit: Some(Unit::Minute),
             requests_per_unit: None,
             tiers: [
                 ("free".to_string(), 10.0),
@@ -381,6 +421,7 @@ mod tests {
             max_output_share: None,
             default_output_tokens: None,
             unestimated_reserve: None,
+            on_expiry: None,
         }
     }
 

@@ -753,6 +753,7 @@ impl Drop for Sentinel {
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
 pub mod otlp;
+pub mod stores;
 /// A throwaway PKI and raw TLS clients for the listener tests.
 pub mod tls;
 /// What an ext_authz answer means for the client: the HTTP status Envoy
