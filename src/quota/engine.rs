@@ -216,10 +216,12 @@ impl QuotaEngine {
             blocking.get_or_insert(i);
             // Only when even one more unit cannot fit is the counter "over"
             // for everyone until it resets; a large cost alone is not.
-            // A slot frees whenever any request ends: never cached.
+            // A slot frees whenever any request ends, and a budget whenever
+            // a settlement on any replica refunds it: only request counts,
+            // which nothing but time lowers, are cached.
             if c.algorithm == Algorithm::FixedWindow
                 && usage.used >= c.limit
-                && plan.measure != Cost::Concurrent
+                && plan.measure == Cost::Requests
             {
                 let reset_ms = u64::try_from(usage.reset.as_millis()).unwrap_or(u64::MAX);
                 self.over

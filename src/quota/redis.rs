@@ -458,7 +458,7 @@ impl RedisStore {
 
     fn record_key(&self, request_id: &str) -> String {
         let h = Self::request_hash(request_id);
-        format!("{}{{r:{}}}:resv:{h}", self.prefix, &h[..16])
+        format!("{}{{r:{}}}:rec:{h}", self.prefix, &h[..16])
     }
 
     async fn record_op(

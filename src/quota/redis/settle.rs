@@ -12,8 +12,9 @@
 //!
 //! On Cluster, a settlement must know the groups a request reserved in: the
 //! replica that reserved remembers them; any other reads the request's
-//! group list (`<prefix>{r:…}:resv-groups:<…>`, written at reserve in
-//! parallel with the first group's script) — one more round trip there.
+//! group list (a record, `<prefix>{r:…}:rec:<…>`, kept for the TTL and
+//! written at reserve in parallel with the group scripts) — one more round
+//! trip there.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -564,7 +565,9 @@ impl RedisStore {
             }
             let bases: Vec<&str> = groups.iter().map(|g| g.base.as_str()).collect();
             let text = bases.join("\n");
-            let ttl = r.ttl + Duration::from_millis(MARKER_GRACE_MS);
+            // No longer than the reservation: past its TTL it is swept,
+            // and a late report is answered by the marker or not at all.
+            let ttl = r.ttl;
             self.record_op(&self.groups_key(&r.request_id), "put", &text, ttl)
                 .await
                 .map(|v| v.is_some())
