@@ -180,7 +180,6 @@ async fn stream(tg: &Tollgate, id: &str, ending: Ending, before_end: impl FnOnce
             .await;
             end();
             // The client went away: Envoy ends the gRPC stream.
-            drop(send);
             drop(tx);
         }
         Ending::Usage(input, output) => {

@@ -81,7 +81,7 @@ macro_rules! contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    let (store, _backing) = crate::support::stores::$store().await;
+                    let (store, _backing) = $crate::support::stores::$store().await;
                     super::super::$case(store).await;
                 }
             )*
