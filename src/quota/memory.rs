@@ -425,7 +425,7 @@ impl QuotaStore for MemoryStore {
         let report = self.apply_part(&mut pending, &part, how, |_| *how);
         // The marker lasts as long as a reservation could: a report retried
         // within the TTL finds it.
-        let until = part.deadline.max(now).saturating_add(MARKER_GRACE_MS);
+        let until = now.saturating_add(SETTLED_MARKER_MS);
         let max = self.max_reservations;
         insert_expiring(
             &mut pending.done,
@@ -452,8 +452,11 @@ impl QuotaStore for MemoryStore {
     }
 }
 
-/// How long a settled marker outlives its reservation's TTL: a report
-/// retried just after the TTL still finds it.
+/// How long a settled marker is kept after a settlement (as on Redis): a
+/// report retried within it finds the request settled.
+const SETTLED_MARKER_MS: u64 = 3_600_000;
+
+/// How long the marker of a reservation settled by its TTL fate is kept.
 const MARKER_GRACE_MS: u64 = 60_000;
 
 /// Expired reservations met by each reserve or settle, at most.

@@ -440,6 +440,24 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_rules_have_no_window_and_take_one_slot() {
+        let mut r = rule();
+        r.cost = Cost::Concurrent;
+        assert!(r.validate().is_err_and(|e| e.contains("remove unit")));
+        r.unit = None;
+        assert_eq!(r.validate(), Ok(()));
+        let p = plan(&r, &key("a", "acme", "free")).expect("applies");
+        assert_eq!((p.charge.cost, p.charge.limit), (1, 10));
+        assert_eq!(p.measure, Cost::Concurrent);
+        r.on_expiry = Some(crate::quota::reserve::Fate::Release);
+        assert!(r.validate().is_err(), "slots are always released");
+        let mut budget = rule();
+        budget.cost = Cost::Tokens;
+        budget.unit = None;
+        assert!(budget.validate().is_err_and(|e| e.contains("set unit")));
+    }
+
+    #[test]
     fn the_tier_picks_the_limit_and_keys_get_their_own_counters() {
         let r = rule();
         let free = plan(&r, &key("a", "acme", "free")).expect("applies");

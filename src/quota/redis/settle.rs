@@ -240,8 +240,12 @@ return {ARGV[1], n, f}
 /// Reservations the background sweep handles per base and tick, at most.
 const SWEEP_BATCH: u64 = 16;
 
-/// How long a settled marker outlives the reservation's TTL.
+/// How long a settled marker outlives the reservation's TTL (and the slot
+/// counter its last reservation).
 const MARKER_GRACE_MS: u64 = 60_000;
+
+/// How long the marker of a settlement is kept.
+const SETTLED_MARKER_MS: u64 = 3_600_000;
 
 /// What the store remembers between reserve and settle on this replica.
 #[derive(Default)]
@@ -727,8 +731,8 @@ impl RedisStore {
                 },
             }
         };
-        // The marker must outlive any retry of the report within the TTL.
-        let marker_ms = 3_600_000u64.max(MARKER_GRACE_MS);
+        // A report retried within the hour finds the request settled.
+        let marker_ms = SETTLED_MARKER_MS;
         let mut report = SettleReport::nothing(Settled::Unknown);
         for base in &bases {
             let one = self
