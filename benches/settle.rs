@@ -107,15 +107,8 @@ unit = "minute"
 limit = 1000000000
 "#;
 
-const LLM: &str = r#"
-[quota]
-sweep_interval_secs = 3600
-[[quota.rules]]
-name = "key-rpm"
-per = ["key"]
-unit = "minute"
-limit = 1000000000
-
+/// Added to [`PLAIN`] for the reserving instance.
+const BUDGETS: &str = r#"
 [[quota.rules]]
 name = "key-tokens"
 per = ["key"]
@@ -177,7 +170,14 @@ async fn run() {
     let port = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut redis: Child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
@@ -189,7 +189,7 @@ async fn run() {
         .start()
         .await
         .expect("starts");
-    let llm = tollgate::server::App::build(config(port, LLM))
+    let llm = tollgate::server::App::build(config(port, &format!("{PLAIN}{BUDGETS}")))
         .expect("builds")
         .start()
         .await
@@ -211,16 +211,32 @@ async fn run() {
     };
     let (c, t) = (evalsha_calls(port), Instant::now());
     for i in 0..n {
-        let r = plain_client.check(check(&format!("p{i}"))).await.expect("check");
-        assert!(r.into_inner().status.is_some_and(|s| s.code == 0), "allowed");
+        let r = plain_client
+            .check(check(&format!("p{i}")))
+            .await
+            .expect("check");
+        assert!(
+            r.into_inner().status.is_some_and(|s| s.code == 0),
+            "allowed"
+        );
     }
     phases.push(measure("plain Check (request-count rule)", t, c));
     let (c, t) = (evalsha_calls(port), Instant::now());
     for i in 0..n {
-        let r = llm_client.check(check(&format!("r{i}"))).await.expect("check");
-        assert!(r.into_inner().status.is_some_and(|s| s.code == 0), "allowed");
+        let r = llm_client
+            .check(check(&format!("r{i}")))
+            .await
+            .expect("check");
+        assert!(
+            r.into_inner().status.is_some_and(|s| s.code == 0),
+            "allowed"
+        );
     }
-    phases.push(measure("Check + reserve (request, tokens, concurrent)", t, c));
+    phases.push(measure(
+        "Check + reserve (request, tokens, concurrent)",
+        t,
+        c,
+    ));
     let (c, t) = (evalsha_calls(port), Instant::now());
     for i in 0..n {
         let r = usage_client
@@ -237,7 +253,9 @@ async fn run() {
     }
     phases.push(measure("settle (ReportUsage)", t, c));
     let floor = phases[0].micros;
-    println!("| phase (sequential, n = {n}) | µs per request | × plain Check | Redis round trips per request |");
+    println!(
+        "| phase (sequential, n = {n}) | µs per request | × plain Check | Redis round trips per request |"
+    );
     println!("|---|---:|---:|---:|");
     for p in &phases {
         println!(
@@ -249,13 +267,21 @@ async fn run() {
         );
     }
     let both = phases[1].micros + phases[2].micros;
-    println!("| reserve + settle, whole request | {:.0} | {:.2} | {:.2} |", both, both / floor, phases[1].round_trips + phases[2].round_trips);
+    println!(
+        "| reserve + settle, whole request | {:.0} | {:.2} | {:.2} |",
+        both,
+        both / floor,
+        phases[1].round_trips + phases[2].round_trips
+    );
 
     // Memory per in-flight reservation in Redis: reservations never settled.
     let k = 10_000;
     let before = used_memory(port);
     for i in 0..k {
-        let r = llm_client.check(check(&format!("m{i}"))).await.expect("check");
+        let r = llm_client
+            .check(check(&format!("m{i}")))
+            .await
+            .expect("check");
         assert!(r.into_inner().status.is_some_and(|s| s.code == 0));
     }
     let after = used_memory(port);

@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::stores::{Backing, cluster, redis};
+use support::stores::{Backing, charge, cluster, redis, used};
 use tollgate::quota::{Algorithm, Charge, ChargeMode, CounterKey, QuotaStore, Unit, Usage};
 
 /// The usage a store reported for charge `i`.
@@ -17,26 +17,6 @@ fn u(r: &tollgate::quota::ChargeResult, i: usize) -> Usage {
 
 fn key(name: &str, group: &str) -> CounterKey {
     CounterKey::new("test", &[("k".to_string(), name.to_string())], group)
-}
-
-fn charge(k: &CounterKey, limit: u64, cost: u64) -> Charge {
-    Charge {
-        key: k.clone(),
-        limit,
-        unit: Unit::Hour,
-        algorithm: Algorithm::FixedWindow,
-        cost,
-        shadow: false,
-        mode: ChargeMode::Admission,
-    }
-}
-
-async fn used(store: &dyn QuotaStore, k: &CounterKey) -> u64 {
-    let r = store
-        .charge(&[charge(k, u64::MAX >> 12, 0)])
-        .await
-        .expect("peek");
-    u(&r, 0).used
 }
 
 async fn counts_exactly_to_the_limit(store: Arc<dyn QuotaStore>) {

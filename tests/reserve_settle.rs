@@ -11,12 +11,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use support::eventually;
+use support::stores::{charge, used};
 use tollgate::quota::reserve::{Budget, Fate};
 use tollgate::quota::rules::Cost;
-use tollgate::quota::{
-    Algorithm, Charge, ChargeMode, CounterKey, QuotaStore, Reservation, SettleHow, Settled, Slot,
-    Unit,
-};
+use tollgate::quota::{CounterKey, QuotaStore, Reservation, SettleHow, Settled, Slot};
 use tollgate::usage::{Price, TokenUsage};
 
 fn key(name: &str) -> CounterKey {
@@ -26,26 +24,6 @@ fn key(name: &str) -> CounterKey {
         &[("k".to_string(), name.to_string())],
         "tenant:acme",
     )
-}
-
-fn charge(k: &CounterKey, limit: u64, cost: u64) -> Charge {
-    Charge {
-        key: k.clone(),
-        limit,
-        unit: Unit::Hour,
-        algorithm: Algorithm::FixedWindow,
-        cost,
-        shadow: false,
-        mode: ChargeMode::Admission,
-    }
-}
-
-async fn used(store: &dyn QuotaStore, k: &CounterKey) -> u64 {
-    let r = store
-        .charge(&[charge(k, u64::MAX >> 12, 0)])
-        .await
-        .expect("peek");
-    r.usage[0].expect("usage").used
 }
 
 /// A reservation of `tokens` against budget `k` (limit `limit`) and, when

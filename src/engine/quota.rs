@@ -118,6 +118,15 @@ impl Engine {
             QuotaDecision::Failed { error, mode } => {
                 tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
                 self.metrics.quota_store_error(self.quota.store().kind());
+                if mode != FailureMode::Allow && reservation.is_some() {
+                    // The script may have run although its answer was lost
+                    // (a timeout): the request is refused, so whatever it
+                    // reserved is released now rather than at its TTL.
+                    let (store, id) = (self.quota.store().clone(), decision.request_id.clone());
+                    tokio::spawn(async move {
+                        let _ = store.settle(&id, &SettleHow::Release).await;
+                    });
+                }
                 if mode == FailureMode::Allow {
                     for p in plans.iter().filter(|p| !p.charge.shadow) {
                         self.metrics.quota_fail_open(&p.label);

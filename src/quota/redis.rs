@@ -490,6 +490,25 @@ impl RedisStore {
         format!("{}:{w}", c.key.redis_base(&self.prefix))
     }
 
+    /// A charge's two keys and nine arguments, as the charge and reserve
+    /// scripts read them, for window `w`.
+    fn charge_args(&self, inv: &mut redis::ScriptInvocation<'_>, c: &Charge, w: u64) {
+        // A sliding window's count is still read during the next window; a
+        // second's grace covers clocks a little apart.
+        let keep = u64::from(c.algorithm == Algorithm::SlidingWindow);
+        inv.key(self.window_key(c, w))
+            .key(self.window_key(c, w.saturating_sub(1)))
+            .arg(w)
+            .arg(c.limit.min(MAX_COUNT))
+            .arg(c.unit.window_start(w))
+            .arg(c.unit.window_end(w))
+            .arg(c.unit.window_end(w + keep).saturating_add(1000))
+            .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
+            .arg(c.cost.min(MAX_COUNT))
+            .arg(u8::from(c.shadow))
+            .arg(u8::from(c.mode == ChargeMode::Always));
+    }
+
     async fn charge_group(
         &self,
         conn: &mut Conn,
@@ -507,20 +526,7 @@ impl RedisStore {
             for c in charges {
                 let w = c.unit.window_of(now);
                 windows.push(w);
-                // A sliding window's count is still read during the next
-                // window; a second's grace covers clocks a little apart.
-                let keep = u64::from(c.algorithm == Algorithm::SlidingWindow);
-                inv.key(self.window_key(c, w))
-                    .key(self.window_key(c, w.saturating_sub(1)))
-                    .arg(w)
-                    .arg(c.limit.min(MAX_COUNT))
-                    .arg(c.unit.window_start(w))
-                    .arg(c.unit.window_end(w))
-                    .arg(c.unit.window_end(w + keep).saturating_add(1000))
-                    .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
-                    .arg(c.cost.min(MAX_COUNT))
-                    .arg(u8::from(c.shadow))
-                    .arg(u8::from(c.mode == ChargeMode::Always));
+                self.charge_args(&mut inv, c, w);
             }
             let out = self.call(conn, generation, &inv, &nonce).await?;
             let ints: Vec<i64> = out

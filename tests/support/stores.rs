@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use super::{RedisCluster, RedisServer, eventually};
 use tollgate::metrics::StoreMetrics;
-use tollgate::quota::QuotaStore;
 use tollgate::quota::memory::{MemoryStore, SystemClock};
 use tollgate::quota::redis::{RedisStore, Target};
+use tollgate::quota::{Algorithm, Charge, ChargeMode, CounterKey, QuotaStore, Unit};
 
 /// Keeps whatever backs a store alive for the test.
 pub enum Backing {
@@ -62,6 +62,28 @@ pub async fn cluster() -> (Arc<dyn QuotaStore>, Backing) {
     let cluster = RedisCluster::start();
     let store = redis_store(Target::Cluster(cluster.urls())).await;
     (store, Backing::Cluster(cluster))
+}
+
+/// An hourly fixed-window admission charge.
+pub fn charge(k: &CounterKey, limit: u64, cost: u64) -> Charge {
+    Charge {
+        key: k.clone(),
+        limit,
+        unit: Unit::Hour,
+        algorithm: Algorithm::FixedWindow,
+        cost,
+        shadow: false,
+        mode: ChargeMode::Admission,
+    }
+}
+
+/// What counter `k` holds now (a zero-cost check under a huge limit).
+pub async fn used(store: &dyn QuotaStore, k: &CounterKey) -> u64 {
+    let r = store
+        .charge(&[charge(k, u64::MAX >> 12, 0)])
+        .await
+        .expect("peek");
+    r.usage[0].expect("the store reported this counter").used
 }
 
 /// `contract!(case, …)`: one test per case and store (memory, redis,

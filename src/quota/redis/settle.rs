@@ -27,9 +27,7 @@ use crate::quota::reserve::{
     Charged, Fate, SettleHow, SettleReport, Settled, StoredEntry, StoredPart, StoredSlot,
     measure_code, measure_of, price_array,
 };
-use crate::quota::{
-    Algorithm, Charge, ChargeMode, CounterKey, Reservation, Reserved, StoreError, Usage,
-};
+use crate::quota::{Charge, ChargeMode, CounterKey, Reservation, Reserved, StoreError, Usage};
 
 /// Lua shared by the reserve, settle, sweep and in-flight scripts.
 macro_rules! settle_lua {
@@ -395,19 +393,7 @@ impl RedisStore {
                 .arg(g.charges.len())
                 .arg(SWEEP_BATCH);
             for (&i, &w) in g.charges.iter().zip(&windows) {
-                let c: &Charge = &r.charges[i];
-                let keep = u64::from(c.algorithm == Algorithm::SlidingWindow);
-                inv.key(self.window_key(c, w))
-                    .key(self.window_key(c, w.saturating_sub(1)))
-                    .arg(w)
-                    .arg(c.limit.min(MAX_COUNT))
-                    .arg(c.unit.window_start(w))
-                    .arg(c.unit.window_end(w))
-                    .arg(c.unit.window_end(w + keep).saturating_add(1000))
-                    .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
-                    .arg(c.cost.min(MAX_COUNT))
-                    .arg(u8::from(c.shadow))
-                    .arg(u8::from(c.mode == ChargeMode::Always));
+                self.charge_args(&mut inv, &r.charges[i], w);
             }
             for &j in &g.slots {
                 let s = &r.slots[j];
