@@ -97,7 +97,12 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
     let engine = connect(&config).await?;
     let mut out = std::io::stdout().lock();
     if reset {
-        for (c, per) in &counters {
+        // Slots in use are released by their requests' settlements, never
+        // reset: a reset would let more requests in than the limit.
+        for (c, per) in counters
+            .iter()
+            .filter(|(c, _)| c.measure != Cost::Concurrent)
+        {
             engine.reset(&c.charge.key).await?;
             let _ = writeln!(out, "reset {} {per}", c.label);
         }
