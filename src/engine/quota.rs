@@ -315,19 +315,37 @@ impl Engine {
             .map_err(|_| StoreError::Timeout(deadline))?
             .inspect_err(|_| self.metrics.usage_settlement("store_failed"))?;
         let settled = report.settled;
+        // What was reported, when nothing was charged from it (a duplicate,
+        // an unknown request): the audit trail still shows the report.
+        let usage = match (settled, how) {
+            (Settled::Now, _) => report.usage,
+            (
+                _,
+                SettleHow::Usage {
+                    input,
+                    output,
+                    cached,
+                },
+            ) => TokenUsage {
+                input: input.unwrap_or(0),
+                output,
+                cached_input: cached,
+            },
+            _ => TokenUsage::default(),
+        };
         if settled == Settled::Now {
             // Counters changed under cached answers.
             self.quota.forget_known_over();
             self.count_charged(&report);
         }
         self.metrics.usage_settlement(settled.label());
-        self.audit_usage(request_id, &report.usage, settled);
+        self.audit_usage(request_id, &usage, settled);
         tracing::info!(
             target: "tollgate::decision",
             request_id = %request_id,
-            input_tokens = report.usage.input,
-            output_tokens = report.usage.output,
-            cached_input_tokens = report.usage.cached_input,
+            input_tokens = usage.input,
+            output_tokens = usage.output,
+            cached_input_tokens = usage.cached_input,
             slots_released = report.released.len(),
             source,
             result = settled.label(),
