@@ -314,9 +314,24 @@ pub struct QuotaConfig {
     /// or the name of a listed model to price it like.
     pub unknown_model_price: crate::usage::UnknownModel,
     /// How long a reservation waits for its usage report. One never settled
-    /// (a gateway crash) keeps its reserved amount charged, so a budget never
-    /// leaks, and is forgotten after this long.
+    /// (a gateway crash, a lost stream) then meets `on_expiry`; its
+    /// concurrency slots are released.
     pub reservation_ttl_secs: u64,
+    /// What a budget reservation never settled costs when its TTL passes:
+    /// `charge` (the default: the reserved amount stays, budgets never
+    /// leak) or `release` (refunded). A rule's own `on_expiry` wins.
+    pub on_expiry: crate::quota::reserve::Fate,
+    /// What a client that disconnects mid-stream is charged (ext_proc):
+    /// `reservation` (the default: the provider may keep generating, and
+    /// billing, after the client left) or `generated` (what was streamed).
+    pub on_disconnect: crate::quota::reserve::DisconnectFate,
+    /// What an upstream error without a usage block (a status that is not
+    /// 2xx) costs (ext_proc): `release` (the default: nothing was generated)
+    /// or `charge` (the reservation stays).
+    pub on_upstream_error: crate::quota::reserve::Fate,
+    /// How often each replica sweeps reservations past their TTL, on top of
+    /// the sweeping every reserve and settle does (seconds, at least 1).
+    pub sweep_interval_secs: u64,
 }
 
 impl QuotaConfig {
@@ -358,6 +373,10 @@ impl Default for QuotaConfig {
             prices: Default::default(),
             unknown_model_price: Default::default(),
             reservation_ttl_secs: 600,
+            on_expiry: crate::quota::reserve::Fate::Charge,
+            on_disconnect: crate::quota::reserve::DisconnectFate::Reservation,
+            on_upstream_error: crate::quota::reserve::Fate::Release,
+            sweep_interval_secs: 5,
         }
     }
 }
@@ -609,6 +628,11 @@ impl Config {
         if self.quota.reservation_ttl_secs == 0 {
             return Err(invalid(
                 "quota.reservation_ttl_secs must be at least 1".into(),
+            ));
+        }
+        if self.quota.sweep_interval_secs == 0 {
+            return Err(invalid(
+                "quota.sweep_interval_secs must be at least 1".into(),
             ));
         }
         if self.quota.deadline_ms == 0 {

@@ -43,6 +43,9 @@ pub enum Reason {
     /// A token or dollar budget has no room for the request's estimated
     /// usage.
     OverBudget,
+    /// A concurrency rule has no free slot: too many of the caller's
+    /// requests are in flight.
+    TooManyConcurrent,
     /// A budget applies but the request's usage cannot be estimated (no
     /// readable body, no `max_tokens`, or a model without a price), and the
     /// rule says to refuse such requests.
@@ -146,6 +149,7 @@ impl Reason {
             Self::Unavailable => "unavailable",
             Self::OverQuota => "over_quota",
             Self::OverBudget => "over_budget",
+            Self::TooManyConcurrent => "too_many_concurrent",
             Self::UsageUnknown => "usage_unknown",
             Self::QuotaUnavailable => "quota_unavailable",
             Self::NotYetValid => "not_yet_valid",

@@ -97,6 +97,8 @@ pub struct Metrics {
     fail_open: Family<RuleLabel, Counter>,
     settlements: Family<ResultLabel, Counter>,
     usage_charged: Family<UsageLabels, Counter>,
+    concurrency: Family<ConcurrencyLabels, Counter>,
+    reservations_expired: Counter,
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
@@ -128,6 +130,12 @@ struct ResultLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabel {
     rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConcurrencyLabels {
+    rule: String,
+    event: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -270,6 +278,18 @@ impl Metrics {
             "Settled usage charged to budgets, by rule, unit (tokens, input_tokens, output_tokens, usd_micros) and model (models outside the catalog and price table are \"other\")",
             usage_charged.clone(),
         );
+        let concurrency = Family::<ConcurrencyLabels, Counter>::default();
+        registry.register(
+            "concurrency_slots",
+            "Concurrency slots by rule and event (acquired on this replica, released by a settlement on this replica, refused); slots released by a TTL sweep are counted in reservations_expired",
+            concurrency.clone(),
+        );
+        let reservations_expired = Counter::default();
+        registry.register(
+            "reservations_expired",
+            "Reservations never settled that met their TTL fate in a sweep run by this replica",
+            reservations_expired.clone(),
+        );
         let unknown_domain = Counter::default();
         registry.register(
             "rate_limit_unknown_domain",
@@ -351,6 +371,8 @@ impl Metrics {
             lockout_refusals,
             fail_open,
             settlements,
+            concurrency,
+            reservations_expired,
             usage_charged,
             unknown_domain,
             invalidations,
@@ -420,6 +442,35 @@ impl Metrics {
         self.settlements
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    /// A concurrency slot of `rule` (from the config) was taken.
+    pub fn concurrency_acquired(&self, rule: &str) {
+        self.concurrency_event(rule, "acquired");
+    }
+
+    /// A settlement released a concurrency slot of `rule`.
+    pub fn concurrency_released(&self, rule: &str) {
+        self.concurrency_event(rule, "released");
+    }
+
+    /// A request was refused for lack of a slot of `rule`.
+    pub fn concurrency_refused(&self, rule: &str) {
+        self.concurrency_event(rule, "refused");
+    }
+
+    fn concurrency_event(&self, rule: &str, event: &'static str) {
+        self.concurrency
+            .get_or_create(&ConcurrencyLabels {
+                rule: rule.to_string(),
+                event,
+            })
+            .inc();
+    }
+
+    /// `n` reservations met their TTL fate in a sweep.
+    pub fn reservations_expired(&self, n: u64) {
+        self.reservations_expired.inc_by(n);
     }
 
     /// Adds settled usage charged to budget `rule`, in `unit` (micro-dollars

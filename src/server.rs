@@ -139,6 +139,10 @@ impl App {
             metrics.clone(),
             quota,
         ));
+        Engine::spawn_sweeper(
+            &engine,
+            Duration::from_secs(config.quota.sweep_interval_secs),
+        );
         if let (Some(dir), Some(expect)) = (&config.policy.shadow_dir, shadow_expect) {
             let shadow = PolicyStore::load(&config.resolve(dir), expect)
                 .map_err(|e| StartError::Shadow(e.to_string()))?;

@@ -2,7 +2,7 @@
 //! example config's ext_proc filter streams each response to Tollgate, which
 //! reads its usage — an OpenAI JSON `usage` block, an SSE stream's final
 //! usage chunk, or a stream without one (counted) — and settles the token
-//! budget reserved at ext_authz.
+//! budget reserved at ext_authz, releasing the concurrency slot it took.
 
 mod support;
 
@@ -49,7 +49,8 @@ async fn budgets_are_settled_from_responses_through_envoy() {
         quota: tollgate::config::QuotaConfig,
     }
     let parsed: Quota = toml::from_str(
-        "[quota]\n[[quota.rules]]\nname = \"key-tokens\"\nper = [\"key\"]\nunit = \"hour\"\ncost = \"tokens\"\nlimit = 1200\n",
+        "[quota]\n[[quota.rules]]\nname = \"key-tokens\"\nper = [\"key\"]\nunit = \"hour\"\ncost = \"tokens\"\nlimit = 1200\n\
+         [[quota.rules]]\nname = \"key-inflight\"\nper = [\"key\"]\ncost = \"concurrent\"\nlimit = 1\n",
     )
     .expect("toml");
     let mut config = test_config();
@@ -81,6 +82,8 @@ async fn budgets_are_settled_from_responses_through_envoy() {
             .await
             .status
     };
+    // One request in flight at a time: each is admitted only because the
+    // previous one's slot was released when its response ended.
     // Each request reserves 103 + 500 = 603 of 1200, and uses 150 (or, for
     // the stream without usage, 103 estimated + 2 counted). Without
     // settlement the second request would already be refused.

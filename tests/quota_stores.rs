@@ -7,10 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{RedisCluster, RedisServer, eventually};
-use tollgate::metrics::StoreMetrics;
-use tollgate::quota::memory::{MemoryStore, SystemClock};
-use tollgate::quota::redis::{RedisStore, Target};
+use support::stores::{Backing, charge, cluster, redis, used};
 use tollgate::quota::{Algorithm, Charge, ChargeMode, CounterKey, QuotaStore, Unit, Usage};
 
 /// The usage a store reported for charge `i`.
@@ -18,80 +15,8 @@ fn u(r: &tollgate::quota::ChargeResult, i: usize) -> Usage {
     r.usage[i].expect("the store reported this counter")
 }
 
-/// Keeps whatever backs a store alive for the test.
-enum Backing {
-    None,
-    Redis(RedisServer),
-    Cluster(RedisCluster),
-}
-
-async fn memory() -> (Arc<dyn QuotaStore>, Backing) {
-    (
-        Arc::new(MemoryStore::new(100_000, Arc::new(SystemClock))),
-        Backing::None,
-    )
-}
-
-async fn connected(store: RedisStore) -> Arc<RedisStore> {
-    let store = Arc::new(store);
-    let s = store.clone();
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let s = s.clone();
-            async move { s.connected() }
-        })
-        .await,
-        "store did not connect"
-    );
-    store
-}
-
-async fn redis() -> (Arc<dyn QuotaStore>, Backing) {
-    let server = RedisServer::start();
-    let store = RedisStore::connect(
-        Target::Standalone(server.url()),
-        "t:",
-        Duration::from_millis(500),
-        Arc::new(StoreMetrics::default()),
-    )
-    .expect("store");
-    (connected(store).await, Backing::Redis(server))
-}
-
-async fn cluster() -> (Arc<dyn QuotaStore>, Backing) {
-    let cluster = RedisCluster::start();
-    let store = RedisStore::connect(
-        Target::Cluster(cluster.urls()),
-        "t:",
-        Duration::from_millis(500),
-        Arc::new(StoreMetrics::default()),
-    )
-    .expect("store");
-    (connected(store).await, Backing::Cluster(cluster))
-}
-
 fn key(name: &str, group: &str) -> CounterKey {
     CounterKey::new("test", &[("k".to_string(), name.to_string())], group)
-}
-
-fn charge(k: &CounterKey, limit: u64, cost: u64) -> Charge {
-    Charge {
-        key: k.clone(),
-        limit,
-        unit: Unit::Hour,
-        algorithm: Algorithm::FixedWindow,
-        cost,
-        shadow: false,
-        mode: ChargeMode::Admission,
-    }
-}
-
-async fn used(store: &dyn QuotaStore, k: &CounterKey) -> u64 {
-    let r = store
-        .charge(&[charge(k, u64::MAX >> 12, 0)])
-        .await
-        .expect("peek");
-    u(&r, 0).used
 }
 
 async fn counts_exactly_to_the_limit(store: Arc<dyn QuotaStore>) {
@@ -328,113 +253,43 @@ async fn calendar_months_reset_on_the_first(store: Arc<dyn QuotaStore>) {
     }
 }
 
-/// Reservations: a record is kept and read back; a settlement applies its
-/// adjustments exactly once, never below zero, in the reserved window.
-async fn settles_exactly_once(store: Arc<dyn QuotaStore>) {
-    use tollgate::quota::Adjustment;
-    let k = key("budget", "acme");
-    let other = key("budget-2", "acme");
-    let r = store
-        .charge(&[charge(&k, 1000, 600), charge(&other, 1000, 50)])
-        .await
-        .expect("reserve");
-    assert!(r.applied);
+/// Records (the lockout's locks): the first one kept stays, and reads back.
+async fn keeps_the_first_record(store: Arc<dyn QuotaStore>) {
     let ttl = Duration::from_secs(60);
     assert!(
         store
-            .put_reservation("req-1", "{\"record\":1}", ttl)
+            .put_record("req-1", "{\"record\":1}", ttl)
             .await
             .expect("put")
     );
     assert!(
         !store
-            .put_reservation("req-1", "{\"record\":2}", ttl)
+            .put_record("req-1", "{\"record\":2}", ttl)
             .await
             .expect("put again"),
         "the first record stays"
     );
     assert_eq!(
-        store
-            .get_reservation("req-1")
-            .await
-            .expect("get")
-            .as_deref(),
+        store.get_record("req-1").await.expect("get").as_deref(),
         Some("{\"record\":1}")
     );
-    assert_eq!(store.get_reservation("req-2").await.expect("get"), None);
-    let adjust = |key: &CounterKey, i: usize, delta| Adjustment {
-        key: key.clone(),
-        unit: Unit::Hour,
-        algorithm: Algorithm::FixedWindow,
-        window: u(&r, i).window,
-        delta,
-    };
-    let adjustments = [adjust(&k, 0, -450), adjust(&other, 1, -80)];
-    assert!(
-        store
-            .settle("req-1", &adjustments, ttl)
-            .await
-            .expect("settle")
-    );
-    assert!(
-        !store
-            .settle("req-1", &adjustments, ttl)
-            .await
-            .expect("again"),
-        "twice"
-    );
-    assert_eq!(used(&*store, &k).await, 150);
-    assert_eq!(used(&*store, &other).await, 0, "never below zero");
-    // A different window (expired) is left alone.
-    let stale = Adjustment {
-        window: u(&r, 0).window - 5,
-        ..adjust(&k, 0, 1000)
-    };
-    assert!(store.settle("req-3", &[stale], ttl).await.expect("stale"));
-    assert_eq!(used(&*store, &k).await, 150);
-    // Excess is charged in full, past the limit.
-    assert!(
-        store
-            .settle("req-4", &[adjust(&k, 0, 2000)], ttl)
-            .await
-            .expect("excess")
-    );
-    assert_eq!(used(&*store, &k).await, 2150);
+    assert_eq!(store.get_record("req-2").await.expect("get"), None);
 }
 
-macro_rules! contract {
-    ($($store:ident),*) => {
-        mod contract {
-            $(
-                mod $store {
-                    macro_rules! case {
-                        ($name:ident) => {
-                            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                            async fn $name() {
-                                let (store, _backing) = super::super::$store().await;
-                                super::super::$name(store).await;
-                            }
-                        };
-                    }
-                    case!(counts_exactly_to_the_limit);
-                    case!(all_or_nothing);
-                    case!(shadow_counts_but_never_blocks);
-                    case!(zero_cost_only_checks_and_huge_cost_saturates);
-                    case!(exact_under_concurrency);
-                    case!(reset_forgets);
-                    case!(sliding_window_counts_within_the_window);
-                    case!(usage_is_recorded_past_the_limit);
-                    case!(zero_limit_refuses_everything);
-                    case!(long_units_count);
-                    case!(calendar_months_reset_on_the_first);
-                    case!(settles_exactly_once);
-                }
-            )*
-        }
-    };
-}
-
-contract!(memory, redis, cluster);
+contract!(
+    counts_exactly_to_the_limit,
+    all_or_nothing,
+    shadow_counts_but_never_blocks,
+    zero_cost_only_checks_and_huge_cost_saturates,
+    exact_under_concurrency,
+    reset_forgets,
+    sliding_window_counts_within_the_window,
+    usage_is_recorded_past_the_limit,
+    zero_limit_refuses_everything,
+    long_units_count,
+    calendar_months_reset_on_the_first,
+    keeps_the_first_record,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keys_always_carry_a_ttl_and_no_raw_values() {

@@ -278,6 +278,11 @@ per = ["tenant"]
 unit = "calendar_month"
 cost = "usd"
 limit = 500
+[[quota.rules]]
+name = "key-inflight"
+per = ["key"]
+cost = "concurrent"
+limit = 3
 "#,
             repo.join("policies"),
             repo.join("examples/keys.toml"),
@@ -345,7 +350,23 @@ limit = 500
         ),
         "{shown}"
     );
+    assert!(
+        shown.contains("key-inflight\tkey=demo-paid\tconcurrent\tin_flight\t0\t3\t3\t-"),
+        "{shown}"
+    );
+    // A request admitted and not settled yet holds one slot.
+    let v = ext_authz(&tg, chat("r2", support::DEMO_PAID_KEY, 10, 100)).await;
+    assert_eq!(v.status, 200, "{}", v.code);
+    let shown = usage("get");
+    assert!(
+        shown.contains("key-inflight\tkey=demo-paid\tconcurrent\tin_flight\t1\t3\t2\t-"),
+        "{shown}"
+    );
     let reset = usage("reset");
+    assert!(
+        !reset.contains("key-inflight"),
+        "slots in use are not reset: {reset}"
+    );
     assert!(
         reset.contains("reset key-tokens") && reset.contains("reset tenant-usd"),
         "{reset}"

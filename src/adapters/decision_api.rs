@@ -98,7 +98,8 @@ impl DecisionService for DecisionApi {
             Err(e @ (UsageError::NoRequestId | UsageError::Absurd)) => {
                 return Err(Status::invalid_argument(e.to_string()));
             }
-            // Nothing was applied (the settle step is atomic): a retry is safe.
+            // Maybe applied (a timeout after the script ran): a retry is safe,
+            // the settled marker written by the same script makes it a no-op.
             Err(e) => return Err(Status::unavailable(e.to_string())),
         };
         Ok(Response::new(proto::ReportUsageResponse {

@@ -7,9 +7,11 @@
 //! chunks feed a [`UsageReader`]. When the body ends, the request's
 //! reservation is settled from what the response reported (or, for a stream
 //! without a usage block, from the generated text counted); a stream cut
-//! short (the client went away, Envoy closed the gRPC stream) is settled from
-//! what had been seen. A response that is not 2xx used nothing: its
-//! reservation is refunded. Every message is answered CONTINUE unchanged:
+//! short (the client went away, Envoy closed the gRPC stream) is settled as
+//! `quota.on_disconnect` says: the whole reservation (the default) or what
+//! had been generated. A response that is not 2xx is settled as
+//! `quota.on_upstream_error` says: refunded (the default) or kept charged.
+//! Either way the request's concurrency slots are released. Every message is answered CONTINUE unchanged:
 //! this adapter never alters or blocks traffic. Settlement failures are
 //! logged and counted; the reservation then stays charged (never free).
 //!
@@ -90,6 +92,22 @@ struct Exchange {
 }
 
 impl Exchange {
+    /// The exchange ended before the response did (the client went away,
+    /// the upstream never answered, Envoy gave up): settled by
+    /// `quota.on_disconnect`, so its concurrency slot is released now rather
+    /// than at its TTL.
+    async fn cut_short(&mut self, engine: &Engine) {
+        if self.mcp || self.settled {
+            return;
+        }
+        let seen = self
+            .reader
+            .take()
+            .map(UsageReader::finish)
+            .unwrap_or_default();
+        self.settle(engine, seen, "cut_short").await;
+    }
+
     async fn settle(&mut self, engine: &Engine, observed: Observed, how: &'static str) {
         if self.settled {
             return;
@@ -98,7 +116,12 @@ impl Exchange {
         let Some(id) = self.request_id.as_deref() else {
             return;
         };
-        match engine.settle_observed(id, observed).await {
+        let settled = match how {
+            "cut_short" => engine.settle_unfinished(id, false, observed).await,
+            "upstream_error" => engine.settle_unfinished(id, true, observed).await,
+            _ => engine.settle_observed(id, observed).await,
+        };
+        match settled {
             Ok(result) => {
                 tracing::debug!(request_id = %id, result = result.label(), how, "usage settled from the response")
             }
@@ -143,10 +166,7 @@ impl ExternalProcessor for ExtProc {
                     // The stream ended or broke before the body did: the
                     // client went away or Envoy gave up. Settle what was seen.
                     Some(Err(_)) | None => {
-                        if let Some(reader) = x.reader.take() {
-                            let seen = reader.finish();
-                            x.settle(&engine, seen, "cut_short").await;
-                        }
+                        x.cut_short(&engine).await;
                         return;
                     }
                 };
@@ -240,8 +260,14 @@ impl ExternalProcessor for ExtProc {
                         x.reader = Some(UsageReader::new(
                             header(h.headers.as_ref(), "content-type").as_deref(),
                         ));
-                        if h.end_of_stream || x.failed {
-                            // No body, or an error: nothing was generated.
+                        if x.failed {
+                            // An upstream error: its fate is configured
+                            // (`quota.on_upstream_error`).
+                            x.reader = None;
+                            x.settle(&engine, Observed::default(), "upstream_error")
+                                .await;
+                        } else if h.end_of_stream {
+                            // No body: nothing was generated.
                             x.reader = None;
                             x.settle(
                                 &engine,
@@ -307,10 +333,7 @@ impl ExternalProcessor for ExtProc {
                 let mut answer = continue_as(reply);
                 answer.mode_override = mode_override;
                 if tx.send(Ok(answer)).await.is_err() {
-                    if let Some(reader) = x.reader.take() {
-                        let seen = reader.finish();
-                        x.settle(&engine, seen, "cut_short").await;
-                    }
+                    x.cut_short(&engine).await;
                     return;
                 }
             }

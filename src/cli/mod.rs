@@ -92,7 +92,8 @@ pub enum Command {
         command: PolicyCommand,
     },
     /// Show or reset a caller's token and dollar budgets (used, remaining,
-    /// per rule and window) in the configured (shared) store.
+    /// per rule and window) and show its requests in flight per concurrency
+    /// rule, in the configured (shared) store.
     Usage {
         #[command(subcommand)]
         command: UsageCommand,

@@ -14,7 +14,8 @@ use crate::quota::rules::{Cost, Per};
 #[derive(Debug, Subcommand)]
 pub enum UsageCommand {
     /// Show every budget (token or usd rule) that applies: rule, counter,
-    /// measure, window, used, limit, remaining, reset.
+    /// measure, window, used, limit, remaining, reset; and every concurrency
+    /// rule's requests in flight (window `in_flight`).
     Get(BudgetArgs),
     /// Forget those budgets' counters (every window), and tell running
     /// replicas on the invalidation channel.
@@ -50,12 +51,12 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
         .quota
         .rules
         .iter()
-        .filter(|r| r.cost.is_usage())
+        .filter(|r| r.cost.is_usage() || r.cost == Cost::Concurrent)
         .filter(|r| args.rule.as_ref().is_none_or(|n| &r.name == n))
         .collect();
     if rules.is_empty() {
         anyhow::bail!(
-            "no budget rule (cost = tokens, input_tokens, output_tokens or usd){} in the config",
+            "no budget or concurrency rule (cost = tokens, input_tokens, output_tokens, usd or concurrent){} in the config",
             args.rule
                 .as_ref()
                 .map(|n| format!(" named {n:?}"))
@@ -100,7 +101,12 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
     let engine = connect(&config).await?;
     let mut out = std::io::stdout().lock();
     if reset {
-        for (c, per) in &counters {
+        // Slots in use are released by their requests' settlements, never
+        // reset: a reset would let more requests in than the limit.
+        for (c, per) in counters
+            .iter()
+            .filter(|(c, _)| c.measure != Cost::Concurrent)
+        {
             engine.reset(&c.charge.key).await?;
             let _ = writeln!(out, "reset {} {per}", c.label);
         }
@@ -113,6 +119,20 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
         "rule\tcounter\tmeasure\twindow\tused\tlimit\tremaining\treset_in_s"
     );
     for (c, per) in &counters {
+        if c.measure == Cost::Concurrent {
+            // Requests in flight now (expired reservations swept first).
+            let n = engine.store().in_flight(&c.charge.key).await?;
+            let _ = writeln!(
+                out,
+                "{}\t{}\tconcurrent\tin_flight\t{}\t{}\t{}\t-",
+                c.label,
+                per,
+                n,
+                c.charge.limit,
+                c.charge.limit.saturating_sub(n),
+            );
+            continue;
+        }
         let result = engine
             .store()
             .charge(std::slice::from_ref(&c.charge))

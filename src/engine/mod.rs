@@ -81,11 +81,21 @@ pub struct Engine {
     /// The model catalog (`[usage]`), encoders built.
     catalog: crate::usage::catalog::Catalog,
     reservation_ttl: std::time::Duration,
+    /// What unsettled reservations cost (`quota.on_*`).
+    fates: Fates,
     audit: std::sync::OnceLock<Arc<crate::audit::AuditTrail>>,
     shadow: std::sync::OnceLock<Arc<PolicyStore>>,
     lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
     mcp: mcp::McpState,
     agents: agents::AgentState,
+}
+
+/// What reservations that are not settled from usage cost.
+#[derive(Debug, Clone, Copy)]
+struct Fates {
+    on_expiry: crate::quota::reserve::Fate,
+    on_disconnect: crate::quota::reserve::DisconnectFate,
+    on_upstream_error: crate::quota::reserve::Fate,
 }
 
 /// The quota side of the engine: the store engine and the limits.
@@ -122,12 +132,32 @@ impl Engine {
             prices: config.prices(),
             catalog: crate::usage::catalog::Catalog::build(&config.usage),
             reservation_ttl: std::time::Duration::from_secs(config.quota.reservation_ttl_secs),
+            fates: Fates {
+                on_expiry: config.quota.on_expiry,
+                on_disconnect: config.quota.on_disconnect,
+                on_upstream_error: config.quota.on_upstream_error,
+            },
             audit: std::sync::OnceLock::new(),
             shadow: std::sync::OnceLock::new(),
             lockout: std::sync::OnceLock::new(),
             mcp: mcp::McpState::new(&config.mcp, &config.identity.jwt_issuers),
             agents: agents::AgentState::new(&config.agents),
         }
+    }
+
+    /// Starts the bounded background sweep of reservations past their TTL
+    /// (every `interval`, at most 1000 a tick); it ends with the engine.
+    pub fn spawn_sweeper(engine: &Arc<Self>, interval: std::time::Duration) {
+        let weak = Arc::downgrade(engine);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(engine) = weak.upgrade() else { return };
+                if let Err(e) = engine.sweep_reservations(1000).await {
+                    tracing::debug!(error = %e, "reservation sweep failed; the next one retries");
+                }
+            }
+        });
     }
 
     /// The policy store behind this engine.

@@ -6,8 +6,10 @@ use std::time::Instant;
 use super::Engine;
 use super::query::parse_uid;
 use crate::decision::{Decision, Outcome, QuotaReport, Reason};
-use crate::quota::reserve::{Record, Settled};
+use crate::quota::Reservation;
+use crate::quota::reserve::{Budget, SettleHow, SettleReport, Settled, Slot};
 use crate::quota::rls::{RlsAnswer, RlsRequest};
+use crate::quota::rules::Cost;
 use crate::quota::rules::{PlanInput, Planned};
 use crate::quota::{FailureMode, QuotaDecision, StoreError};
 use crate::request::HttpRequest;
@@ -22,8 +24,6 @@ pub enum UsageError {
         "token counts must be at most {MAX_TOKENS}, and cached input tokens at most the input tokens"
     )]
     Absurd,
-    #[error("the stored reservation of this request cannot be read")]
-    BadRecord,
     #[error("{0}")]
     Store(#[from] StoreError),
 }
@@ -66,15 +66,27 @@ impl Engine {
         if plans.is_empty() {
             return;
         }
-        match self.quota.charge(&plans).await {
+        let reserving = plans
+            .iter()
+            .any(|p| p.measure.is_usage() || p.measure == Cost::Concurrent);
+        let reservation =
+            reserving.then(|| self.reservation_of(&decision.request_id, &plans, &estimate));
+        let answer = match &reservation {
+            None => self.quota.charge(&plans).await,
+            Some(r) => match self.quota.reserve(&plans, r).await {
+                (_, true) => {
+                    self.metrics.usage_settlement("duplicate_request_id");
+                    tracing::warn!(request_id = %decision.request_id, "a reservation with this request id is already kept; refused (does Envoy let clients choose x-request-id?)");
+                    decision.outcome = Outcome::Invalid(Reason::MalformedRequest);
+                    return;
+                }
+                (answer, false) => answer,
+            },
+        };
+        match answer {
             QuotaDecision::Allowed { usage } => {
-                if let Some(record) = Record::of(
-                    &plans,
-                    &usage,
-                    estimate.model.as_deref(),
-                    estimate.input_tokens,
-                ) {
-                    self.keep_reservation(&decision.request_id, &record).await;
+                if let Some(r) = reservation.as_ref().filter(|r| r.kept()) {
+                    self.log_reserved(&decision.request_id, &plans, r);
                 }
                 decision.quota = plans
                     .iter()
@@ -90,16 +102,31 @@ impl Engine {
                     .get(blocking)
                     .zip(usage.get(blocking).copied().flatten())
                     .map(|(p, u)| report(p, &u));
-                let budget = plans.get(blocking).is_some_and(|p| p.measure.is_usage());
-                decision.outcome = Outcome::OverQuota(if budget {
-                    Reason::OverBudget
-                } else {
-                    Reason::OverQuota
+                let measure = plans.get(blocking).map(|p| p.measure);
+                if let Some(p) = plans
+                    .get(blocking)
+                    .filter(|p| p.measure == Cost::Concurrent)
+                {
+                    self.metrics.concurrency_refused(&p.label);
+                }
+                decision.outcome = Outcome::OverQuota(match measure {
+                    Some(Cost::Concurrent) => Reason::TooManyConcurrent,
+                    Some(m) if m.is_usage() => Reason::OverBudget,
+                    _ => Reason::OverQuota,
                 });
             }
             QuotaDecision::Failed { error, mode } => {
                 tracing::warn!(request_id = %decision.request_id, %error, ?mode, "quota store failed");
                 self.metrics.quota_store_error(self.quota.store().kind());
+                if mode != FailureMode::Allow && reservation.is_some() {
+                    // The script may have run although its answer was lost
+                    // (a timeout): the request is refused, so whatever it
+                    // reserved is released now rather than at its TTL.
+                    let (store, id) = (self.quota.store().clone(), decision.request_id.clone());
+                    tokio::spawn(async move {
+                        let _ = store.settle(&id, &SettleHow::Release).await;
+                    });
+                }
                 if mode == FailureMode::Allow {
                     for p in plans.iter().filter(|p| !p.charge.shadow) {
                         self.metrics.quota_fail_open(&p.label);
@@ -115,52 +142,73 @@ impl Engine {
         }
     }
 
-    async fn keep_reservation(&self, request_id: &str, record: &Record) {
-        let text = match serde_json::to_string(record) {
-            Ok(t) => t,
-            Err(_) => return,
+    /// The reservation of `plans`: windowed charges in plan order, then
+    /// the concurrency slots.
+    fn reservation_of(
+        &self,
+        request_id: &str,
+        plans: &[Planned],
+        estimate: &crate::usage::Estimate,
+    ) -> Reservation {
+        let (slots, charges): (Vec<&Planned>, Vec<&Planned>) =
+            plans.iter().partition(|p| p.measure == Cost::Concurrent);
+        let fate_of = |label: &str| {
+            self.rules
+                .iter()
+                .find(|r| r.name == label)
+                .and_then(|r| r.on_expiry)
+                .unwrap_or(self.fates.on_expiry)
         };
-        let amounts: Vec<String> = record
-            .reserved
+        Reservation {
+            request_id: request_id.to_string(),
+            charges: charges.iter().map(|p| p.charge.clone()).collect(),
+            budgets: charges
+                .iter()
+                .map(|p| {
+                    p.measure.is_usage().then(|| Budget {
+                        rule: p.label.clone(),
+                        measure: p.measure,
+                        on_expiry: fate_of(&p.label),
+                    })
+                })
+                .collect(),
+            slots: slots
+                .iter()
+                .map(|p| Slot {
+                    key: p.charge.key.clone(),
+                    limit: p.charge.limit,
+                    shadow: p.charge.shadow,
+                    rule: p.label.clone(),
+                })
+                .collect(),
+            model: estimate.model.clone(),
+            price: self.prices.price(estimate.model.as_deref()).copied(),
+            input_estimate: estimate.input_tokens,
+            ttl: self.reservation_ttl,
+        }
+    }
+
+    /// The decision log's line for a kept reservation.
+    fn log_reserved(&self, request_id: &str, plans: &[Planned], r: &Reservation) {
+        let amounts: Vec<String> = plans
             .iter()
-            .map(|r| {
-                format!(
-                    "{}={}{}",
-                    r.rule,
-                    r.amount,
-                    if r.measure == crate::quota::rules::Cost::Usd {
-                        "u$"
-                    } else {
-                        ""
-                    }
-                )
+            .filter(|p| p.measure.is_usage() || p.measure == Cost::Concurrent)
+            .map(|p| match p.measure {
+                Cost::Usd => format!("{}={}u$", p.label, p.charge.cost),
+                Cost::Concurrent => format!("{}=slot", p.label),
+                _ => format!("{}={}", p.label, p.charge.cost),
             })
             .collect();
-        let kept = tokio::time::timeout(
-            self.reservation_deadline(),
-            self.quota
-                .store()
-                .put_reservation(request_id, &text, self.reservation_ttl),
-        )
-        .await;
-        match kept {
-            Ok(Ok(true)) => tracing::info!(
-                target: "tollgate::decision",
-                request_id = %request_id,
-                reserved = %amounts.join(","),
-                "usage reserved"
-            ),
-            Ok(Ok(false)) => {
-                self.metrics.usage_settlement("duplicate_request_id");
-                tracing::warn!(request_id = %request_id, reserved = %amounts.join(","), "a reservation with this request id is already kept; this one stays charged and is never refunded (does Envoy let clients choose x-request-id?)");
-            }
-            // The reservation stays charged either way; without its record it
-            // is never refunded, so the budget errs on the safe side.
-            _ => {
-                self.metrics.usage_settlement("record_lost");
-                tracing::warn!(request_id = %request_id, reserved = %amounts.join(","), "usage reserved, but its record could not be kept; it will not be refunded");
-            }
+        for s in &r.slots {
+            self.metrics.concurrency_acquired(&s.rule);
         }
+        tracing::info!(
+            target: "tollgate::decision",
+            request_id = %request_id,
+            reserved = %amounts.join(","),
+            ttl_s = r.ttl.as_secs(),
+            "usage reserved"
+        );
     }
 
     fn reservation_deadline(&self) -> std::time::Duration {
@@ -182,7 +230,16 @@ impl Engine {
             self.metrics.usage_settlement("refused");
             return Err(UsageError::Absurd);
         }
-        self.settle_with(request_id, |_| usage).await
+        self.settle(
+            request_id,
+            SettleHow::Usage {
+                input: Some(usage.input),
+                output: usage.output,
+                cached: usage.cached_input,
+            },
+            "report",
+        )
+        .await
     }
 
     /// Settles from what a response showed (`ext_proc`): the input the
@@ -195,51 +252,91 @@ impl Engine {
         if request_id.is_empty() {
             return Err(UsageError::NoRequestId);
         }
-        self.settle_with(request_id, |record| {
-            observed.usage(record.input_estimate.unwrap_or(0))
-        })
+        if observed.output > MAX_TOKENS || observed.input.is_some_and(|i| i > MAX_TOKENS) {
+            self.metrics.usage_settlement("refused");
+            return Err(UsageError::Absurd);
+        }
+        self.settle(
+            request_id,
+            SettleHow::Usage {
+                input: observed.input,
+                output: observed.output,
+                cached: observed.cached_input,
+            },
+            "response",
+        )
         .await
     }
 
-    async fn settle_with(
+    /// Settles a request whose response did not say what it used: a client
+    /// gone mid-stream (`quota.on_disconnect`) or an upstream error
+    /// (`quota.on_upstream_error`). `generated` is what the stream showed.
+    pub async fn settle_unfinished(
         &self,
         request_id: &str,
-        usage_of: impl FnOnce(&Record) -> TokenUsage,
+        upstream_error: bool,
+        generated: crate::usage::response::Observed,
     ) -> Result<Settled, UsageError> {
-        let store = self.quota.store();
-        let deadline = self.reservation_deadline();
-        let record = tokio::time::timeout(deadline, store.get_reservation(request_id))
-            .await
-            .map_err(|_| StoreError::Timeout(deadline))??;
-        let Some(text) = record else {
-            self.metrics.usage_settlement(Settled::Unknown.label());
-            let usage = usage_of(&Record {
-                v: 1,
-                model: None,
-                input_estimate: None,
-                reserved: Vec::new(),
-            });
-            self.audit_usage(request_id, &usage, Settled::Unknown);
-            return Ok(Settled::Unknown);
-        };
-        let record: Record = serde_json::from_str(&text).map_err(|_| UsageError::BadRecord)?;
-        let usage = usage_of(&record);
-        let adjustments = record.adjustments(&usage, &self.prices);
-        let applied = tokio::time::timeout(
-            deadline,
-            store.settle(request_id, &adjustments, self.reservation_ttl),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(deadline))??;
-        let settled = if applied {
-            Settled::Now
+        use crate::quota::reserve::{DisconnectFate, Fate};
+        let how = if upstream_error {
+            match self.fates.on_upstream_error {
+                Fate::Release => SettleHow::Release,
+                Fate::Charge => SettleHow::Keep,
+            }
         } else {
-            Settled::Already
+            match self.fates.on_disconnect {
+                DisconnectFate::Reservation => SettleHow::Keep,
+                DisconnectFate::Generated => {
+                    return self.settle_observed(request_id, generated).await;
+                }
+            }
         };
-        if applied {
+        if request_id.is_empty() {
+            return Err(UsageError::NoRequestId);
+        }
+        let how_label = if upstream_error {
+            "upstream_error"
+        } else {
+            "disconnect"
+        };
+        self.settle(request_id, how, how_label).await
+    }
+
+    /// One settlement: one store call ([`crate::quota::QuotaStore::settle`]).
+    async fn settle(
+        &self,
+        request_id: &str,
+        how: SettleHow,
+        source: &'static str,
+    ) -> Result<Settled, UsageError> {
+        let deadline = self.reservation_deadline();
+        let report = tokio::time::timeout(deadline, self.quota.store().settle(request_id, &how))
+            .await
+            .map_err(|_| StoreError::Timeout(deadline))?
+            .inspect_err(|_| self.metrics.usage_settlement("store_failed"))?;
+        let settled = report.settled;
+        // What was reported, when nothing was charged from it (a duplicate,
+        // an unknown request): the audit trail still shows the report.
+        let usage = match (settled, how) {
+            (Settled::Now, _) => report.usage,
+            (
+                _,
+                SettleHow::Usage {
+                    input,
+                    output,
+                    cached,
+                },
+            ) => TokenUsage {
+                input: input.unwrap_or(0),
+                output,
+                cached_input: cached,
+            },
+            _ => TokenUsage::default(),
+        };
+        if settled == Settled::Now {
             // Counters changed under cached answers.
             self.quota.forget_known_over();
-            self.count_charged(&record, &usage);
+            self.count_charged(&report);
         }
         self.metrics.usage_settlement(settled.label());
         self.audit_usage(request_id, &usage, settled);
@@ -249,10 +346,25 @@ impl Engine {
             input_tokens = usage.input,
             output_tokens = usage.output,
             cached_input_tokens = usage.cached_input,
+            slots_released = report.released.len(),
+            source,
             result = settled.label(),
             "usage settled"
         );
         Ok(settled)
+    }
+
+    /// Applies the TTL fate of reservations past their TTL, at most `max`
+    /// (the background sweep; the store's scripts sweep as they go too).
+    pub async fn sweep_reservations(&self, max: usize) -> Result<u64, StoreError> {
+        let n = tokio::time::timeout(self.reservation_deadline(), self.quota.store().sweep(max))
+            .await
+            .map_err(|_| StoreError::Timeout(self.reservation_deadline()))??;
+        if n > 0 {
+            self.metrics.reservations_expired(n);
+            self.quota.forget_known_over();
+        }
+        Ok(n)
     }
 
     /// Decides an Envoy rate limit service request.
@@ -332,24 +444,21 @@ impl Engine {
     /// `tollgate_usage_charged_total`: what a settlement charged each budget.
     /// The model label is bounded: the request names it, so a model outside
     /// the catalog and the price table counts as "other".
-    fn count_charged(&self, record: &Record, usage: &TokenUsage) {
-        let model = record
+    fn count_charged(&self, report: &SettleReport) {
+        let model = report
             .model
             .as_deref()
             .filter(|m| self.catalog.model(m).is_some() || self.prices.models.contains_key(*m))
             .unwrap_or("other");
-        for r in &record.reserved {
-            let Some(amount) = r
-                .measure
-                .amount(usage, record.model.as_deref(), &self.prices)
-            else {
-                continue;
-            };
-            let unit = match r.measure {
-                crate::quota::rules::Cost::Usd => "usd_micros",
+        for c in &report.charged {
+            let unit = match c.measure {
+                Cost::Usd => "usd_micros",
                 other => other.name(),
             };
-            self.metrics.usage_charged(&r.rule, unit, model, amount);
+            self.metrics.usage_charged(&c.rule, unit, model, c.amount);
+        }
+        for rule in &report.released {
+            self.metrics.concurrency_released(rule);
         }
     }
 

@@ -19,7 +19,7 @@
 //!
 //! Failures are counted in the quota store ([`QuotaStore::charge`], sliding
 //! window, usage mode) and a lock is a record kept for the cool-down
-//! ([`QuotaStore::put_reservation`]), so every replica sharing the store
+//! ([`QuotaStore::put_record`]), so every replica sharing the store
 //! agrees. Counter and record names are hashed before they reach Redis.
 
 use std::net::IpAddr;
@@ -262,7 +262,7 @@ impl Lockout {
             }
             let record = match tokio::time::timeout(
                 self.deadline,
-                self.store.get_reservation(&lock_name(&source.name)),
+                self.store.get_record(&lock_name(&source.name)),
             )
             .await
             {
@@ -335,7 +335,7 @@ impl Lockout {
             .saturating_add(self.config.cooldown_secs.saturating_mul(1000));
         let placed = tokio::time::timeout(
             self.deadline,
-            self.store.put_reservation(
+            self.store.put_record(
                 &lock_name(&source.name),
                 &until.to_string(),
                 self.cooldown(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use super::memory::{Clock, SystemClock};
-use super::rules::Planned;
+use super::rules::{Cost, Planned};
 use super::{
     Algorithm, ChargeMode, ChargeResult, CounterKey, FailureMode, QuotaStore, StoreError, Unit,
     Usage,
@@ -124,6 +124,86 @@ impl QuotaEngine {
         self.decide(plans, result)
     }
 
+    /// Reserves `reservation` ([`QuotaStore::reserve`]), whose charges are
+    /// the plans that are not concurrency rules, in order, and whose slots
+    /// are the concurrency plans, in order. The second value is true when the
+    /// request id already had a reservation (nothing was charged).
+    pub async fn reserve(
+        &self,
+        plans: &[Planned],
+        reservation: &super::Reservation,
+    ) -> (QuotaDecision, bool) {
+        if let Some(decision) = self.known_over(plans) {
+            return (decision, false);
+        }
+        let mode = failure_mode(plans);
+        let Ok(_permit) = self.inflight.clone().try_acquire_owned() else {
+            return (
+                QuotaDecision::Failed {
+                    error: StoreError::Overloaded,
+                    mode,
+                },
+                false,
+            );
+        };
+        let round_trip = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "tollgate.store",
+            store = self.store.kind(),
+            counters = plans.len(),
+        );
+        let reserve = tracing::Instrument::instrument(self.store.reserve(reservation), round_trip);
+        let reserved = match tokio::time::timeout(self.deadline, reserve).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(error)) => return (QuotaDecision::Failed { error, mode }, false),
+            Err(_) => {
+                return (
+                    QuotaDecision::Failed {
+                        error: StoreError::Timeout(self.deadline),
+                        mode,
+                    },
+                    false,
+                );
+            }
+        };
+        if reserved.duplicate {
+            return (
+                QuotaDecision::Failed {
+                    error: StoreError::Backend("request id already reserved".into()),
+                    mode: FailureMode::Deny,
+                },
+                true,
+            );
+        }
+        // Back into plan order: charges, then slots, each in plan order.
+        let (mut charges, mut slots) = {
+            let n = reservation.charges.len();
+            let mut all = reserved.usage.into_iter();
+            let charges: Vec<_> = all.by_ref().take(n).collect();
+            (charges.into_iter(), all)
+        };
+        let usage = plans
+            .iter()
+            .map(|p| {
+                if p.measure == Cost::Concurrent {
+                    slots.next().flatten()
+                } else {
+                    charges.next().flatten()
+                }
+            })
+            .collect();
+        (
+            self.decide(
+                plans,
+                ChargeResult {
+                    applied: reserved.applied,
+                    usage,
+                },
+            ),
+            false,
+        )
+    }
+
     fn decide(&self, plans: &[Planned], result: ChargeResult) -> QuotaDecision {
         let now = self.clock.now_ms();
         let mut blocking = None;
@@ -136,7 +216,13 @@ impl QuotaEngine {
             blocking.get_or_insert(i);
             // Only when even one more unit cannot fit is the counter "over"
             // for everyone until it resets; a large cost alone is not.
-            if c.algorithm == Algorithm::FixedWindow && usage.used >= c.limit {
+            // A slot frees whenever any request ends, and a budget whenever
+            // a settlement on any replica refunds it: only request counts,
+            // which nothing but time lowers, are cached.
+            if c.algorithm == Algorithm::FixedWindow
+                && usage.used >= c.limit
+                && plan.measure == Cost::Requests
+            {
                 let reset_ms = u64::try_from(usage.reset.as_millis()).unwrap_or(u64::MAX);
                 self.over
                     .insert(over_key(&plan.charge), now.saturating_add(reset_ms));

@@ -331,6 +331,14 @@ fn compile_limit(
             return Err(at(&u.referenced, "an unlimited limit takes no unit".into()));
         }
         (_, true) => Unit::Second,
+        // Envoy's rate limit filter asks once per request and never says when
+        // the request ended, so a slot taken here could never be released.
+        (Some(u), false) if u.value.eq_ignore_ascii_case("concurrent") => {
+            return Err(at(
+                &u.referenced,
+                "the rate limit service cannot count requests in flight: Envoy never reports when a request ends, so a slot could not be released; use a quota rule with cost = \"concurrent\" (ext_authz reserves the slot, ext_proc or ReportUsage releases it)".into(),
+            ));
+        }
         (Some(u), false) => Unit::parse(&u.value).ok_or_else(|| {
             at(
                 &u.referenced,
@@ -515,6 +523,11 @@ descriptors:
                 "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n",
                 4,
                 "unknown unit",
+            ),
+            (
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: concurrent, requests_per_unit: 4 }\n",
+                4,
+                "cannot count requests in flight",
             ),
             (
                 "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests_per_unit: -5 }\n",

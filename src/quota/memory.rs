@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
 
+use super::reserve::{Charged, Fate, SettleHow, SettleReport, Settled, settled_amount};
 use super::{
-    Adjustment, Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError,
-    Usage, fits, sliding_used_in,
+    Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, Reservation, Reserved,
+    StoreError, Usage, fits, sliding_used_in,
 };
 
 /// A source of "now", injected so tests can move time.
@@ -92,9 +93,31 @@ pub struct MemoryStore {
     per_shard_max: usize,
     /// Reservation records by request id, with their expiry (ms).
     reservations: Mutex<HashMap<String, (String, u64)>>,
-    /// Settled request ids, with their expiry (ms).
-    settled: Mutex<HashMap<String, u64>>,
+    /// Reservations waiting to be settled, and concurrency counts.
+    pending: Mutex<Pending>,
     max_reservations: usize,
+}
+
+/// A kept reservation (see [`crate::quota::reserve`]).
+struct Part {
+    /// (counter, window, amount, how it settles).
+    entries: Vec<(CounterKey, u64, u64, super::reserve::Budget)>,
+    slots: Vec<(CounterKey, String)>,
+    model: Option<String>,
+    price: Option<crate::usage::Price>,
+    input_estimate: Option<u64>,
+    deadline: u64,
+}
+
+/// Reservations, their expiry index, settled markers and slot counts,
+/// behind one lock (always taken before any shard lock).
+#[derive(Default)]
+struct Pending {
+    parts: HashMap<String, Part>,
+    due: std::collections::BTreeSet<(u64, String)>,
+    /// Settled request ids, with when the marker expires (ms).
+    done: HashMap<String, u64>,
+    slots: HashMap<[u8; 16], u64>,
 }
 
 /// Inserts into an expiring map, sweeping expired entries when it is full;
@@ -125,7 +148,7 @@ impl MemoryStore {
             clock,
             per_shard_max: max_keys.div_ceil(SHARDS).max(1),
             reservations: Mutex::new(HashMap::new()),
-            settled: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             max_reservations: max_keys.max(1),
         }
     }
@@ -266,7 +289,7 @@ impl QuotaStore for MemoryStore {
         "memory"
     }
 
-    async fn put_reservation(
+    async fn put_record(
         &self,
         request_id: &str,
         record: &str,
@@ -292,7 +315,7 @@ impl QuotaStore for MemoryStore {
         }
     }
 
-    async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+    async fn get_record(&self, request_id: &str) -> Result<Option<String>, StoreError> {
         let now = self.clock.now_ms();
         let map = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
         Ok(map
@@ -301,52 +324,263 @@ impl QuotaStore for MemoryStore {
             .map(|(r, _)| r.clone()))
     }
 
-    async fn settle(
-        &self,
-        request_id: &str,
-        adjustments: &[Adjustment],
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn reserve(&self, r: &Reservation) -> Result<Reserved, StoreError> {
         let now = self.clock.now_ms();
-        let until = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let mut pending = self.pending();
+        self.sweep_locked(&mut pending, now, SWEEP_BATCH);
+        let keep = r.kept();
+        if keep
+            && (pending.parts.contains_key(&r.request_id)
+                || pending.done.get(&r.request_id).is_some_and(|&u| u > now))
         {
-            let mut settled = self.settled.lock().unwrap_or_else(|p| p.into_inner());
-            if settled.get(request_id).is_some_and(|&u| u > now) {
-                return Ok(false);
+            return Ok(Reserved {
+                applied: false,
+                duplicate: true,
+                usage: vec![None; r.charges.len() + r.slots.len()],
+            });
+        }
+        if keep && pending.parts.len() >= self.max_reservations {
+            return Err(StoreError::Full(self.max_reservations));
+        }
+        // Slots first: they are under this lock only, so checking them
+        // before the (atomic) charge keeps the whole all-or-nothing.
+        let mut slot_usage = Vec::with_capacity(r.slots.len());
+        let mut slots_fit = true;
+        for s in &r.slots {
+            let used = pending.slots.get(&s.key.short()).copied().unwrap_or(0);
+            let fit = fits(used, 1, s.limit);
+            slots_fit &= fit || s.shadow;
+            slot_usage.push(Usage {
+                fits: fit,
+                used,
+                reset: SLOT_RETRY,
+                window: 0,
+            });
+        }
+        if !slots_fit {
+            let mut usage = vec![None; r.charges.len()];
+            usage.extend(slot_usage.into_iter().map(Some));
+            return Ok(Reserved {
+                applied: false,
+                duplicate: false,
+                usage,
+            });
+        }
+        let charged = self.charge_now(&r.charges)?;
+        let mut usage = charged.usage;
+        if charged.applied {
+            for (s, u) in r.slots.iter().zip(&mut slot_usage) {
+                let n = pending.slots.entry(s.key.short()).or_default();
+                *n += 1;
+                u.used = *n;
             }
-            if !insert_expiring(
-                &mut settled,
-                request_id.to_string(),
-                until,
-                now,
-                self.max_reservations,
-                |v| *v,
-            ) {
-                return Err(StoreError::Full(self.max_reservations));
+            if keep {
+                let deadline = now.saturating_add(ms(r.ttl));
+                let entries = r
+                    .charges
+                    .iter()
+                    .zip(&r.budgets)
+                    .zip(&usage)
+                    .filter_map(|((c, b), u)| {
+                        Some((c.key.clone(), u.as_ref()?.window, c.cost, b.clone()?))
+                    })
+                    .collect();
+                pending.parts.insert(
+                    r.request_id.clone(),
+                    Part {
+                        entries,
+                        slots: r
+                            .slots
+                            .iter()
+                            .map(|s| (s.key.clone(), s.rule.clone()))
+                            .collect(),
+                        model: r.model.clone(),
+                        price: r.price,
+                        input_estimate: r.input_estimate,
+                        deadline,
+                    },
+                );
+                pending.due.insert((deadline, r.request_id.clone()));
             }
         }
-        for a in adjustments {
-            let id = a.key.short();
+        usage.extend(slot_usage.into_iter().map(Some));
+        Ok(Reserved {
+            applied: charged.applied,
+            duplicate: false,
+            usage,
+        })
+    }
+
+    async fn settle(&self, request_id: &str, how: &SettleHow) -> Result<SettleReport, StoreError> {
+        let now = self.clock.now_ms();
+        let mut pending = self.pending();
+        self.sweep_locked(&mut pending, now, SWEEP_BATCH);
+        if pending.done.get(request_id).is_some_and(|&u| u > now) {
+            return Ok(SettleReport::nothing(Settled::Already));
+        }
+        let Some(part) = pending.parts.remove(request_id) else {
+            return Ok(SettleReport::nothing(Settled::Unknown));
+        };
+        pending.due.remove(&(part.deadline, request_id.to_string()));
+        let report = self.apply_part(&mut pending, &part, how, |_| *how);
+        // The marker lasts as long as a reservation could: a report retried
+        // within the TTL finds it.
+        let until = now.saturating_add(SETTLED_MARKER_MS);
+        let max = self.max_reservations;
+        insert_expiring(
+            &mut pending.done,
+            request_id.to_string(),
+            until,
+            now,
+            max,
+            |v| *v,
+        );
+        Ok(report)
+    }
+
+    async fn sweep(&self, max: usize) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut pending = self.pending();
+        Ok(self.sweep_locked(&mut pending, now, max))
+    }
+
+    async fn in_flight(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        let now = self.clock.now_ms();
+        let mut pending = self.pending();
+        self.sweep_locked(&mut pending, now, usize::MAX);
+        Ok(pending.slots.get(&key.short()).copied().unwrap_or(0))
+    }
+}
+
+/// How long a settled marker is kept after a settlement (as on Redis): a
+/// report retried within it finds the request settled.
+const SETTLED_MARKER_MS: u64 = 3_600_000;
+
+/// How long the marker of a reservation settled by its TTL fate is kept.
+const MARKER_GRACE_MS: u64 = 60_000;
+
+/// Expired reservations met by each reserve or settle, at most.
+const SWEEP_BATCH: usize = 16;
+
+/// `Retry-After` of a concurrency refusal: a slot frees when any request
+/// ends, which cannot be known; clients are asked to wait a second.
+pub const SLOT_RETRY: Duration = Duration::from_secs(1);
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl MemoryStore {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Written whole under the lock; a poisoned lock is still consistent
+        // enough to release slots and refund.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies the TTL fate of at most `max` due reservations.
+    fn sweep_locked(&self, pending: &mut Pending, now: u64, max: usize) -> u64 {
+        let mut n = 0;
+        while n < max as u64 {
+            let Some((deadline, id)) = pending.due.first().cloned() else {
+                break;
+            };
+            if deadline > now {
+                break;
+            }
+            pending.due.remove(&(deadline, id.clone()));
+            if let Some(part) = pending.parts.remove(&id) {
+                self.apply_part(pending, &part, &SettleHow::Keep, |b| match b.on_expiry {
+                    Fate::Charge => SettleHow::Keep,
+                    Fate::Release => SettleHow::Release,
+                });
+                let max = self.max_reservations;
+                insert_expiring(
+                    &mut pending.done,
+                    id,
+                    now.saturating_add(MARKER_GRACE_MS),
+                    now,
+                    max,
+                    |v| *v,
+                );
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Replaces `part`'s reservation (each entry settled as `how_of` says)
+    /// and releases its slots.
+    fn apply_part(
+        &self,
+        pending: &mut Pending,
+        part: &Part,
+        how: &SettleHow,
+        how_of: impl Fn(&super::reserve::Budget) -> SettleHow,
+    ) -> SettleReport {
+        let mut charged = Vec::with_capacity(part.entries.len());
+        for (key, window, reserved, budget) in &part.entries {
+            let how = how_of(budget);
+            let actual = settled_amount(
+                budget.measure,
+                &how,
+                part.input_estimate,
+                part.price.as_ref(),
+                *reserved,
+            );
+            let id = key.short();
             let mut shard = self.lock(Self::shard_of(&id));
-            let Some(slot) = shard.get_mut(&id) else {
-                continue;
-            };
-            let apply = |n: u64| -> u64 {
-                if a.delta >= 0 {
-                    n.saturating_add(a.delta.unsigned_abs())
-                } else {
-                    n.saturating_sub(a.delta.unsigned_abs())
+            if let Some(slot) = shard.get_mut(&id) {
+                // `actual - reserved` added, never below zero.
+                let apply = |n: u64| {
+                    if actual >= *reserved {
+                        n.saturating_add(actual - reserved)
+                    } else {
+                        n.saturating_sub(reserved - actual)
+                    }
+                };
+                if slot.window == *window {
+                    slot.count = apply(slot.count);
+                } else if slot.window == window + 1 {
+                    // The window moved on: its count is the previous one
+                    // now, which a sliding window still weighs.
+                    slot.prev = apply(slot.prev);
                 }
-            };
-            if slot.window == a.window {
-                slot.count = apply(slot.count);
-            } else if slot.window == a.window + 1 {
-                // The window moved on: its count is the previous one now,
-                // which a sliding window still weighs.
-                slot.prev = apply(slot.prev);
             }
+            charged.push(Charged {
+                rule: budget.rule.clone(),
+                measure: budget.measure,
+                amount: actual,
+            });
         }
-        Ok(true)
+        let mut released = Vec::with_capacity(part.slots.len());
+        for (key, rule) in &part.slots {
+            if let Some(n) = pending.slots.get_mut(&key.short()) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    pending.slots.remove(&key.short());
+                }
+            }
+            released.push(rule.clone());
+        }
+        let usage = match *how {
+            SettleHow::Usage {
+                input,
+                output,
+                cached,
+            } => crate::usage::TokenUsage {
+                input: input.or(part.input_estimate).unwrap_or(0),
+                output,
+                cached_input: cached,
+            },
+            _ => crate::usage::TokenUsage::default(),
+        };
+        SettleReport {
+            settled: Settled::Now,
+            model: part.model.clone(),
+            charged,
+            released,
+            usage,
+        }
     }
 }
 

@@ -23,6 +23,7 @@ use serde::Deserialize;
 
 pub use engine::{QuotaDecision, QuotaEngine};
 pub use key::CounterKey;
+pub use reserve::{Reservation, Reserved, SettleHow, SettleReport, Settled, Slot};
 
 /// The unit of a limit's window: every unit of Envoy's
 /// `RateLimitResponse.RateLimit.Unit` (`envoy.service.ratelimit.v3`) and of
@@ -258,18 +259,6 @@ pub struct ChargeResult {
     pub usage: Vec<Option<Usage>>,
 }
 
-/// A settlement's change to one counter: `delta` (actual usage minus what
-/// was reserved) applied to the window the reservation was charged in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Adjustment {
-    pub key: CounterKey,
-    pub unit: Unit,
-    pub algorithm: Algorithm,
-    /// The window index the reservation was counted in.
-    pub window: u64,
-    pub delta: i64,
-}
-
 /// A store that could not answer. Every variant is transient: the next
 /// request may succeed, and meanwhile each limit's failure mode answers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -305,28 +294,31 @@ pub trait QuotaStore: Send + Sync {
     fn clock_offset_ms(&self) -> Option<i64> {
         None
     }
-    /// Keeps `record` (an opaque reservation record) for `request_id` for
-    /// `ttl`. `Ok(false)` when a record for that id is already kept: the
-    /// first one stays (a request id reused — by a client Envoy let choose
-    /// it — must never redirect another request's settlement).
-    async fn put_reservation(
-        &self,
-        request_id: &str,
-        record: &str,
-        ttl: Duration,
-    ) -> Result<bool, StoreError>;
-    /// The reservation record of `request_id`, if it is still kept.
-    async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError>;
-    /// Applies `adjustments` for `request_id` **exactly once**: `Ok(true)`
-    /// when applied now, `Ok(false)` when this request was settled before
-    /// (within `ttl`). A count never goes below zero, and a window that has
-    /// already expired is left alone (its count no longer matters).
-    async fn settle(
-        &self,
-        request_id: &str,
-        adjustments: &[Adjustment],
-        ttl: Duration,
-    ) -> Result<bool, StoreError>;
+    /// Keeps `record` (an opaque text) under `name` for `ttl`. `Ok(false)`
+    /// when a record of that name is already kept: the first one stays. A
+    /// generic record API (the credential lockout keeps its locks here).
+    async fn put_record(&self, name: &str, record: &str, ttl: Duration)
+    -> Result<bool, StoreError>;
+    /// The record kept under `name`, if any.
+    async fn get_record(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Reserves a request's usage ([`reserve`]): charges `reservation.charges`
+    /// and takes one slot of every `reservation.slots` all-or-nothing, and,
+    /// when applied, keeps what is needed to settle it under its request id
+    /// until settled or its TTL passes. At most one round trip (per hash
+    /// slot group on Redis Cluster). Sweeps a bounded number of expired
+    /// reservations of the same group first.
+    async fn reserve(&self, reservation: &Reservation) -> Result<Reserved, StoreError>;
+    /// Settles `request_id` exactly once ([`reserve`]): replaces each
+    /// reserved amount by what `how` says, releases its concurrency slots,
+    /// never lets a count go below zero. One script (per slot group).
+    async fn settle(&self, request_id: &str, how: &SettleHow) -> Result<SettleReport, StoreError>;
+    /// Applies the TTL fate of at most `max` reservations past their TTL;
+    /// returns how many. The scripts sweep as they go; this is the bounded
+    /// background sweep that catches groups no request touches.
+    async fn sweep(&self, max: usize) -> Result<u64, StoreError>;
+    /// Requests in flight on concurrency counter `key` (expired
+    /// reservations of its group swept first).
+    async fn in_flight(&self, key: &CounterKey) -> Result<u64, StoreError>;
 }
 
 /// The weighted count of a sliding window of `unit` at `now_ms`:

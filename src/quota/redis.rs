@@ -56,9 +56,12 @@ use crate::redis_conn::{Link, PoisonReason};
 
 use super::memory::{Clock, SystemClock};
 use super::{
-    Adjustment, Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, StoreError,
-    Unit, Usage,
+    Algorithm, Charge, ChargeMode, ChargeResult, CounterKey, QuotaStore, Reservation, Reserved,
+    SettleHow, SettleReport, StoreError, Unit, Usage,
 };
+
+mod settle;
+pub use settle::{RESERVE_LUA, SETTLE_LUA};
 
 /// Largest count or limit handled exactly (Lua numbers are doubles).
 pub const MAX_COUNT: u64 = 1 << 53;
@@ -156,27 +159,6 @@ end
 return {ARGV[1], redis.call('GET', KEYS[1]) or ''}
 ";
 
-const SETTLE_LUA: &str = r"
--- KEYS[1]: the request's settled marker in this slot; KEYS[2..]: window keys.
--- ARGV[1]: nonce; ARGV[2]: marker ttl ms; ARGV[i + 1]: delta for KEYS[i].
--- Returns {nonce, 1} when applied now, {nonce, 0} when settled before.
--- A missing window (expired) is left alone, so no key is ever written
--- without its expiry; a count never goes below zero.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[2]) then
-  return {ARGV[1], 0}
-end
-for i = 2, #KEYS do
-  local d = tonumber(ARGV[i + 1])
-  local v = redis.call('GET', KEYS[i])
-  if v and d ~= 0 then
-    local n = tonumber(v) + d
-    if n < 0 then n = 0 end
-    redis.call('SET', KEYS[i], string.format('%d', n), 'KEEPTTL')
-  end
-end
-return {ARGV[1], 1}
-";
-
 #[derive(Clone)]
 enum Conn {
     Single(MultiplexedConnection),
@@ -233,7 +215,10 @@ pub struct RedisStore {
     refund: Script,
     reset: Script,
     record: Script,
+    reserve: Script,
     settle: Script,
+    sweep: Script,
+    groups: settle::Groups,
     prefix: String,
     kind: &'static str,
     clocks: Arc<Clocks>,
@@ -256,8 +241,11 @@ async fn set_up(conn: &mut MultiplexedConnection, clocks: &Clocks) -> Result<(),
             "node is not a master",
         )));
     }
-    for lua in [CHARGE_LUA, REFUND_LUA, RESET_LUA, RECORD_LUA, SETTLE_LUA] {
+    for lua in [CHARGE_LUA, REFUND_LUA, RESET_LUA, RECORD_LUA] {
         Script::new(lua).prepare_invoke().load_async(conn).await?;
+    }
+    for script in settle::scripts() {
+        script.prepare_invoke().load_async(conn).await?;
     }
     read_time(conn, clocks).await
 }
@@ -401,7 +389,10 @@ impl RedisStore {
             refund: Script::new(REFUND_LUA),
             reset: Script::new(RESET_LUA),
             record: Script::new(RECORD_LUA),
-            settle: Script::new(SETTLE_LUA),
+            reserve: Script::new(settle::RESERVE_LUA),
+            settle: Script::new(settle::SETTLE_LUA),
+            sweep: Script::new(settle::SWEEP_LUA),
+            groups: settle::Groups::default(),
             prefix: prefix.to_string(),
             kind,
             clocks,
@@ -467,7 +458,7 @@ impl RedisStore {
 
     fn record_key(&self, request_id: &str) -> String {
         let h = Self::request_hash(request_id);
-        format!("{}{{r:{}}}:resv:{h}", self.prefix, &h[..16])
+        format!("{}{{r:{}}}:rec:{h}", self.prefix, &h[..16])
     }
 
     async fn record_op(
@@ -499,6 +490,25 @@ impl RedisStore {
         format!("{}:{w}", c.key.redis_base(&self.prefix))
     }
 
+    /// A charge's two keys and nine arguments, as the charge and reserve
+    /// scripts read them, for window `w`.
+    fn charge_args(&self, inv: &mut redis::ScriptInvocation<'_>, c: &Charge, w: u64) {
+        // A sliding window's count is still read during the next window; a
+        // second's grace covers clocks a little apart.
+        let keep = u64::from(c.algorithm == Algorithm::SlidingWindow);
+        inv.key(self.window_key(c, w))
+            .key(self.window_key(c, w.saturating_sub(1)))
+            .arg(w)
+            .arg(c.limit.min(MAX_COUNT))
+            .arg(c.unit.window_start(w))
+            .arg(c.unit.window_end(w))
+            .arg(c.unit.window_end(w + keep).saturating_add(1000))
+            .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
+            .arg(c.cost.min(MAX_COUNT))
+            .arg(u8::from(c.shadow))
+            .arg(u8::from(c.mode == ChargeMode::Always));
+    }
+
     async fn charge_group(
         &self,
         conn: &mut Conn,
@@ -516,20 +526,7 @@ impl RedisStore {
             for c in charges {
                 let w = c.unit.window_of(now);
                 windows.push(w);
-                // A sliding window's count is still read during the next
-                // window; a second's grace covers clocks a little apart.
-                let keep = u64::from(c.algorithm == Algorithm::SlidingWindow);
-                inv.key(self.window_key(c, w))
-                    .key(self.window_key(c, w.saturating_sub(1)))
-                    .arg(w)
-                    .arg(c.limit.min(MAX_COUNT))
-                    .arg(c.unit.window_start(w))
-                    .arg(c.unit.window_end(w))
-                    .arg(c.unit.window_end(w + keep).saturating_add(1000))
-                    .arg(u8::from(c.algorithm == Algorithm::SlidingWindow))
-                    .arg(c.cost.min(MAX_COUNT))
-                    .arg(u8::from(c.shadow))
-                    .arg(u8::from(c.mode == ChargeMode::Always));
+                self.charge_args(&mut inv, c, w);
             }
             let out = self.call(conn, generation, &inv, &nonce).await?;
             let ints: Vec<i64> = out
@@ -722,72 +719,36 @@ impl QuotaStore for RedisStore {
         self.clocks.known()
     }
 
-    async fn put_reservation(
+    async fn put_record(
         &self,
-        request_id: &str,
+        name: &str,
         record: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        self.record_op(request_id, "put", record, ttl)
+        self.record_op(name, "put", record, ttl)
             .await
             .map(|r| r.is_some())
     }
 
-    async fn get_reservation(&self, request_id: &str) -> Result<Option<String>, StoreError> {
-        self.record_op(request_id, "get", "", Duration::from_millis(1))
+    async fn get_record(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.record_op(name, "get", "", Duration::from_millis(1))
             .await
     }
 
-    async fn settle(
-        &self,
-        request_id: &str,
-        adjustments: &[Adjustment],
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let (mut conn, generation) = self.conn()?;
-        let rid = Self::request_hash(request_id);
-        // One script per hash slot group (all of them on standalone Redis):
-        // each marks the request settled in its slot and applies its
-        // adjustments atomically, so a retried report applies nothing twice.
-        let mut groups: Vec<([u8; 8], Vec<&Adjustment>)> = Vec::new();
-        for a in adjustments {
-            let g = if matches!(conn, Conn::Single(_)) {
-                [0; 8]
-            } else {
-                a.key.group()
-            };
-            match groups.iter_mut().find(|(k, _)| *k == g) {
-                Some((_, v)) => v.push(a),
-                None => groups.push((g, vec![a])),
-            }
-        }
-        if groups.is_empty() {
-            groups.push(([0; 8], Vec::new()));
-        }
-        let mut applied_any = false;
-        for (_, group) in &groups {
-            // The marker shares the slot of the group's counters.
-            let tag_of = |a: &Adjustment| {
-                let base = a.key.redis_base(&self.prefix);
-                base[..base.find('}').map_or(0, |i| i + 1)].to_string()
-            };
-            let marker = match group.first() {
-                Some(a) => format!("{}:settled:{rid}", tag_of(a)),
-                None => format!("{}{{r:{}}}:settled:{rid}", self.prefix, &rid[..16]),
-            };
-            let nonce = self.next_nonce();
-            let mut inv = self.settle.prepare_invoke();
-            inv.key(marker)
-                .arg(&nonce)
-                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-            for a in group {
-                inv.key(format!("{}:{}", a.key.redis_base(&self.prefix), a.window))
-                    .arg(a.delta);
-            }
-            let out = self.call(&mut conn, generation, &inv, &nonce).await?;
-            applied_any |= matches!(out.first(), Some(Value::Int(1)));
-        }
-        Ok(applied_any)
+    async fn reserve(&self, reservation: &Reservation) -> Result<Reserved, StoreError> {
+        self.reserve_now(reservation).await
+    }
+
+    async fn settle(&self, request_id: &str, how: &SettleHow) -> Result<SettleReport, StoreError> {
+        self.settle_now(request_id, how).await
+    }
+
+    async fn sweep(&self, max: usize) -> Result<u64, StoreError> {
+        self.sweep_now(max).await
+    }
+
+    async fn in_flight(&self, key: &CounterKey) -> Result<u64, StoreError> {
+        self.in_flight_now(key).await
     }
 }
 

@@ -59,6 +59,9 @@ pub enum Cost {
     OutputTokens,
     /// US dollars by `quota.prices`, counted in micro-dollars.
     Usd,
+    /// Requests in flight: a slot taken at admission and released when the
+    /// request is settled (or its reservation's TTL passes). No window.
+    Concurrent,
 }
 
 impl Cost {
@@ -66,7 +69,7 @@ impl Cost {
     /// `None` when the model has no price.
     pub fn amount(self, usage: &TokenUsage, model: Option<&str>, prices: &Prices) -> Option<u64> {
         Some(match self {
-            Self::Requests => 1,
+            Self::Requests | Self::Concurrent => 1,
             Self::Tokens => usage.input.saturating_add(usage.output),
             Self::InputTokens => usage.input,
             Self::OutputTokens => usage.output,
@@ -76,7 +79,7 @@ impl Cost {
 
     /// Whether a request's usage must be estimated and settled.
     pub fn is_usage(self) -> bool {
-        self != Self::Requests
+        !matches!(self, Self::Requests | Self::Concurrent)
     }
 
     /// The metric / log name.
@@ -87,6 +90,7 @@ impl Cost {
             Self::InputTokens => "input_tokens",
             Self::OutputTokens => "output_tokens",
             Self::Usd => "usd",
+            Self::Concurrent => "concurrent",
         }
     }
 }
@@ -98,7 +102,9 @@ pub struct QuotaRule {
     pub name: String,
     #[serde(default)]
     pub per: Vec<Per>,
-    pub unit: Unit,
+    /// The window; required except for `concurrent` rules, which have none.
+    #[serde(default)]
+    pub unit: Option<Unit>,
     /// The limit for principals whose tier is not in `tiers`, in the rule's
     /// `cost` measure (US dollars for `usd`). `limit` is an alias.
     #[serde(default, alias = "limit")]
@@ -134,6 +140,10 @@ pub struct QuotaRule {
     /// never let through free.
     #[serde(default)]
     pub unestimated_reserve: Option<f64>,
+    /// Budgets: what a reservation never settled costs when its TTL passes
+    /// (`charge` or `release`). Unset: `quota.on_expiry`.
+    #[serde(default)]
+    pub on_expiry: Option<super::reserve::Fate>,
 }
 
 /// A charge with what the engine needs to report and fail it.
@@ -170,6 +180,34 @@ impl QuotaRule {
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("quota.rules: a rule has an empty name".into());
+        }
+        match (self.cost, self.unit) {
+            (Cost::Concurrent, Some(_)) => {
+                return Err(format!(
+                    "quota.rules {:?}: a concurrent rule counts requests in flight and has no window; remove unit",
+                    self.name
+                ));
+            }
+            (Cost::Concurrent, None) if self.algorithm != Algorithm::FixedWindow => {
+                return Err(format!(
+                    "quota.rules {:?}: a concurrent rule has no window, so no algorithm",
+                    self.name
+                ));
+            }
+            (Cost::Concurrent, None) => {}
+            (_, None) => {
+                return Err(format!(
+                    "quota.rules {:?}: set unit (second, minute, hour, day, week, month, year, calendar_month)",
+                    self.name
+                ));
+            }
+            (_, Some(_)) => {}
+        }
+        if self.on_expiry.is_some() && !self.cost.is_usage() {
+            return Err(format!(
+                "quota.rules {:?}: on_expiry applies to token and usd budgets (concurrency slots are always released)",
+                self.name
+            ));
         }
         if self.requests_per_unit.is_none() && self.tiers.is_empty() {
             return Err(format!(
@@ -234,7 +272,7 @@ impl QuotaRule {
     /// What this request reserves against the rule.
     fn reservation(&self, limit: u64, input: &PlanInput<'_>) -> Result<u64, PlanError> {
         let e = input.estimate;
-        if self.cost == Cost::Requests {
+        if !self.cost.is_usage() {
             return Ok(1);
         }
         let output = e.max_output_tokens.or(self.default_output_tokens);
@@ -335,7 +373,9 @@ impl QuotaRule {
                 charge: Charge {
                     key: CounterKey::new(DOMAIN, &entries, &slot),
                     limit,
-                    unit: self.unit,
+                    // A concurrent rule's counter has no window; the unit is
+                    // only what its RateLimit headers say (one second).
+                    unit: self.unit.unwrap_or(Unit::Second),
                     algorithm: self.algorithm,
                     cost,
                     shadow: self.shadow,
@@ -371,7 +411,7 @@ mod tests {
         QuotaRule {
             name: "per-key".into(),
             per: vec![Per::Key],
-            unit: Unit::Minute,
+            unit: Some(Unit::Minute),
             requests_per_unit: None,
             tiers: [
                 ("free".to_string(), 10.0),
@@ -386,6 +426,7 @@ mod tests {
             max_output_share: None,
             default_output_tokens: None,
             unestimated_reserve: None,
+            on_expiry: None,
         }
     }
 
@@ -401,6 +442,24 @@ mod tests {
         })
         .expect("plans")
         .pop()
+    }
+
+    #[test]
+    fn concurrent_rules_have_no_window_and_take_one_slot() {
+        let mut r = rule();
+        r.cost = Cost::Concurrent;
+        assert!(r.validate().is_err_and(|e| e.contains("remove unit")));
+        r.unit = None;
+        assert_eq!(r.validate(), Ok(()));
+        let p = plan(&r, &key("a", "acme", "free")).expect("applies");
+        assert_eq!((p.charge.cost, p.charge.limit), (1, 10));
+        assert_eq!(p.measure, Cost::Concurrent);
+        r.on_expiry = Some(crate::quota::reserve::Fate::Release);
+        assert!(r.validate().is_err(), "slots are always released");
+        let mut budget = rule();
+        budget.cost = Cost::Tokens;
+        budget.unit = None;
+        assert!(budget.validate().is_err_and(|e| e.contains("set unit")));
     }
 
     #[test]

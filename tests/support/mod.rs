@@ -766,6 +766,7 @@ impl Drop for Sentinel {
 pub mod jwt;
 pub mod mcp;
 pub mod otlp;
+pub mod stores;
 /// A throwaway PKI and raw TLS clients for the listener tests.
 pub mod tls;
 /// What an ext_authz answer means for the client: the HTTP status Envoy
