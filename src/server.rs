@@ -154,8 +154,10 @@ impl App {
             engine.attach_lockout(Arc::new(lockout));
         }
         if config.audit.enabled {
+            let mut audit = config.audit.clone();
+            audit.signing_key = audit.signing_key.map(|k| config.resolve(&k));
             let trail = crate::audit::AuditTrail::start(
-                &config.audit,
+                &audit,
                 &config.resolve(&config.audit.path),
                 Some(metrics.clone()),
             )?;

@@ -126,8 +126,15 @@ async fn every_decision_is_audited_without_secrets_and_the_chain_verifies() {
     let records: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .filter(|r: &serde_json::Value| r["kind"] != "seal")
         .collect();
     assert_eq!(records.len(), 6, "{text}");
+    // Shutdown sealed the file: its last line is the chain head.
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("\"kind\":\"seal\""))
+    );
     let by_id = |id: &str| {
         records
             .iter()
