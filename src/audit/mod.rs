@@ -22,7 +22,7 @@ pub mod suggest;
 mod trail;
 mod verify;
 
-pub use record::{AuditRecord, Caller, QuotaOutcome, SCHEMA_VERSION, UsageFacts};
+pub use record::{AuditRecord, Caller, QuotaOutcome, ResponseFacts, SCHEMA_VERSION, UsageFacts};
 pub use trail::{AuditConfig, AuditError, AuditSink, AuditTrail};
 pub use verify::{GENESIS, VerifyError, VerifyReport, verify, verify_with};
 
