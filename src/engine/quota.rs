@@ -68,12 +68,14 @@ impl Engine {
         }
         match self.quota.charge(&plans).await {
             QuotaDecision::Allowed { usage } => {
-                if let Some(record) = Record::of(
+                if let Some(mut record) = Record::of(
                     &plans,
                     &usage,
                     estimate.model.as_deref(),
                     estimate.input_tokens,
                 ) {
+                    record.tenant.clone_from(&principal.tenant);
+                    record.tier.clone_from(&principal.tier);
                     self.keep_reservation(&decision.request_id, &record).await;
                 }
                 decision.quota = plans
@@ -218,6 +220,8 @@ impl Engine {
                 model: None,
                 input_estimate: None,
                 reserved: Vec::new(),
+                tenant: None,
+                tier: None,
             });
             self.audit_usage(request_id, &usage, Settled::Unknown);
             return Ok(Settled::Unknown);
@@ -331,7 +335,8 @@ impl Engine {
 impl Engine {
     /// `tollgate_usage_charged_total`: what a settlement charged each budget.
     /// The model label is bounded: the request names it, so a model outside
-    /// the catalog and the price table counts as "other".
+    /// the catalog and the price table counts as "other" (tenant and tier
+    /// are bounded in [`crate::metrics`]).
     fn count_charged(&self, record: &Record, usage: &TokenUsage) {
         let model = record
             .model
@@ -349,7 +354,13 @@ impl Engine {
                 crate::quota::rules::Cost::Usd => "usd_micros",
                 other => other.name(),
             };
-            self.metrics.usage_charged(&r.rule, unit, model, amount);
+            self.metrics.usage_charged(
+                &r.rule,
+                unit,
+                model,
+                (record.tenant.as_deref(), record.tier.as_deref()),
+                amount,
+            );
         }
     }
 

@@ -49,6 +49,12 @@ pub struct Record {
     #[serde(default)]
     pub input_estimate: Option<u64>,
     pub reserved: Vec<Reserved>,
+    /// The caller's tenant and tier, for the labels of
+    /// `tollgate_usage_charged_total` (absent in records written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 impl Record {
@@ -82,6 +88,8 @@ impl Record {
             model: model.map(str::to_string),
             input_estimate,
             reserved,
+            tenant: None,
+            tier: None,
         })
     }
 
@@ -166,6 +174,8 @@ mod tests {
                     rule: "out".into(),
                 },
             ],
+            tenant: None,
+            tier: None,
         };
         let text = serde_json::to_string(&record).expect("json");
         let back: Record = serde_json::from_str(&text).expect("reads back");
