@@ -14,8 +14,6 @@ use support::{
     set_source, test_config,
 };
 use tollgate::audit::{AuditConfig, AuditRecord, AuditSink, AuditTrail, VerifyError, verify};
-use tollgate::decision::{Decision, Outcome, Reason};
-use tollgate::request::HttpRequest;
 
 const GLOBEX_KEY: &str = "tg_demo-globex_yBbjeNm0bA39bTc7QNb3XbD6xs4RtFQ62kcZfO";
 const CHAT: &str = "/v1/chat/completions";
@@ -277,17 +275,7 @@ async fn verify_names_the_first_bad_line() {
 }
 
 fn record(i: usize) -> AuditRecord {
-    let decision = Decision::early(
-        format!("r-{i}"),
-        Outcome::Forbidden(Reason::PolicyDenied),
-        "v1".into(),
-    );
-    let request = HttpRequest {
-        method: "GET".into(),
-        raw_path: "/v1/models".into(),
-        ..Default::default()
-    };
-    AuditRecord::of(&decision, &request, Duration::ZERO)
+    support::audit_record(i)
 }
 
 fn config(path: &Path, max_bytes: u64, queue: usize) -> AuditConfig {

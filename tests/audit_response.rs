@@ -37,14 +37,7 @@ async fn start_llm() -> std::net::SocketAddr {
             )
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+    support::serve_axum(app).await.0
 }
 
 fn records(path: &std::path::Path) -> Vec<serde_json::Value> {

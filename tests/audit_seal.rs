@@ -7,16 +7,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
 use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use support::audit_record as record;
 use tollgate::audit::seal::load_public_key;
-use tollgate::audit::{
-    AuditConfig, AuditRecord, AuditSink, AuditTrail, VerifyError, verify, verify_with,
-};
-use tollgate::decision::{Decision, Outcome, Reason};
-use tollgate::request::HttpRequest;
+use tollgate::audit::{AuditConfig, AuditSink, AuditTrail, VerifyError, verify, verify_with};
 
 /// An Ed25519 key pair made by `openssl`: `(private PEM, public PEM)`.
 fn openssl_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -45,20 +40,6 @@ fn openssl_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         public.to_str().expect("utf-8"),
     ]);
     (private, public)
-}
-
-fn record(i: usize) -> AuditRecord {
-    let decision = Decision::early(
-        format!("r-{i}"),
-        Outcome::Forbidden(Reason::PolicyDenied),
-        "v1".into(),
-    );
-    let request = HttpRequest {
-        method: "GET".into(),
-        raw_path: "/v1/models".into(),
-        ..Default::default()
-    };
-    AuditRecord::of(&decision, &request, Duration::ZERO)
 }
 
 /// Two runs of 40 records each into 4 KiB files signed with `key`: the

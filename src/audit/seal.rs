@@ -52,7 +52,8 @@ pub enum KeyError {
 
 /// The private key that signs seals (`audit.signing_key`).
 pub struct SealKey {
-    key: SigningKey,
+    /// Boxed: the expanded key is a few hundred bytes.
+    key: Box<SigningKey>,
     id: String,
 }
 
@@ -73,7 +74,10 @@ impl SealKey {
             detail: e.to_string(),
         })?;
         let id = key_id(&key.verifying_key());
-        Ok(Self { key, id })
+        Ok(Self {
+            key: Box::new(key),
+            id,
+        })
     }
 
     /// The key id seals carry: see [`key_id`].

@@ -232,6 +232,23 @@ pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     serve_axum(app).await
 }
 
+/// A deny audit record for request `r-{i}` (GET /v1/models), for trail
+/// tests that write records directly.
+pub fn audit_record(i: usize) -> tollgate::audit::AuditRecord {
+    use tollgate::decision::{Decision, Outcome, Reason};
+    let decision = Decision::early(
+        format!("r-{i}"),
+        Outcome::Forbidden(Reason::PolicyDenied),
+        "v1".into(),
+    );
+    let request = tollgate::request::HttpRequest {
+        method: "GET".into(),
+        raw_path: "/v1/models".into(),
+        ..Default::default()
+    };
+    tollgate::audit::AuditRecord::of(&decision, &request, Duration::ZERO)
+}
+
 /// Serves `app` on a free loopback port until the task is aborted.
 pub async fn serve_axum(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

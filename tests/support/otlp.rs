@@ -149,17 +149,11 @@ impl OtlpReceiver {
 
     /// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) instead.
     pub async fn start_http() -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let collector = Collector::default();
         let app = axum::Router::new()
             .route("/v1/traces", axum::routing::post(http_export))
             .with_state(collector.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, task) = super::serve_axum(app).await;
         Self {
             addr,
             collector,
