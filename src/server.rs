@@ -531,6 +531,7 @@ impl App {
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
             mcp: Arc::new(self.config.mcp.clone()),
+            audit: self.engine.audit().cloned(),
         };
         let health_follower = tokio::spawn(crate::admin::follow_readiness(
             admin_state.clone(),

@@ -536,3 +536,30 @@ async fn time_rotation_starts_a_file_per_period_and_keeps_the_chain() {
         "the new period's file has the later records"
     );
 }
+
+/// A sink that fails after start-up (here `/dev/full`: it opens, every
+/// write fails) never refuses a decision; the failures are counted and
+/// reported on `/readyz`, which stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_write_failures_are_counted_and_reported_on_readyz() {
+    let mut config = test_config();
+    config.audit.enabled = true;
+    config.audit.path = PathBuf::from("/dev/full");
+    let mut tg = Tollgate::start(config).await;
+    let req = check_request("GET", "/v1/models", &[("x-api-key", DEMO_PAID_KEY)], "");
+    assert_eq!(ext_authz(&tg, req).await.status, 200);
+    let admin = tg.admin;
+    let reported = support::eventually(Duration::from_secs(10), || async move {
+        let r = raw_http(admin, "GET", "/readyz", &[], "").await;
+        r.status == 200 && r.json()["audit"]["failing"] == true
+    })
+    .await;
+    let r = raw_http(admin, "GET", "/readyz", &[], "").await;
+    assert!(reported, "{} {}", r.status, r.body);
+    assert!(
+        r.json()["audit"]["failed"].as_u64() >= Some(1),
+        "{}",
+        r.body
+    );
+    tg.stop().await;
+}

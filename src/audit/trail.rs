@@ -107,6 +107,8 @@ struct Counts {
     written: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    /// The last write failed (cleared by the next good one).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// A running audit trail.
@@ -188,6 +190,12 @@ impl AuditTrail {
     /// Records the sink failed to take (a write error).
     pub fn failed(&self) -> u64 {
         self.counts.failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last record the writer handled failed to be written (a
+    /// full disk, a path removed after start-up); `/readyz` reports it.
+    pub fn failing(&self) -> bool {
+        self.counts.failing.load(Ordering::Relaxed)
     }
 
     /// Stops taking records, writes what is queued, flushes and waits for
@@ -369,28 +377,45 @@ fn write_loop(
     // Blocks for the first record of a batch, then takes what is queued and
     // flushes once the queue is empty: one write per burst, and nothing left
     // in the buffer while idle.
+    // A record counts as written once the flush after its burst succeeded:
+    // a buffered line is not on disk yet (a full disk fails at the flush).
+    let count = |n: u64, ok: bool| {
+        let (counter, result) = if ok {
+            (&counts.written, "written")
+        } else {
+            (&counts.failed, "failed")
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        for _ in 0..n {
+            note(result);
+        }
+    };
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
+        let (mut buffered, mut failing) = (0, false);
         while let Some(record) = next.take() {
             let ok = match &mut sink {
                 Sink::Stdout => write_stdout(&record, &mut stdout_chain),
                 Sink::File { .. } => write_file(&mut sink, &record),
             };
             if ok {
-                counts.written.fetch_add(1, Ordering::Relaxed);
-                note("written");
+                buffered += 1;
             } else {
-                counts.failed.fetch_add(1, Ordering::Relaxed);
-                note("failed");
+                count(1, false);
             }
+            failing = !ok;
             next = receiver.try_recv().ok();
         }
-        flush(&mut sink);
+        let flushed = flush(&mut sink);
+        count(buffered, flushed);
+        counts.failing.store(failing || !flushed, Ordering::Relaxed);
     }
     if let Err(e) = seal(&mut sink, "shutdown") {
         tracing::warn!(error = %e, "audit file not sealed at shutdown");
     }
-    flush(&mut sink);
+    if !flush(&mut sink) {
+        counts.failing.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Ends the file with a seal of the chain head, when records follow the
@@ -421,14 +446,16 @@ fn seal(sink: &mut Sink, reason: &'static str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn flush(sink: &mut Sink) {
+/// Flushes the sink; false (and a warning) when it failed.
+fn flush(sink: &mut Sink) -> bool {
     let result = match sink {
         Sink::Stdout => std::io::stdout().flush(),
         Sink::File { out, .. } => out.flush(),
     };
-    if let Err(e) = result {
+    if let Err(e) = &result {
         tracing::warn!(error = %e, "audit sink flush failed");
     }
+    result.is_ok()
 }
 
 fn write_stdout(record: &AuditRecord, chain: &mut Chain) -> bool {
