@@ -20,11 +20,7 @@ const CHAT: &str = "/v1/chat/completions";
 const PROMPT: &str = "the secret prompt 4711";
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .expect("audit file")
-        .lines()
-        .map(str::to_string)
-        .collect()
+    support::file_lines(path)
 }
 
 fn bad_line(result: Result<tollgate::audit::VerifyReport, VerifyError>) -> usize {

@@ -73,11 +73,7 @@ fn signed_trail(dir: &Path, key: &Path) -> Vec<PathBuf> {
 }
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .expect("audit file")
-        .lines()
-        .map(str::to_string)
-        .collect()
+    support::file_lines(path)
 }
 
 fn write_lines(path: &Path, lines: &[String]) {

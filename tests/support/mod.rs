@@ -232,6 +232,15 @@ pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     serve_axum(app).await
 }
 
+/// The lines of the text file at `path` (an audit trail, say).
+pub fn file_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// A deny audit record for request `r-{i}` (GET /v1/models), for trail
 /// tests that write records directly.
 pub fn audit_record(i: usize) -> tollgate::audit::AuditRecord {
