@@ -328,6 +328,7 @@ async fn run() {
                 rule: "key-inflight".into(),
             }],
             model: Some("llama-3-8b".into()),
+            labels: Default::default(),
             price: None,
             input_estimate: Some(44),
             ttl: Duration::from_secs(600),

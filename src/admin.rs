@@ -36,6 +36,10 @@ pub struct AdminState {
     /// Caller-context signing keys, whose public halves are served as a
     /// JWK Set at [`CALLER_CONTEXT_JWKS`].
     pub caller_context: Option<Arc<crate::agents::caller_context::KeyRing>>,
+    /// The audit trail, when on: its write failures are reported on
+    /// `/readyz` (they never make Tollgate unready: the trail is a side
+    /// channel that never refuses a decision).
+    pub audit: Option<Arc<crate::audit::AuditTrail>>,
 }
 
 /// The admin routes, every one of them.
@@ -191,6 +195,14 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         "connected": state.quota.store().connected(),
         "clock_offset_ms": state.quota.store().clock_offset_ms(),
     });
+    if let Some(trail) = &state.audit {
+        body["audit"] = json!({
+            "written": trail.written(),
+            "dropped": trail.dropped(),
+            "failed": trail.failed(),
+            "failing": trail.failing(),
+        });
+    }
     (code, Json(body))
 }
 

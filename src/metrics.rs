@@ -99,6 +99,8 @@ pub struct Metrics {
     usage_charged: Family<UsageLabels, Counter>,
     concurrency: Family<ConcurrencyLabels, Counter>,
     reservations_expired: Counter,
+    usage_tenants: BoundedValues,
+    usage_tiers: BoundedValues,
     unknown_domain: Counter,
     invalidations: Family<KindLabel, Counter>,
     store: std::sync::Arc<StoreMetrics>,
@@ -143,7 +145,49 @@ struct UsageLabels {
     rule: String,
     unit: &'static str,
     model: String,
+    tenant: String,
+    tier: String,
 }
+
+/// The values a label the traffic chooses (tenant, tier) may take: the
+/// first `max` distinct ones seen, then `other`, so a flood of names cannot
+/// grow the series count; `none` without a value.
+#[derive(Debug)]
+struct BoundedValues {
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+    max: usize,
+}
+
+impl BoundedValues {
+    fn new(max: usize) -> Self {
+        Self {
+            seen: std::sync::Mutex::new(std::collections::HashSet::new()),
+            max,
+        }
+    }
+
+    fn label(&self, value: Option<&str>) -> String {
+        let Some(value) = value else {
+            return "none".into();
+        };
+        let Ok(mut seen) = self.seen.lock() else {
+            return "other".into();
+        };
+        if seen.contains(value) {
+            return value.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_string());
+            return value.to_string();
+        }
+        "other".into()
+    }
+}
+
+/// Distinct tenants (and tiers) `tollgate_usage_charged_total` labels
+/// before the rest count as `other`.
+pub const MAX_TENANT_LABELS: usize = 200;
+pub const MAX_TIER_LABELS: usize = 32;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -275,7 +319,7 @@ impl Metrics {
         let usage_charged = Family::<UsageLabels, Counter>::default();
         registry.register(
             "usage_charged",
-            "Settled usage charged to budgets, by rule, unit (tokens, input_tokens, output_tokens, usd_micros) and model (models outside the catalog and price table are \"other\")",
+            "Settled usage charged to budgets, by rule, unit (tokens, input_tokens, output_tokens, usd_micros), model (models outside the catalog and price table are \"other\"), tenant and tier (the first 200 tenants and 32 tiers seen, then \"other\"; \"none\" without one)",
             usage_charged.clone(),
         );
         let concurrency = Family::<ConcurrencyLabels, Counter>::default();
@@ -374,6 +418,8 @@ impl Metrics {
             concurrency,
             reservations_expired,
             usage_charged,
+            usage_tenants: BoundedValues::new(MAX_TENANT_LABELS),
+            usage_tiers: BoundedValues::new(MAX_TIER_LABELS),
             unknown_domain,
             invalidations,
             store,
@@ -476,12 +522,23 @@ impl Metrics {
     /// Adds settled usage charged to budget `rule`, in `unit` (micro-dollars
     /// for `usd_micros`). `rule` comes from the config and `model` must be
     /// bounded by the caller (a catalog or price-table model, else "other").
-    pub fn usage_charged(&self, rule: &str, unit: &'static str, model: &str, amount: u64) {
+    /// `(tenant, tier)` are the caller's; bounded here ([`MAX_TENANT_LABELS`],
+    /// [`MAX_TIER_LABELS`]).
+    pub fn usage_charged(
+        &self,
+        rule: &str,
+        unit: &'static str,
+        model: &str,
+        (tenant, tier): (Option<&str>, Option<&str>),
+        amount: u64,
+    ) {
         self.usage_charged
             .get_or_create(&UsageLabels {
                 rule: rule.to_string(),
                 unit,
                 model: model.to_string(),
+                tenant: self.usage_tenants.label(tenant),
+                tier: self.usage_tiers.label(tier),
             })
             .inc_by(amount);
     }
@@ -589,5 +646,40 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chosen_labels_stay_bounded() {
+        let tenants = BoundedValues::new(2);
+        assert_eq!(tenants.label(Some("acme")), "acme");
+        assert_eq!(tenants.label(Some("globex")), "globex");
+        assert_eq!(tenants.label(Some("initech")), "other");
+        assert_eq!(tenants.label(Some("acme")), "acme");
+        assert_eq!(tenants.label(None), "none");
+        let metrics = Metrics::new();
+        for i in 0..(MAX_TENANT_LABELS + 50) {
+            let tenant = format!("t{i}");
+            metrics.usage_charged("r", "tokens", "m", (Some(&tenant), Some("paid")), 1);
+        }
+        let series = metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("tollgate_usage_charged_total{"))
+            .count();
+        assert_eq!(
+            series,
+            MAX_TENANT_LABELS + 1,
+            "one series per kept tenant, plus other"
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("tenant=\"other\",tier=\"paid\"} 50")
+        );
     }
 }

@@ -163,8 +163,10 @@ impl App {
             engine.attach_caller_context(Arc::new(keys));
         }
         if config.audit.enabled {
+            let mut audit = config.audit.clone();
+            audit.signing_key = audit.signing_key.map(|k| config.resolve(&k));
             let trail = crate::audit::AuditTrail::start(
-                &config.audit,
+                &audit,
                 &config.resolve(&config.audit.path),
                 Some(metrics.clone()),
             )?;
@@ -539,6 +541,7 @@ impl App {
             store_required: self.config.quota.ready_requires_store,
             mcp: Arc::new(self.config.mcp.clone()),
             caller_context: self.engine.caller_context_keys(),
+            audit: self.engine.audit().cloned(),
         };
         let health_follower = tokio::spawn(crate::admin::follow_readiness(
             admin_state.clone(),

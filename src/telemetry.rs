@@ -2,8 +2,10 @@
 //!
 //! Each decision is one span tree — `tollgate.decision` with children
 //! `tollgate.identity`, `tollgate.policy`, `tollgate.quota` and
-//! `tollgate.store` (one per quota store round trip) — exported over OTLP/gRPC
-//! when `tracing.otlp_endpoint` is set. A caller's W3C `traceparent`
+//! `tollgate.store` (one per quota store round trip) — exported over OTLP
+//! when `tracing.otlp_endpoint` is set: OTLP/gRPC by default, OTLP/HTTP with
+//! protobuf bodies when `tracing.otlp_protocol = "http/protobuf"`
+//! (<https://opentelemetry.io/docs/specs/otlp/#otlphttp>). A caller's W3C `traceparent`
 //! (<https://www.w3.org/TR/trace-context/>) — an HTTP header for ext_authz
 //! and forward-auth, gRPC metadata for `tollgate.v1` — becomes the parent of
 //! the decision span, so Tollgate's spans join the gateway's trace.
@@ -32,12 +34,29 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The `tracing` target of every span exported over OTLP.
 pub const TARGET: &str = "tollgate::otel";
 
+/// How spans travel to the collector (`tracing.otlp_protocol`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (`TraceService/Export`), usually port 4317.
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP/HTTP, protobuf bodies POSTed to `/v1/traces`, usually port
+    /// 4318.
+    #[serde(rename = "http/protobuf", alias = "http")]
+    HttpProtobuf,
+}
+
 /// `[tracing]`: OpenTelemetry export. Off unless `otlp_endpoint` is set.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingConfig {
-    /// OTLP/gRPC collector, `http://host:4317`. Unset: no spans are made.
+    /// The collector: `http://host:4317` for gRPC; for HTTP the URL spans
+    /// are POSTed to, `http://host:4318/v1/traces` (a URL without a path
+    /// gets `/v1/traces`). Unset: no spans are made.
     pub otlp_endpoint: Option<String>,
+    /// `grpc` (the default) or `http/protobuf`.
+    pub otlp_protocol: OtlpProtocol,
     /// `service.name` of the exported resource.
     pub service_name: String,
     /// Fraction of root traces (requests without a `traceparent`) sampled,
@@ -53,6 +72,7 @@ impl Default for TracingConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
             service_name: "tollgate".into(),
             sample_ratio: 1.0,
             export_delay_ms: 5000,
@@ -106,15 +126,27 @@ impl Exporter {
         let Some(endpoint) = &config.otlp_endpoint else {
             return Ok(None);
         };
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .with_timeout(Duration::from_millis(config.export_timeout_ms))
-            .build()
-            .map_err(|e| TracingError::Endpoint {
-                endpoint: endpoint.clone(),
-                message: e.to_string(),
-            })?;
+        let timeout = Duration::from_millis(config.export_timeout_ms);
+        let builder = opentelemetry_otlp::SpanExporter::builder();
+        let exporter = match config.otlp_protocol {
+            OtlpProtocol::Grpc => builder
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(timeout)
+                .build(),
+            // The blocking reqwest client: the batch processor exports from
+            // its own thread, outside the Tokio runtime.
+            OtlpProtocol::HttpProtobuf => builder
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(http_traces_url(endpoint))
+                .with_timeout(timeout)
+                .build(),
+        }
+        .map_err(|e| TracingError::Endpoint {
+            endpoint: endpoint.clone(),
+            message: e.to_string(),
+        })?;
         let batch = BatchConfigBuilder::default()
             .with_scheduled_delay(Duration::from_millis(config.export_delay_ms.max(1)))
             .build();
@@ -152,6 +184,17 @@ impl Drop for Exporter {
         if let Err(e) = self.provider.shutdown() {
             eprintln!("tollgate: flushing trace spans failed: {e}");
         }
+    }
+}
+
+/// The OTLP/HTTP traces URL for `endpoint`: as given when it has a path,
+/// else with the specification's default path `/v1/traces`.
+fn http_traces_url(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(url) if url.path() == "/" && url.query().is_none() => {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        }
+        _ => endpoint.to_string(),
     }
 }
 
@@ -246,6 +289,23 @@ mod tests {
         );
         assert_eq!(trace_id(&span, Some("garbage")), None);
         assert_eq!(trace_id(&span, None), None);
+    }
+
+    #[test]
+    fn http_endpoints_get_the_traces_path() {
+        assert_eq!(
+            http_traces_url("http://127.0.0.1:4318"),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(http_traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(
+            http_traces_url("https://c/otlp/v1/traces"),
+            "https://c/otlp/v1/traces"
+        );
+        let config: TracingConfig =
+            toml::from_str("otlp_protocol = \"http/protobuf\"\n").expect("http/protobuf");
+        assert_eq!(config.otlp_protocol, OtlpProtocol::HttpProtobuf);
+        assert!(toml::from_str::<TracingConfig>("otlp_protocol = \"udp\"\n").is_err());
     }
 
     #[test]

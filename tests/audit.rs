@@ -14,19 +14,13 @@ use support::{
     set_source, test_config,
 };
 use tollgate::audit::{AuditConfig, AuditRecord, AuditSink, AuditTrail, VerifyError, verify};
-use tollgate::decision::{Decision, Outcome, Reason};
-use tollgate::request::HttpRequest;
 
 const GLOBEX_KEY: &str = "tg_demo-globex_yBbjeNm0bA39bTc7QNb3XbD6xs4RtFQ62kcZfO";
 const CHAT: &str = "/v1/chat/completions";
 const PROMPT: &str = "the secret prompt 4711";
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .expect("audit file")
-        .lines()
-        .map(str::to_string)
-        .collect()
+    support::file_lines(path)
 }
 
 fn bad_line(result: Result<tollgate::audit::VerifyReport, VerifyError>) -> usize {
@@ -126,8 +120,15 @@ async fn every_decision_is_audited_without_secrets_and_the_chain_verifies() {
     let records: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .filter(|r: &serde_json::Value| r["kind"] != "seal")
         .collect();
     assert_eq!(records.len(), 6, "{text}");
+    // Shutdown sealed the file: its last line is the chain head.
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("\"kind\":\"seal\""))
+    );
     let by_id = |id: &str| {
         records
             .iter()
@@ -270,17 +271,7 @@ async fn verify_names_the_first_bad_line() {
 }
 
 fn record(i: usize) -> AuditRecord {
-    let decision = Decision::early(
-        format!("r-{i}"),
-        Outcome::Forbidden(Reason::PolicyDenied),
-        "v1".into(),
-    );
-    let request = HttpRequest {
-        method: "GET".into(),
-        raw_path: "/v1/models".into(),
-        ..Default::default()
-    };
-    AuditRecord::of(&decision, &request, Duration::ZERO)
+    support::audit_record(i)
 }
 
 fn config(path: &Path, max_bytes: u64, queue: usize) -> AuditConfig {
@@ -540,4 +531,31 @@ async fn time_rotation_starts_a_file_per_period_and_keeps_the_chain() {
         !lines(&path).is_empty(),
         "the new period's file has the later records"
     );
+}
+
+/// A sink that fails after start-up (here `/dev/full`: it opens, every
+/// write fails) never refuses a decision; the failures are counted and
+/// reported on `/readyz`, which stays ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_write_failures_are_counted_and_reported_on_readyz() {
+    let mut config = test_config();
+    config.audit.enabled = true;
+    config.audit.path = PathBuf::from("/dev/full");
+    let mut tg = Tollgate::start(config).await;
+    let req = check_request("GET", "/v1/models", &[("x-api-key", DEMO_PAID_KEY)], "");
+    assert_eq!(ext_authz(&tg, req).await.status, 200);
+    let admin = tg.admin;
+    let reported = support::eventually(Duration::from_secs(10), || async move {
+        let r = raw_http(admin, "GET", "/readyz", &[], "").await;
+        r.status == 200 && r.json()["audit"]["failing"] == true
+    })
+    .await;
+    let r = raw_http(admin, "GET", "/readyz", &[], "").await;
+    assert!(reported, "{} {}", r.status, r.body);
+    assert!(
+        r.json()["audit"]["failed"].as_u64() >= Some(1),
+        "{}",
+        r.body
+    );
+    tg.stop().await;
 }

@@ -44,6 +44,7 @@ async fn examples_use_only_exported_metrics() {
     metrics.jwks_fetch("issuer", "failed");
     metrics.jwks_keys_refused("issuer", 1);
     metrics.audit_record("dropped");
+    metrics.usage_charged("rule", "tokens", "other", (Some("acme"), Some("paid")), 1);
     metrics.limit_decision("llm.tenant", "over_limit");
     metrics.store().reconnect("timeout");
     metrics.store().clock_offset_ms(1);

@@ -1,27 +1,13 @@
 //! End to end: real HTTP through a real nginx (examples/nginx/nginx.conf,
 //! `auth_request`) to Tollgate's forward-auth listener and a tiny upstream
-//! that echoes the headers it received.
+//! that echoes the headers it received: the matrix every gateway runs
+//! ([`support::gateway::forward_auth_matrix`]).
 
 mod support;
 
-use support::{
-    DEMO_FREE_KEY, DEMO_PAID_KEY, Nginx, Tollgate, free_port, raw_http, start_upstream, test_config,
-};
+use support::gateway::{LARGE, SMALL, forward_auth_matrix};
+use support::{DEMO_FREE_KEY, Nginx, Tollgate, free_port, raw_http, start_upstream, test_config};
 use tollgate::config::ForwardAuthTrust;
-
-const GLOBEX_KEY: &str = "tg_demo-globex_yBbjeNm0bA39bTc7QNb3XbD6xs4RtFQ62kcZfO";
-const SMALL: &str = "/v1/models/llama-3-8b";
-const LARGE: &str = "/v1/models/llama-3-70b";
-
-fn upstream_headers(resp: &support::HttpResponse, name: &str) -> Vec<String> {
-    resp.json()["headers"]
-        .as_array()
-        .expect("echoed headers")
-        .iter()
-        .filter(|pair| pair[0] == name)
-        .map(|pair| pair[1].as_str().unwrap_or_default().to_string())
-        .collect()
-}
 
 /// examples/nginx/nginx.conf with only its addresses replaced.
 async fn start_nginx(forward_auth: std::net::SocketAddr, upstream: u16) -> Nginx {
@@ -43,124 +29,7 @@ async fn requests_through_nginx() {
     let (mut tg, fa) = support::forward_auth_tollgate(ForwardAuthTrust::Original).await;
     let (upstream, _task) = start_upstream().await;
     let nginx = start_nginx(fa, upstream.port()).await;
-    let gw = nginx.listener;
-    support::away_from_minute_boundary(std::time::Duration::from_secs(10)).await;
-
-    // A valid key reaches the upstream with Tollgate's identity headers in
-    // place of the client's forged ones.
-    let ok = raw_http(
-        gw,
-        "GET",
-        SMALL,
-        &[
-            ("x-api-key", DEMO_PAID_KEY),
-            ("x-tollgate-principal", "ApiKey::\"root\""),
-            ("x-tollgate-tenant", "globex"),
-            ("x-tollgate-tier", "enterprise"),
-        ],
-        "",
-    )
-    .await;
-    assert_eq!(ok.status, 200, "{} {}", ok.body, nginx.error_log());
-    assert_eq!(
-        upstream_headers(&ok, "x-tollgate-principal"),
-        vec!["ApiKey::\"demo-paid\""]
-    );
-    assert_eq!(upstream_headers(&ok, "x-tollgate-tenant"), vec!["acme"]);
-    assert_eq!(upstream_headers(&ok, "x-tollgate-tier"), vec!["paid"]);
-
-    // Wrong key: 401 with WWW-Authenticate; no key: 401 too.
-    let unknown = tollgate::identity::key_format::generate("nobody").expect("key");
-    let bad = raw_http(gw, "GET", SMALL, &[("x-api-key", &unknown)], "").await;
-    assert_eq!(bad.status, 401);
-    assert!(
-        bad.header("www-authenticate")
-            .is_some_and(|v| v.starts_with("Bearer"))
-    );
-    // Refused requests never reach the upstream: no echo, and no identity
-    // headers a forged one could hide behind.
-    let anonymous = raw_http(
-        gw,
-        "GET",
-        SMALL,
-        &[("x-tollgate-principal", "ApiKey::\"demo-paid\"")],
-        "",
-    )
-    .await;
-    assert_eq!(anonymous.status, 401);
-    assert!(!anonymous.body.contains("headers"));
-
-    // Policy deny: a free key on a large model, also when the client forges
-    // the headers that describe the original request.
-    let auth = format!("Bearer {DEMO_FREE_KEY}");
-    for forged in [
-        vec![],
-        vec![("x-original-uri", SMALL), ("x-original-method", "GET")],
-        vec![("x-forwarded-uri", SMALL), ("x-forwarded-method", "GET")],
-    ] {
-        let mut headers = vec![("authorization", auth.as_str())];
-        headers.extend(forged.iter().copied());
-        let denied = raw_http(gw, "GET", LARGE, &headers, "").await;
-        assert_eq!(denied.status, 403, "forged {forged:?}");
-    }
-
-    // Path tricks never reach the upstream.
-    for path in [
-        "/v1/models/../models/llama-3-8b",
-        "/v1/models/%2e%2e/models/llama-3-8b",
-        "/v1/models%2Fllama-3-8b",
-        "/v1//models/llama-3-8b",
-        "/v1/models/llama-3-8b%2F..%2F..%2Fadmin",
-    ] {
-        let r = raw_http(gw, "GET", path, &[("x-api-key", DEMO_PAID_KEY)], "").await;
-        assert!(
-            matches!(r.status, 400 | 403 | 404),
-            "{path} answered {}: {}",
-            r.status,
-            r.body
-        );
-    }
-
-    // A body nginx cannot forward is never decided as if it were empty.
-    let chat = raw_http(
-        gw,
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("x-api-key", DEMO_PAID_KEY),
-            ("content-type", "application/json"),
-        ],
-        r#"{"model":"llama-3-8b","messages":[]}"#,
-    )
-    .await;
-    assert!(
-        matches!(chat.status, 400 | 403),
-        "body-dependent route through nginx answered {}",
-        chat.status
-    );
-
-    // Quota: the paid globex key gets 3 per minute, the 4th is 429 with
-    // Retry-After and the RateLimit headers.
-    for i in 0..3 {
-        let r = raw_http(gw, "GET", SMALL, &[("x-api-key", GLOBEX_KEY)], "").await;
-        assert_eq!(r.status, 200, "request {i}: {}", r.body);
-    }
-    let over = raw_http(gw, "GET", SMALL, &[("x-api-key", GLOBEX_KEY)], "").await;
-    assert_eq!(over.status, 429, "{}", nginx.error_log());
-    assert!(
-        over.header("retry-after")
-            .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1))
-    );
-    assert_eq!(over.header("ratelimit-remaining"), Some("0"));
-
-    // With Tollgate stopped, nginx fails closed.
-    tg.stop().await;
-    let closed = raw_http(gw, "GET", SMALL, &[("x-api-key", DEMO_PAID_KEY)], "").await;
-    assert!(
-        closed.status >= 500,
-        "Tollgate down but nginx answered {}",
-        closed.status
-    );
+    forward_auth_matrix(nginx.listener, &mut tg, &|| nginx.error_log()).await;
 }
 
 /// The forward-auth listener without nginx: Traefik / Caddy headers when

@@ -56,6 +56,21 @@ fn b64(bytes: &[u8]) -> String {
 
 const HS256_SECRET: &str = "fuzz-secret-0123456789abcdef0123456789abcdef0123456789abcdef";
 
+/// One of the `names` Tollgate reads, or text matching one of the `others`
+/// regexes; every name and every regex equally likely.
+fn name_or(
+    names: &'static [&'static str],
+    others: &'static [&'static str],
+) -> impl Strategy<Value = String> + Clone {
+    let named = prop::sample::select(names).prop_map(str::to_string);
+    let other = prop::sample::select(others)
+        .prop_flat_map(|re| proptest::string::string_regex(re).expect("a valid regex"));
+    prop_oneof![
+        names.len() as u32 => named,
+        others.len() as u32 => other,
+    ]
+}
+
 /// A JSON text: valid nested JSON, near-JSON, or anything.
 fn json_text() -> impl Strategy<Value = String> {
     let leaf = prop_oneof![
@@ -69,19 +84,21 @@ fn json_text() -> impl Strategy<Value = String> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
             prop::collection::btree_map(
-                prop_oneof![
-                    Just("model".to_string()),
-                    Just("max_tokens".to_string()),
-                    Just("stream".to_string()),
-                    Just("tools".to_string()),
-                    Just("messages".to_string()),
-                    Just("exp".to_string()),
-                    Just("iss".to_string()),
-                    Just("aud".to_string()),
-                    Just("alg".to_string()),
-                    Just("crit".to_string()),
-                    "[a-z_]{1,8}",
-                ],
+                name_or(
+                    &[
+                        "model",
+                        "max_tokens",
+                        "stream",
+                        "tools",
+                        "messages",
+                        "exp",
+                        "iss",
+                        "aud",
+                        "alg",
+                        "crit",
+                    ],
+                    &["[a-z_]{1,8}"],
+                ),
                 inner,
                 0..6
             )
@@ -131,18 +148,19 @@ fn header_value() -> impl Strategy<Value = String> {
 
 fn headers() -> impl Strategy<Value = HashMap<String, String>> {
     prop::collection::hash_map(
-        prop_oneof![
-            Just("x-api-key".to_string()),
-            Just("authorization".to_string()),
-            Just("content-type".to_string()),
-            Just("content-length".to_string()),
-            Just("x-model".to_string()),
-            Just("x-team".to_string()),
-            Just("x-envoy-auth-partial-body".to_string()),
-            Just("x-forwarded-for".to_string()),
-            "[a-z-]{1,12}",
-            ".{0,8}",
-        ],
+        name_or(
+            &[
+                "x-api-key",
+                "authorization",
+                "content-type",
+                "content-length",
+                "x-model",
+                "x-team",
+                "x-envoy-auth-partial-body",
+                "x-forwarded-for",
+            ],
+            &["[a-z-]{1,12}", ".{0,8}"],
+        ),
         header_value(),
         0..6,
     )

@@ -138,16 +138,7 @@ async fn mtls_identity_through_envoy() {
     config.identity.mtls_trust_domains = vec!["acme.example".into()];
     let mut tg = Tollgate::start(config).await;
     let (upstream, _task) = start_upstream().await;
-    let (admin, tls, plain) = (free_port(), free_port(), free_port());
-    let yaml = ENVOY
-        .replace("HCM", HCM)
-        .replace("ADMIN", &admin.to_string())
-        .replace("PLAIN", &plain.to_string())
-        .replace("TLS", &tls.to_string())
-        .replace("GRPC", &tg.grpc.port().to_string())
-        .replace("UPSTREAM", &upstream.port().to_string())
-        .replace("DIR", &dir.path().display().to_string());
-    let _envoy = support::Envoy::run(&yaml, tls, admin).await;
+    let (_envoy, tls, plain) = tls_envoy(dir.path(), &tg, upstream.port()).await;
 
     let d = dir.path().to_path_buf();
     let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true))
@@ -187,8 +178,8 @@ async fn mtls_identity_through_envoy() {
 }
 
 /// Starts Envoy with TLS certificates from `dir` in front of `tg`; returns
-/// Envoy and its TLS port.
-async fn tls_envoy(dir: &Path, tg: &Tollgate, upstream: u16) -> (Envoy, u16) {
+/// Envoy, its TLS port and its plaintext port.
+async fn tls_envoy(dir: &Path, tg: &Tollgate, upstream: u16) -> (Envoy, u16, u16) {
     let (admin, tls, plain) = (free_port(), free_port(), free_port());
     let yaml = ENVOY
         .replace("HCM", HCM)
@@ -198,7 +189,7 @@ async fn tls_envoy(dir: &Path, tg: &Tollgate, upstream: u16) -> (Envoy, u16) {
         .replace("GRPC", &tg.grpc.port().to_string())
         .replace("UPSTREAM", &upstream.to_string())
         .replace("DIR", &dir.display().to_string());
-    (Envoy::run(&yaml, tls, admin).await, tls)
+    (Envoy::run(&yaml, tls, admin).await, tls, plain)
 }
 
 /// Issue 8.12: with the default (empty) trust domains, a client certificate
@@ -220,7 +211,7 @@ async fn only_one_valid_spiffe_uri_san_is_a_workload_through_envoy() {
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         certificates(dir.path(), san);
-        let (envoy, tls) = tls_envoy(dir.path(), &tg, upstream.port()).await;
+        let (envoy, tls, _) = tls_envoy(dir.path(), &tg, upstream.port()).await;
         let d = dir.path().to_path_buf();
         let (status, body) = tokio::task::spawn_blocking(move || curl(&d, tls, true))
             .await
@@ -249,16 +240,7 @@ async fn context_http_tls_follows_the_connection_through_envoy() {
     config.policy.dir = policies.path().to_path_buf();
     let mut tg = Tollgate::start(config).await;
     let (upstream, _task) = start_upstream().await;
-    let (admin, tls, plain) = (free_port(), free_port(), free_port());
-    let yaml = ENVOY
-        .replace("HCM", HCM)
-        .replace("ADMIN", &admin.to_string())
-        .replace("PLAIN", &plain.to_string())
-        .replace("TLS", &tls.to_string())
-        .replace("GRPC", &tg.grpc.port().to_string())
-        .replace("UPSTREAM", &upstream.port().to_string())
-        .replace("DIR", &dir.path().display().to_string());
-    let _envoy = Envoy::run(&yaml, tls, admin).await;
+    let (_envoy, tls, plain) = tls_envoy(dir.path(), &tg, upstream.port()).await;
     let body = r#"{"model":"llama-3-8b"}"#;
     let d = dir.path().to_path_buf();
     let key = format!("x-api-key: {}", support::DEMO_PAID_KEY);

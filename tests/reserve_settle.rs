@@ -55,6 +55,7 @@ fn reservation(
             .into_iter()
             .collect(),
         model: Some("m".into()),
+        labels: Default::default(),
         price: None,
         input_estimate: Some(100),
         ttl,

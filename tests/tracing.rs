@@ -27,44 +27,70 @@ fn audit_records(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A real `tollgate serve` exporting to `endpoint` over `protocol`
+/// (`grpc` or `http/protobuf`), with forward-auth and the audit trail on.
+struct Traced {
+    _dir: tempfile::TempDir,
+    _serve: ServeChild,
+    grpc: u16,
+    forward: u16,
+    audit: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Traced {
+    async fn start(endpoint: &str, protocol: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (grpc, admin, forward) = (free_port(), free_port(), free_port());
+        let audit = dir.path().join("audit.jsonl");
+        let config = dir.path().join("tollgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 forward_auth_listen = \"127.0.0.1:{forward}\"\n\
+                 [policy]\ndir = {policies:?}\nwatch = false\n\
+                 [identity]\napi_keys_file = {keys:?}\n\
+                 [quota]\nlimits_file = {limits:?}\n\
+                 [[quota.rules]]\nname = \"key-per-minute\"\nper = [\"key\"]\nunit = \"minute\"\ntiers = {{ paid = 1000 }}\n\
+                 [audit]\nenabled = true\npath = {audit:?}\n\
+                 [tracing]\notlp_endpoint = \"{endpoint}\"\notlp_protocol = \"{protocol}\"\n\
+                 service_name = \"tollgate-under-test\"\nexport_delay_ms = 50\n",
+                policies = support::repo().join("policies"),
+                keys = support::repo().join("examples/keys.toml"),
+                limits = support::repo().join("examples/limits.yaml"),
+            ),
+        )
+        .expect("config");
+        let log = dir.path().join("tollgate.log");
+        let serve = ServeChild::spawn(&config, &log);
+        let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+        let ready = eventually(Duration::from_secs(30), || async move {
+            support::wait_listening(admin_addr).await
+                && raw_http(admin_addr, "GET", "/readyz", &[], "").await.status == 200
+        })
+        .await;
+        assert!(
+            ready,
+            "tollgate did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            _dir: dir,
+            _serve: serve,
+            grpc,
+            forward,
+            audit,
+            log,
+        }
+    }
+}
+
 #[tokio::test]
 async fn spans_reach_an_otlp_receiver_under_the_callers_trace() {
     let receiver = OtlpReceiver::start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (grpc, admin, forward) = (free_port(), free_port(), free_port());
-    let audit = dir.path().join("audit.jsonl");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-             forward_auth_listen = \"127.0.0.1:{forward}\"\n\
-             [policy]\ndir = {policies:?}\nwatch = false\n\
-             [identity]\napi_keys_file = {keys:?}\n\
-             [quota]\nlimits_file = {limits:?}\n\
-             [[quota.rules]]\nname = \"key-per-minute\"\nper = [\"key\"]\nunit = \"minute\"\ntiers = {{ paid = 1000 }}\n\
-             [audit]\nenabled = true\npath = {audit:?}\n\
-             [tracing]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"tollgate-under-test\"\nexport_delay_ms = 50\n",
-            policies = support::repo().join("policies"),
-            keys = support::repo().join("examples/keys.toml"),
-            limits = support::repo().join("examples/limits.yaml"),
-            endpoint = receiver.endpoint(),
-        ),
-    )
-    .expect("config");
-    let log = dir.path().join("tollgate.log");
-    let _serve = ServeChild::spawn(&config, &log);
-    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    let ready = eventually(Duration::from_secs(30), || async move {
-        support::wait_listening(admin_addr).await
-            && raw_http(admin_addr, "GET", "/readyz", &[], "").await.status == 200
-    })
-    .await;
-    assert!(
-        ready,
-        "tollgate did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let traced = Traced::start(&receiver.endpoint(), "grpc").await;
+    let (grpc, forward, audit, log) = (traced.grpc, traced.forward, &traced.audit, &traced.log);
 
     // ext_authz: the traceparent is one of the request headers Envoy sends.
     let ext_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -163,7 +189,7 @@ async fn spans_reach_an_otlp_receiver_under_the_callers_trace() {
         received,
         "spans received: {:?}\nlog: {}",
         receiver.spans(),
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(log).unwrap_or_default()
     );
 
     // The ext_authz decision: a child of the caller's span, with identity,
@@ -208,19 +234,66 @@ async fn spans_reach_an_otlp_receiver_under_the_callers_trace() {
 
     // The trace id is in the audit record and the decision log.
     let recorded = eventually(Duration::from_secs(10), || {
-        let records = audit_records(&audit);
+        let records = audit_records(audit);
         let done = [ext_trace, fa_trace, api_trace]
             .iter()
             .all(|t| records.iter().any(|r| r["trace_id"] == *t));
         async move { done }
     })
     .await;
-    assert!(recorded, "audit records: {:?}", audit_records(&audit));
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(recorded, "audit records: {:?}", audit_records(audit));
+    let log_text = std::fs::read_to_string(log).unwrap_or_default();
     assert!(
         log_text.contains(ext_trace),
         "decision log lacks the trace id: {log_text}"
     );
+}
+
+/// OTLP/HTTP: the same spans, POSTed as protobuf to the receiver's
+/// `/v1/traces` (the endpoint is given without the path).
+#[tokio::test]
+async fn spans_reach_an_otlp_http_receiver_under_the_callers_trace() {
+    let receiver = OtlpReceiver::start_http().await;
+    let traced = Traced::start(&receiver.endpoint(), "http/protobuf").await;
+    let trace = "0af7651916cd43dd8448eb211c80319d";
+    let parent = "b7ad6b7169203332";
+    let tp = traceparent(trace, parent);
+    let forward_addr = std::net::SocketAddr::from(([127, 0, 0, 1], traced.forward));
+    let fa = raw_http(
+        forward_addr,
+        "POST",
+        CHAT,
+        &[
+            ("content-type", "application/json"),
+            ("x-api-key", DEMO_PAID_KEY),
+            ("traceparent", &tp),
+        ],
+        BODY,
+    )
+    .await;
+    assert_eq!(fa.status, 200);
+    let received = eventually(Duration::from_secs(20), || {
+        let spans = receiver.trace(trace);
+        let done = ["tollgate.decision", "tollgate.quota", "tollgate.store"]
+            .iter()
+            .all(|n| spans.iter().any(|s| s.name == *n));
+        async move { done }
+    })
+    .await;
+    assert!(
+        received,
+        "spans received over HTTP: {:?}\nlog: {}",
+        receiver.spans(),
+        std::fs::read_to_string(&traced.log).unwrap_or_default()
+    );
+    let spans = receiver.trace(trace);
+    let root = spans
+        .iter()
+        .find(|s| s.name == "tollgate.decision")
+        .expect("decision span");
+    assert_eq!(root.parent_span_id, parent, "continues the caller's span");
+    assert_eq!(root.service, "tollgate-under-test");
+    assert!(receiver.http_posts() > 0, "spans came over OTLP/HTTP");
 }
 
 #[tokio::test]

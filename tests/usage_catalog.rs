@@ -300,11 +300,12 @@ limit = 3
         support::report_usage(&tg, "r1", 100, 50).await,
         tollgate::proto::report_usage_response::Result::Settled as i32
     );
-    // What was charged, per rule and unit, with a bounded model label.
+    // What was charged, per rule and unit, with bounded model, tenant and
+    // tier labels.
     let metrics = support::metrics_text(tg.admin).await;
     for sample in [
-        r#"tollgate_usage_charged_total{rule="key-tokens",unit="tokens",model="llama-3-8b"}"#,
-        r#"tollgate_usage_charged_total{rule="tenant-usd",unit="usd_micros",model="llama-3-8b"}"#,
+        r#"tollgate_usage_charged_total{rule="key-tokens",unit="tokens",model="llama-3-8b",tenant="acme",tier="paid"}"#,
+        r#"tollgate_usage_charged_total{rule="tenant-usd",unit="usd_micros",model="llama-3-8b",tenant="acme",tier="paid"}"#,
     ] {
         let want = if sample.contains("usd") { 200.0 } else { 150.0 };
         assert_eq!(

@@ -26,6 +26,12 @@
 //! and removes `content-length`, then replaces the body with the filtered
 //! JSON or event stream ([`crate::mcp::tools_list`]). This is the one place
 //! the adapter alters traffic.
+//!
+//! With the audit trail on, every response the adapter sees leaves one
+//! `api = "response"` record ([`crate::audit::ResponseFacts`]): the
+//! upstream's status and the SHA-256 and size of the body as the upstream
+//! sent it — never the body — joined to the request's decision and
+//! settlement records by `request_id`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,6 +47,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest,
     ProcessingResponse, TrailersResponse,
 };
+use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -89,6 +96,15 @@ struct Exchange {
     sse: bool,
     /// The tool-call check of an allowed LLM request (`[agents.tools]`).
     tools: Option<super::tool_calls::ToolCalls>,
+    /// The response body's running hash, while the audit trail is on.
+    response: Option<ResponseDigest>,
+}
+
+/// What the audit record of a response needs, gathered chunk by chunk.
+struct ResponseDigest {
+    status: u16,
+    hasher: Sha256,
+    bytes: u64,
 }
 
 impl Exchange {
@@ -106,6 +122,51 @@ impl Exchange {
             .map(UsageReader::finish)
             .unwrap_or_default();
         self.settle(engine, seen, "cut_short").await;
+    }
+
+    /// The response's headers arrived: starts hashing its body when the
+    /// audit trail is on (and records it now if it has no body).
+    fn response_started(&mut self, engine: &Engine, status: u16, end_of_stream: bool) {
+        if engine.audit().is_none() {
+            return;
+        }
+        self.response = Some(ResponseDigest {
+            status,
+            hasher: Sha256::new(),
+            bytes: 0,
+        });
+        if end_of_stream {
+            self.response_ended(engine, true);
+        }
+    }
+
+    /// A body chunk, as the upstream sent it.
+    fn response_chunk(&mut self, engine: &Engine, chunk: &[u8], end_of_stream: bool) {
+        if let Some(digest) = self.response.as_mut() {
+            digest.hasher.update(chunk);
+            digest.bytes += chunk.len() as u64;
+        }
+        if end_of_stream {
+            self.response_ended(engine, true);
+        }
+    }
+
+    /// Sends the response's audit record (once).
+    fn response_ended(&mut self, engine: &Engine, complete: bool) {
+        let (Some(digest), Some(trail)) = (self.response.take(), engine.audit()) else {
+            return;
+        };
+        let Some(id) = self.request_id.as_deref() else {
+            return;
+        };
+        let facts = crate::audit::ResponseFacts {
+            status: digest.status,
+            body_sha256: (digest.bytes > 0).then(|| hex::encode(digest.hasher.finalize())),
+            body_bytes: digest.bytes,
+            complete,
+        };
+        let version = engine.policies().snapshot().version.clone();
+        trail.submit(crate::audit::AuditRecord::response(id, version, facts));
     }
 
     async fn settle(&mut self, engine: &Engine, observed: Observed, how: &'static str) {
@@ -166,6 +227,7 @@ impl ExternalProcessor for ExtProc {
                     // The stream ended or broke before the body did: the
                     // client went away or Envoy gave up. Settle what was seen.
                     Some(Err(_)) | None => {
+                        x.response_ended(&engine, false);
                         x.cut_short(&engine).await;
                         return;
                     }
@@ -205,6 +267,7 @@ impl ExternalProcessor for ExtProc {
                         let status = header(h.headers.as_ref(), ":status")
                             .and_then(|s| s.parse::<u16>().ok())
                             .unwrap_or(0);
+                        x.response_started(&engine, status, h.end_of_stream);
                         if !(200..300).contains(&status) || h.end_of_stream {
                             // An error or an empty answer lists no tools.
                             x.filter = None;
@@ -231,6 +294,7 @@ impl ExternalProcessor for ExtProc {
                         }
                     }
                     Some(In::ResponseBody(b)) if x.mcp => {
+                        x.response_chunk(&engine, &b.body, b.end_of_stream);
                         let body_mutation = match x.filter.take() {
                             Some(keep) => {
                                 let filtered = if x.sse {
@@ -256,6 +320,7 @@ impl ExternalProcessor for ExtProc {
                         let status = header(h.headers.as_ref(), ":status")
                             .and_then(|s| s.parse::<u16>().ok())
                             .unwrap_or(0);
+                        x.response_started(&engine, status, h.end_of_stream);
                         x.failed = !(200..300).contains(&status);
                         x.reader = Some(UsageReader::new(
                             header(h.headers.as_ref(), "content-type").as_deref(),
@@ -294,6 +359,7 @@ impl ExternalProcessor for ExtProc {
                         }
                     }
                     Some(In::ResponseBody(b)) => {
+                        x.response_chunk(&engine, &b.body, b.end_of_stream);
                         if let Some(reader) = x.reader.as_mut() {
                             reader.feed(&b.body);
                         }
@@ -322,6 +388,7 @@ impl ExternalProcessor for ExtProc {
                         Out::RequestTrailers(TrailersResponse::default())
                     }
                     Some(In::ResponseTrailers(_)) => {
+                        x.response_ended(&engine, true);
                         if let Some(reader) = x.reader.take() {
                             let seen = reader.finish();
                             x.settle(&engine, seen, "response").await;
@@ -333,6 +400,7 @@ impl ExternalProcessor for ExtProc {
                 let mut answer = continue_as(reply);
                 answer.mode_override = mode_override;
                 if tx.send(Ok(answer)).await.is_err() {
+                    x.response_ended(&engine, false);
                     x.cut_short(&engine).await;
                     return;
                 }

@@ -7,7 +7,9 @@
 //! channel beside it: one hash-chained JSON line per decision
 //! ([`AuditRecord`], schema [`SCHEMA_VERSION`]), queued without blocking the
 //! decision and written by its own thread to a size-rotated file or stdout.
-//! [`verify`] checks a chain (`tollgate audit verify FILE...`).
+//! A file the writer closes ends with a [`seal`] of the chain head, signed
+//! with Ed25519 when `audit.signing_key` is set. [`verify`] checks a chain
+//! (`tollgate audit verify [--public-key PUB.pem] FILE...`).
 //!
 //! Both carry who, what, the verdict, which policies decided and the quota
 //! outcome — never a credential, a header value or a body (the trail keeps
@@ -15,15 +17,17 @@
 
 pub mod query;
 mod record;
+pub mod seal;
 pub mod suggest;
 mod trail;
 mod verify;
 
 pub use record::{
-    AuditRecord, Caller, ChainLink, McpAudit, QuotaOutcome, SCHEMA_VERSION, UsageFacts,
+    AuditRecord, Caller, ChainLink, McpAudit, QuotaOutcome, ResponseFacts, SCHEMA_VERSION,
+    UsageFacts,
 };
 pub use trail::{AuditConfig, AuditError, AuditSink, AuditTrail};
-pub use verify::{GENESIS, VerifyError, VerifyReport, verify};
+pub use verify::{GENESIS, VerifyError, VerifyReport, verify, verify_with};
 
 use std::time::Duration;
 

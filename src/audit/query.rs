@@ -99,7 +99,11 @@ pub fn read(files: &[PathBuf], window: Window) -> Result<(Vec<Row>, usize), Quer
             path: path.clone(),
             source,
         })?;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        // Seals close files; they are not records.
+        for line in text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with(super::seal::SEAL_PREFIX))
+        {
             let Ok(mut row) = serde_json::from_str::<Row>(line) else {
                 skipped += 1;
                 continue;

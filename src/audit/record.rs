@@ -81,6 +81,22 @@ pub struct UsageFacts {
     pub result: &'static str,
 }
 
+/// What the upstream answered, as Envoy's ext_proc showed it (`api =
+/// response`): the body's hash and size, never its content.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ResponseFacts {
+    /// The upstream's HTTP status (`:status`); 0 when it was not readable.
+    pub status: u16,
+    /// Lowercase hex SHA-256 of the response body as the upstream sent it
+    /// (before any change Tollgate makes, such as `tools/list` filtering);
+    /// `null` without a body.
+    pub body_sha256: Option<String>,
+    pub body_bytes: u64,
+    /// False when the stream ended before the body did (the client went
+    /// away): the hash covers what was seen.
+    pub complete: bool,
+}
+
 /// One audit record, before the writer chains it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -139,6 +155,9 @@ pub struct AuditRecord {
     /// context (`agent`) and the service that carried the principal's token
     /// (`via`); `null` when the principal acted alone.
     pub caller_chain: Option<Vec<ChainLink>>,
+    /// The upstream's answer (`api = response` only); joined to the
+    /// decision and the settlement by `request_id`.
+    pub response: Option<ResponseFacts>,
 }
 
 impl AuditRecord {
@@ -210,7 +229,25 @@ impl AuditRecord {
                 argument_sha256: facts.argument_sha256.clone(),
             }),
             caller_chain: (chain.len() > 1).then_some(chain),
+            response: None,
         }
+    }
+
+    /// The record of the upstream's answer to request `request_id`
+    /// (`decision = "response"`, `reason` `complete` or `cut_short`).
+    pub fn response(request_id: &str, policy_version: String, facts: ResponseFacts) -> Self {
+        let decision = Decision::early(request_id.to_string(), Outcome::Allow, policy_version);
+        let mut record = Self::of(&decision, &HttpRequest::default(), Duration::ZERO);
+        record.api = "response";
+        record.decision = "response";
+        record.reason = if facts.complete {
+            "complete"
+        } else {
+            "cut_short"
+        };
+        record.status = facts.status;
+        record.response = Some(facts);
+        record
     }
 }
 

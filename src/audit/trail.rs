@@ -14,6 +14,10 @@
 //! runs across rotated files: the first line of a new file links to the
 //! last line of the one rotated away, and a restart continues from the last
 //! line of the existing file.
+//!
+//! A file the writer closes — rotated away, or at shutdown — ends with a
+//! seal ([`super::seal`]): the chain head and the number of records since
+//! the previous seal, signed when `audit.signing_key` is set.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -27,6 +31,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::record::AuditRecord;
+use super::seal::{SEAL_PREFIX, SEAL_ROOM, Seal, SealKey};
 use super::verify::GENESIS;
 
 /// Where records go.
@@ -57,6 +62,11 @@ pub struct AuditConfig {
     /// (aligned to the Unix epoch: 86400 rotates at midnight UTC); 0 = size
     /// only.
     pub rotate_secs: u64,
+    /// Ed25519 private key (PKCS#8 PEM, `openssl genpkey -algorithm
+    /// ed25519`) that signs the seal written when a file is closed; unset:
+    /// seals are hashed, not signed. Relative to the config file's
+    /// directory. Keep it readable by Tollgate only.
+    pub signing_key: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -68,6 +78,7 @@ impl Default for AuditConfig {
             max_bytes: 64 * 1024 * 1024,
             queue: 10_000,
             rotate_secs: 0,
+            signing_key: None,
         }
     }
 }
@@ -86,6 +97,8 @@ pub enum AuditError {
     Bounds,
     #[error("cannot start the audit writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("audit.signing_key {0}")]
+    Key(#[from] super::seal::KeyError),
 }
 
 /// Counters the trail keeps (also exported as metrics).
@@ -94,6 +107,8 @@ struct Counts {
     written: AtomicU64,
     dropped: AtomicU64,
     failed: AtomicU64,
+    /// The last write failed (cleared by the next good one).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// A running audit trail.
@@ -105,8 +120,9 @@ pub struct AuditTrail {
 }
 
 impl AuditTrail {
-    /// Opens the sink (so an unwritable path refuses start-up) and starts
-    /// the writer thread.
+    /// Opens the sink (so an unwritable path refuses start-up), reads the
+    /// signing key (`config.signing_key`, already resolved) and starts the
+    /// writer thread.
     pub fn start(
         config: &AuditConfig,
         path: &Path,
@@ -115,9 +131,14 @@ impl AuditTrail {
         if config.queue == 0 || config.max_bytes < 4096 {
             return Err(AuditError::Bounds);
         }
+        let key = config
+            .signing_key
+            .as_deref()
+            .map(SealKey::load)
+            .transpose()?;
         let sink = match config.sink {
             AuditSink::Stdout => Sink::Stdout,
-            AuditSink::File => Sink::open(path, config.max_bytes, config.rotate_secs)?,
+            AuditSink::File => Sink::open(path, config.max_bytes, config.rotate_secs, key)?,
         };
         let (sender, receiver) = std::sync::mpsc::sync_channel(config.queue);
         let counts = std::sync::Arc::new(Counts::default());
@@ -171,6 +192,12 @@ impl AuditTrail {
         self.counts.failed.load(Ordering::Relaxed)
     }
 
+    /// Whether the last record the writer handled failed to be written (a
+    /// full disk, a path removed after start-up); `/readyz` reports it.
+    pub fn failing(&self) -> bool {
+        self.counts.failing.load(Ordering::Relaxed)
+    }
+
     /// Stops taking records, writes what is queued, flushes and waits for
     /// the writer. Blocking; idempotent.
     pub fn close(&self) {
@@ -198,6 +225,15 @@ struct Chain {
     prev: String,
 }
 
+impl Chain {
+    fn genesis() -> Self {
+        Self {
+            seq: 0,
+            prev: GENESIS.to_string(),
+        }
+    }
+}
+
 enum Sink {
     Stdout,
     File {
@@ -209,6 +245,9 @@ enum Sink {
         /// `audit.rotate_secs` (0: off) and the period the file belongs to.
         rotate_secs: u64,
         period: u64,
+        /// Records written since the last seal (0: the file ends sealed).
+        unsealed: u64,
+        key: Option<SealKey>,
     },
 }
 
@@ -221,7 +260,12 @@ fn period_of(at: std::time::SystemTime, rotate_secs: u64) -> u64 {
 }
 
 impl Sink {
-    fn open(path: &Path, max_bytes: u64, rotate_secs: u64) -> Result<Self, AuditError> {
+    fn open(
+        path: &Path,
+        max_bytes: u64,
+        rotate_secs: u64,
+        key: Option<SealKey>,
+    ) -> Result<Self, AuditError> {
         let err = |source| AuditError::Open {
             path: path.to_path_buf(),
             source,
@@ -241,10 +285,12 @@ impl Sink {
             .is_file()
             .then(|| last_link(path))
             .flatten()
-            .unwrap_or(Chain {
-                seq: 0,
-                prev: GENESIS.to_string(),
-            });
+            .unwrap_or_else(Chain::genesis);
+        let unsealed = if meta.is_file() {
+            records_since_seal(path)
+        } else {
+            0
+        };
         // A file left by an earlier run belongs to the period it was last
         // written in, so a restart after the period ended rotates it.
         let written = meta
@@ -258,8 +304,22 @@ impl Sink {
             chain,
             rotate_secs,
             period: period_of(written, rotate_secs),
+            unsealed,
+            key,
         })
     }
+}
+
+/// Records after the last seal of the file at `path` (what a restart after
+/// a crash continues from). Streams the file: bounded by `max_bytes`.
+fn records_since_seal(path: &Path) -> u64 {
+    let Ok(file) = File::open(path) else {
+        return 0;
+    };
+    std::io::BufRead::lines(std::io::BufReader::new(file))
+        .map_while(Result::ok)
+        .filter(|l| !l.trim().is_empty())
+        .fold(0, |n, l| if l.starts_with(SEAL_PREFIX) { 0 } else { n + 1 })
 }
 
 /// The chain position after the last line of the file at `path`, if it
@@ -282,15 +342,15 @@ fn last_link(path: &Path) -> Option<Chain> {
 
 /// A record at its chain position, as serialized before `hash`.
 #[derive(serde::Serialize)]
-struct Linked<'a> {
+struct Linked<'a, T> {
     #[serde(flatten)]
-    record: &'a AuditRecord,
+    record: &'a T,
     seq: u64,
     prev: &'a str,
 }
 
 /// Serializes `record` at chain position `chain`: `(line, hash)`.
-fn chained(record: &AuditRecord, chain: &Chain) -> Option<(String, String)> {
+fn chained<T: serde::Serialize>(record: &T, chain: &Chain) -> Option<(String, String)> {
     let body = serde_json::to_string(&Linked {
         record,
         seq: chain.seq,
@@ -308,10 +368,7 @@ fn write_loop(
     counts: &Counts,
     metrics: Option<&crate::metrics::Metrics>,
 ) {
-    let mut stdout_chain = Chain {
-        seq: 0,
-        prev: GENESIS.to_string(),
-    };
+    let mut stdout_chain = Chain::genesis();
     let note = |result: &'static str| {
         if let Some(m) = metrics {
             m.audit_record(result);
@@ -320,35 +377,85 @@ fn write_loop(
     // Blocks for the first record of a batch, then takes what is queued and
     // flushes once the queue is empty: one write per burst, and nothing left
     // in the buffer while idle.
+    // A record counts as written once the flush after its burst succeeded:
+    // a buffered line is not on disk yet (a full disk fails at the flush).
+    let count = |n: u64, ok: bool| {
+        let (counter, result) = if ok {
+            (&counts.written, "written")
+        } else {
+            (&counts.failed, "failed")
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        for _ in 0..n {
+            note(result);
+        }
+    };
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
+        let (mut buffered, mut failing) = (0, false);
         while let Some(record) = next.take() {
             let ok = match &mut sink {
                 Sink::Stdout => write_stdout(&record, &mut stdout_chain),
                 Sink::File { .. } => write_file(&mut sink, &record),
             };
             if ok {
-                counts.written.fetch_add(1, Ordering::Relaxed);
-                note("written");
+                buffered += 1;
             } else {
-                counts.failed.fetch_add(1, Ordering::Relaxed);
-                note("failed");
+                count(1, false);
             }
+            failing = !ok;
             next = receiver.try_recv().ok();
         }
-        flush(&mut sink);
+        let flushed = flush(&mut sink);
+        count(buffered, flushed);
+        counts.failing.store(failing || !flushed, Ordering::Relaxed);
     }
-    flush(&mut sink);
+    if let Err(e) = seal(&mut sink, "shutdown") {
+        tracing::warn!(error = %e, "audit file not sealed at shutdown");
+    }
+    if !flush(&mut sink) {
+        counts.failing.store(true, Ordering::Relaxed);
+    }
 }
 
-fn flush(sink: &mut Sink) {
+/// Ends the file with a seal of the chain head, when records follow the
+/// last one.
+fn seal(sink: &mut Sink, reason: &'static str) -> std::io::Result<()> {
+    let Sink::File {
+        out,
+        size,
+        chain,
+        unsealed,
+        key,
+        ..
+    } = sink
+    else {
+        return Ok(());
+    };
+    if *unsealed == 0 {
+        return Ok(());
+    }
+    let seal = Seal::new(chain.seq, &chain.prev, *unsealed, reason, key.as_ref());
+    let (line, hash) = chained(&seal, chain)
+        .ok_or_else(|| std::io::Error::other("the seal could not be serialized"))?;
+    writeln!(out, "{line}")?;
+    *size += line.len() as u64 + 1;
+    *unsealed = 0;
+    chain.seq += 1;
+    chain.prev = hash;
+    Ok(())
+}
+
+/// Flushes the sink; false (and a warning) when it failed.
+fn flush(sink: &mut Sink) -> bool {
     let result = match sink {
         Sink::Stdout => std::io::stdout().flush(),
         Sink::File { out, .. } => out.flush(),
     };
-    if let Err(e) = result {
+    if let Err(e) = &result {
         tracing::warn!(error = %e, "audit sink flush failed");
     }
+    result.is_ok()
 }
 
 fn write_stdout(record: &AuditRecord, chain: &mut Chain) -> bool {
@@ -366,13 +473,45 @@ fn write_stdout(record: &AuditRecord, chain: &mut Chain) -> bool {
 
 fn write_file(sink: &mut Sink, record: &AuditRecord) -> bool {
     let Sink::File {
-        path,
-        out,
         size,
         max_bytes,
         chain,
         rotate_secs,
         period,
+        ..
+    } = sink
+    else {
+        return false;
+    };
+    // A record is far shorter than 1 MiB; its length decides rotation
+    // before the seal moves the chain on.
+    let Some((line, _)) = chained(record, chain) else {
+        return false;
+    };
+    let len = line.len() as u64 + 1;
+    let now = period_of(std::time::SystemTime::now(), *rotate_secs);
+    let period_ended = std::mem::replace(period, now) != now;
+    // Room is kept for the seal the rotation writes.
+    if *size > 0 && (*size + len + SEAL_ROOM > *max_bytes || period_ended) {
+        let rotated = seal(sink, "rotation").and_then(|()| match sink {
+            Sink::File { path, out, .. } => rotate(path, out),
+            Sink::Stdout => Ok(()),
+        });
+        match rotated {
+            Ok(()) => {
+                if let Sink::File { size, .. } = sink {
+                    *size = 0;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "audit file rotation failed; still appending"),
+        }
+    }
+    let Sink::File {
+        out,
+        size,
+        chain,
+        unsealed,
+        ..
     } = sink
     else {
         return false;
@@ -380,22 +519,12 @@ fn write_file(sink: &mut Sink, record: &AuditRecord) -> bool {
     let Some((line, hash)) = chained(record, chain) else {
         return false;
     };
-    let len = line.len() as u64 + 1;
-    let now = period_of(std::time::SystemTime::now(), *rotate_secs);
-    let period_ended = std::mem::replace(period, now) != now;
-    if *size > 0 && (*size + len > *max_bytes || period_ended) {
-        match rotate(path, out) {
-            Ok(()) => *size = 0,
-            Err(e) => {
-                tracing::warn!(error = %e, path = %path.display(), "audit file rotation failed; still appending")
-            }
-        }
-    }
     if let Err(e) = writeln!(out, "{line}") {
         tracing::warn!(error = %e, "audit record not written");
         return false;
     }
-    *size += len;
+    *size += line.len() as u64 + 1;
+    *unsealed += 1;
     chain.seq += 1;
     chain.prev = hash;
     true

@@ -9,13 +9,25 @@
 //! checked links to [`GENESIS`] when its `seq` is 0; a later `seq` means the
 //! chain continues from a file not given, which is reported, not refused.
 //!
-//! Removing lines at the very end cannot be seen from the file alone: keep
-//! the chain head ([`VerifyReport::head`]) elsewhere to detect truncation.
+//! Seals ([`super::seal`]) are checked as they come: a seal's `records`
+//! must be the number of records since the previous seal, and with a public
+//! key ([`verify_with`]) every seal must carry a valid signature and every
+//! file but the last must end with one (rotation always seals the file it
+//! closes), so removing lines at the end of a rotated file, or rewriting and
+//! re-hashing the chain, is detected.
+//!
+//! Removing lines at the very end of the last file cannot be seen from the
+//! files alone: keep the chain head ([`VerifyReport::head`]) elsewhere, or
+//! rely on the seal written at shutdown ([`VerifyReport::unsealed`] counts
+//! the records after the last seal).
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
+use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
+
+use super::seal::ReadSeal;
 
 /// The `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -26,8 +38,16 @@ const HASH_TAIL: usize = 9 + 64 + 2;
 /// An intact chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
+    /// Records (seals not included).
     pub records: u64,
     pub files: usize,
+    /// Seal lines checked, and how many of them had their signature checked
+    /// against the public key.
+    pub seals: u64,
+    pub signed: u64,
+    /// Records after the last seal (written since the last rotation or
+    /// shutdown; not yet covered by a seal).
+    pub unsealed: u64,
     /// `seq` of the first record (0 when the chain starts at genesis).
     pub first_seq: Option<u64>,
     /// `hash` of the last record: the chain head to keep elsewhere.
@@ -61,6 +81,7 @@ struct Parsed {
     seq: u64,
     prev: String,
     hash: String,
+    seal: Option<ReadSeal>,
 }
 
 fn parse(line: &str) -> Result<Parsed, String> {
@@ -90,30 +111,69 @@ fn parse(line: &str) -> Result<Parsed, String> {
         seq,
         prev,
         hash: hash.to_string(),
+        seal: ReadSeal::of(&value),
     })
 }
 
-/// Verifies `files` as one chain.
+/// Verifies `files` as one chain, seals hashed but signatures unchecked.
 pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
+    verify_with(files, None)
+}
+
+/// Verifies `files` as one chain; with `key`, every seal's signature too,
+/// and that every file but the last ends with a seal.
+pub fn verify_with(
+    files: &[PathBuf],
+    key: Option<&VerifyingKey>,
+) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
         records: 0,
         files: files.len(),
+        seals: 0,
+        signed: 0,
+        unsealed: 0,
         first_seq: None,
         head: None,
     };
-    let mut last: Option<(u64, String)> = None;
-    for path in files {
-        verify_file(path, &mut last, &mut report)?;
+    let mut state = State::default();
+    for (i, path) in files.iter().enumerate() {
+        let lines = verify_file(path, key, &mut state, &mut report)?;
+        let ends_sealed = state.last_was_seal;
+        if key.is_some() && i + 1 < files.len() && !ends_sealed {
+            return Err(VerifyError::BadLine {
+                path: path.clone(),
+                line: lines.max(1),
+                problem: "the file ends without a seal, but a rotated file always ends with one: lines at its end were removed (or the files are out of order)".into(),
+            });
+        }
     }
-    report.head = last.map(|(_, h)| h);
+    report.head = state.last.map(|(_, h)| h);
+    report.unsealed = state.since_seal;
     Ok(report)
 }
 
+/// Where the walk along the chain is.
+#[derive(Default)]
+struct State {
+    /// `(seq, hash)` of the previous line.
+    last: Option<(u64, String)>,
+    /// Records since the previous seal.
+    since_seal: u64,
+    /// A seal was seen, so `since_seal` counts from one (a chain given from
+    /// the middle, or written before seals existed, cannot be counted).
+    anchored: bool,
+    last_was_seal: bool,
+}
+
+/// Checks one file; returns its number of lines.
 fn verify_file(
     path: &Path,
-    last: &mut Option<(u64, String)>,
+    key: Option<&VerifyingKey>,
+    state: &mut State,
     report: &mut VerifyReport,
-) -> Result<(), VerifyError> {
+) -> Result<usize, VerifyError> {
+    let last = &mut state.last;
+    let mut count = 0;
     let read_err = |source| VerifyError::Read {
         path: path.to_path_buf(),
         source,
@@ -148,8 +208,30 @@ fn verify_file(
                 }
             }
         }
-        report.records += 1;
+        state.last_was_seal = parsed.seal.is_some();
+        match &parsed.seal {
+            None => {
+                report.records += 1;
+                state.since_seal += 1;
+            }
+            Some(seal) => {
+                if state.anchored && seal.records != state.since_seal {
+                    return Err(bad(format!(
+                        "the seal covers {} records but {} follow the previous seal: records were removed or added",
+                        seal.records, state.since_seal
+                    )));
+                }
+                if let Some(key) = key {
+                    seal.check(parsed.seq, &parsed.prev, key).map_err(bad)?;
+                    report.signed += 1;
+                }
+                report.seals += 1;
+                state.since_seal = 0;
+                state.anchored = true;
+            }
+        }
         *last = Some((parsed.seq, parsed.hash));
+        count = index + 1;
     }
-    Ok(())
+    Ok(count)
 }

@@ -137,6 +137,10 @@ pub enum AuditCommand {
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Ed25519 public key (SPKI PEM) of `audit.signing_key`: every
+        /// seal must be signed by it and every file but the last sealed.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
     },
     /// Answer a common question from audit files: denials (who was denied
     /// and why), spenders (top spenders), deny-policies (which policies
@@ -251,16 +255,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { files },
+            command: AuditCommand::Verify { files, public_key },
         } => {
-            let report = crate::audit::verify(&files)?;
+            let key = public_key
+                .as_deref()
+                .map(crate::audit::seal::load_public_key)
+                .transpose()?;
+            let report = crate::audit::verify_with(&files, key.as_ref())?;
             println!(
-                "ok: {} records in {} files, seq {}..; chain head {}",
+                "ok: {} records in {} files, seq {}..; chain head {}; {} seals ({} signatures checked); {} records after the last seal",
                 report.records,
                 report.files,
                 report.first_seq.unwrap_or(0),
-                report.head.as_deref().unwrap_or("-")
+                report.head.as_deref().unwrap_or("-"),
+                report.seals,
+                report.signed,
+                report.unsealed,
             );
+            if let Some(seq) = report.first_seq.filter(|&s| s > 0) {
+                eprintln!(
+                    "warning: the chain starts at seq {seq}, not at genesis: the files before it were not given (archived or removed)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {

@@ -69,8 +69,12 @@ impl Engine {
         let reserving = plans
             .iter()
             .any(|p| p.measure.is_usage() || p.measure == Cost::Concurrent);
-        let reservation =
-            reserving.then(|| self.reservation_of(&decision.request_id, &plans, &estimate));
+        let labels = crate::quota::reserve::UsageLabels {
+            tenant: principal.tenant.clone(),
+            tier: principal.tier.clone(),
+        };
+        let reservation = reserving
+            .then(|| self.reservation_of(&decision.request_id, &plans, &estimate, &labels));
         let answer = match &reservation {
             None => self.quota.charge(&plans).await,
             Some(r) => match self.quota.reserve(&plans, r).await {
@@ -149,6 +153,7 @@ impl Engine {
         request_id: &str,
         plans: &[Planned],
         estimate: &crate::usage::Estimate,
+        labels: &crate::quota::reserve::UsageLabels,
     ) -> Reservation {
         let (slots, charges): (Vec<&Planned>, Vec<&Planned>) =
             plans.iter().partition(|p| p.measure == Cost::Concurrent);
@@ -182,6 +187,7 @@ impl Engine {
                 })
                 .collect(),
             model: estimate.model.clone(),
+            labels: labels.clone(),
             price: self.prices.price(estimate.model.as_deref()).copied(),
             input_estimate: estimate.input_tokens,
             ttl: self.reservation_ttl,
@@ -455,7 +461,12 @@ impl Engine {
                 Cost::Usd => "usd_micros",
                 other => other.name(),
             };
-            self.metrics.usage_charged(&c.rule, unit, model, c.amount);
+            let labels = (
+                report.labels.tenant.as_deref(),
+                report.labels.tier.as_deref(),
+            );
+            self.metrics
+                .usage_charged(&c.rule, unit, model, labels, c.amount);
         }
         for rule in &report.released {
             self.metrics.concurrency_released(rule);

@@ -104,6 +104,7 @@ struct Part {
     entries: Vec<(CounterKey, u64, u64, super::reserve::Budget)>,
     slots: Vec<(CounterKey, String)>,
     model: Option<String>,
+    labels: super::reserve::UsageLabels,
     price: Option<crate::usage::Price>,
     input_estimate: Option<u64>,
     deadline: u64,
@@ -395,6 +396,7 @@ impl QuotaStore for MemoryStore {
                             .map(|s| (s.key.clone(), s.rule.clone()))
                             .collect(),
                         model: r.model.clone(),
+                        labels: r.labels.clone(),
                         price: r.price,
                         input_estimate: r.input_estimate,
                         deadline,
@@ -577,6 +579,7 @@ impl MemoryStore {
         SettleReport {
             settled: Settled::Now,
             model: part.model.clone(),
+            labels: part.labels.clone(),
             charged,
             released,
             usage,

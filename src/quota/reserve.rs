@@ -97,6 +97,10 @@ pub struct Reservation {
     pub budgets: Vec<Option<Budget>>,
     pub slots: Vec<Slot>,
     pub model: Option<String>,
+    /// The caller's tenant and tier (the labels of the settled-usage
+    /// metric), kept with the reservation so any replica that settles it
+    /// can count them.
+    pub labels: UsageLabels,
     /// The model's price when admitted (dollar budgets settle with it).
     pub price: Option<Price>,
     /// Input tokens estimated at admission: settlement uses them when the
@@ -104,6 +108,14 @@ pub struct Reservation {
     pub input_estimate: Option<u64>,
     /// How long the reservation waits to be settled.
     pub ttl: Duration,
+}
+
+/// The caller's tenant and tier, as metric labels (bounded in
+/// [`crate::metrics`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageLabels {
+    pub tenant: Option<String>,
+    pub tier: Option<String>,
 }
 
 impl Reservation {
@@ -179,6 +191,8 @@ pub struct Charged {
 pub struct SettleReport {
     pub settled: Settled,
     pub model: Option<String>,
+    /// The labels kept at reserve.
+    pub labels: UsageLabels,
     /// What each budget was charged in the end (empty unless `Now`).
     pub charged: Vec<Charged>,
     /// Concurrency slots released (their rules).
@@ -193,6 +207,7 @@ impl SettleReport {
         Self {
             settled,
             model: None,
+            labels: UsageLabels::default(),
             charged: Vec::new(),
             released: Vec::new(),
             usage: TokenUsage::default(),
@@ -263,6 +278,12 @@ pub fn settled_amount(
 pub struct StoredPart {
     /// Model.
     pub m: String,
+    /// Tenant label ("" when none; absent in parts stored before it).
+    #[serde(default)]
+    pub t: String,
+    /// Tier label ("" when none).
+    #[serde(default)]
+    pub g: String,
     /// Input estimate, -1 when unknown.
     pub i: i64,
     /// Price: input, output, cached (-1: the input price), above (-1:

@@ -232,6 +232,32 @@ pub async fn start_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     serve_axum(app).await
 }
 
+/// The lines of the text file at `path` (an audit trail, say).
+pub fn file_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A deny audit record for request `r-{i}` (GET /v1/models), for trail
+/// tests that write records directly.
+pub fn audit_record(i: usize) -> tollgate::audit::AuditRecord {
+    use tollgate::decision::{Decision, Outcome, Reason};
+    let decision = Decision::early(
+        format!("r-{i}"),
+        Outcome::Forbidden(Reason::PolicyDenied),
+        "v1".into(),
+    );
+    let request = tollgate::request::HttpRequest {
+        method: "GET".into(),
+        raw_path: "/v1/models".into(),
+        ..Default::default()
+    };
+    tollgate::audit::AuditRecord::of(&decision, &request, Duration::ZERO)
+}
+
 /// Serves `app` on a free loopback port until the task is aborted.
 pub async fn serve_axum(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -762,6 +788,7 @@ impl Drop for Sentinel {
     }
 }
 
+pub mod gateway;
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
 pub mod mcp;
@@ -1106,60 +1133,6 @@ impl Nginx {
     /// The error log's contents, for assertion messages.
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-    }
-}
-
-/// A real Caddy (Debian package `caddy`; `$CADDY_BIN` overrides) serving a
-/// Caddyfile, in its own temporary config and data directories; killed on drop.
-pub struct Caddy {
-    child: Child,
-    pub listener: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Caddy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Caddy {
-    /// Starts Caddy on `caddyfile`, whose site listens on `listen`, and
-    /// waits until it accepts connections.
-    pub async fn run(caddyfile: &str, listen: u16) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("Caddyfile");
-        std::fs::write(&path, caddyfile).expect("write Caddyfile");
-        let log = std::fs::File::create(dir.path().join("caddy.log")).expect("log");
-        let bin =
-            std::env::var_os("CADDY_BIN").map_or_else(|| PathBuf::from("caddy"), PathBuf::from);
-        let child = Command::new(bin)
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&path)
-            .env("XDG_DATA_HOME", dir.path())
-            .env("XDG_CONFIG_HOME", dir.path())
-            .env("HOME", dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn caddy (Debian package caddy)");
-        let caddy = Self {
-            child,
-            listener: SocketAddr::from(([127, 0, 0, 1], listen)),
-            dir,
-        };
-        assert!(
-            wait_listening(caddy.listener).await,
-            "caddy did not start: {}",
-            caddy.log()
-        );
-        caddy
-    }
-
-    /// Caddy's log so far, for assertion messages.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default()
     }
 }
 

@@ -1,6 +1,6 @@
-//! A real OTLP/gRPC trace receiver on a free loopback port: the collector
-//! side of `opentelemetry.proto.collector.trace.v1.TraceService`, keeping
-//! every span it is sent.
+//! A real OTLP trace receiver on a free loopback port, over gRPC (the
+//! collector side of `opentelemetry.proto.collector.trace.v1.TraceService`)
+//! or HTTP (`POST /v1/traces`, protobuf), keeping every span it is sent.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -27,16 +27,15 @@ pub struct ReceivedSpan {
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    /// OTLP/HTTP export requests taken.
+    posts: Arc<Mutex<u64>>,
 }
 
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+impl Collector {
+    /// Keeps the spans of one export request.
+    fn keep(&self, request: ExportTraceServiceRequest) {
         let mut received = Vec::new();
-        for resource in request.into_inner().resource_spans {
+        for resource in request.resource_spans {
             let service = resource
                 .resource
                 .iter()
@@ -61,10 +60,62 @@ impl TraceService for Collector {
             }
         }
         self.spans.lock().expect("spans").extend(received);
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.keep(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
     }
+}
+
+/// OTLP/HTTP: `POST /v1/traces` with an `application/x-protobuf`
+/// `ExportTraceServiceRequest`, answered with an encoded
+/// `ExportTraceServiceResponse`.
+async fn http_export(
+    axum::extract::State(collector): axum::extract::State<Collector>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, &'static str); 1],
+    Vec<u8>,
+) {
+    use prost::Message;
+    let protobuf = headers
+        .get("content-type")
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/x-protobuf"));
+    let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            [("content-type", "text/plain")],
+            b"not an ExportTraceServiceRequest".to_vec(),
+        );
+    };
+    if !protobuf {
+        return (
+            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            [("content-type", "text/plain")],
+            b"want application/x-protobuf".to_vec(),
+        );
+    }
+    collector.keep(request);
+    *collector.posts.lock().expect("posts") += 1;
+    let answer = ExportTraceServiceResponse {
+        partial_success: None,
+    };
+    (
+        axum::http::StatusCode::OK,
+        [("content-type", "application/x-protobuf")],
+        answer.encode_to_vec(),
+    )
 }
 
 /// The running receiver; stops when dropped.
@@ -94,6 +145,25 @@ impl OtlpReceiver {
             collector,
             task,
         }
+    }
+
+    /// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) instead.
+    pub async fn start_http() -> Self {
+        let collector = Collector::default();
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(http_export))
+            .with_state(collector.clone());
+        let (addr, task) = super::serve_axum(app).await;
+        Self {
+            addr,
+            collector,
+            task,
+        }
+    }
+
+    /// OTLP/HTTP export requests the receiver took.
+    pub fn http_posts(&self) -> u64 {
+        *self.collector.posts.lock().expect("posts")
     }
 
     /// `http://127.0.0.1:PORT`, for `tracing.otlp_endpoint`.

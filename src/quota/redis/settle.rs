@@ -55,7 +55,8 @@ local function amount(c, input, output, cached, p, reserved)
   return reserved
 end
 -- how: 0 by usage, 1 release, 2 keep, 3 TTL fate (per entry).
--- Returns nil when no reservation is kept, else {input, model, rule, code,
+-- Returns nil when no reservation is kept, else {input, model, tenant, tier,
+-- rule, code,
 -- amount, ..., '|', slot rule, ...}.
 local function settle_part(pkey, how, input, output, cached)
   local raw = redis.call('GET', pkey)
@@ -63,7 +64,7 @@ local function settle_part(pkey, how, input, output, cached)
   local part = cjson.decode(raw)
   if input < 0 then input = part.i end
   if input < 0 then input = 0 end
-  local out = {input, part.m}
+  local out = {input, part.m, part.t or '', part.g or ''}
   for _, e in ipairs(part.e) do
     local actual
     if how == 1 then actual = 0
@@ -206,7 +207,7 @@ pub const SETTLE_LUA: &str = concat!(
 -- KEYS: reservation, marker, index. ARGV: nonce, base, request hash, how
 --   (0 usage, 1 release, 2 keep), input (-1: the estimate), output, cached,
 --   marker ttl ms, sweep limit.
--- Returns {nonce, 1, input, model, rule, code, amount, ..., '|', slot rule,
+-- Returns {nonce, 1, input, model, tenant, tier, rule, code, amount, ..., '|', slot rule,
 --   ...} when settled now, {nonce, 0} when settled before (or by its TTL),
 --   {nonce, -1} when no reservation is kept.
 sweep(ARGV[2], now, tonumber(ARGV[9]))
@@ -351,6 +352,8 @@ impl RedisStore {
         }
         let part = StoredPart {
             m: r.model.clone().unwrap_or_default(),
+            t: r.labels.tenant.clone().unwrap_or_default(),
+            g: r.labels.tier.clone().unwrap_or_default(),
             i: r.input_estimate
                 .and_then(|i| i64::try_from(i).ok())
                 .unwrap_or(-1),
@@ -476,9 +479,13 @@ impl RedisStore {
         }
         let input = u64::try_from(int(out.get(1)).ok_or_else(unexpected)?).unwrap_or(0);
         let model = text(out.get(2)).filter(|m| !m.is_empty());
+        let labels = crate::quota::reserve::UsageLabels {
+            tenant: text(out.get(3)).filter(|t| !t.is_empty()),
+            tier: text(out.get(4)).filter(|t| !t.is_empty()),
+        };
         let mut charged = Vec::new();
         let mut released = Vec::new();
-        let mut rest = out[3..].iter();
+        let mut rest = out.get(5..).unwrap_or_default().iter();
         while let Some(v) = rest.next() {
             let rule = text(Some(v)).ok_or_else(unexpected)?;
             if rule == "|" {
@@ -500,6 +507,7 @@ impl RedisStore {
         Ok(SettleReport {
             settled: Settled::Now,
             model,
+            labels,
             charged,
             released,
             usage: crate::usage::TokenUsage {
@@ -728,6 +736,9 @@ impl RedisStore {
                 (_, Settled::Now) => {
                     report.settled = Settled::Now;
                     report.model = one.model.or(report.model.take());
+                    if one.labels != crate::quota::reserve::UsageLabels::default() {
+                        report.labels = one.labels;
+                    }
                     report.charged.extend(one.charged);
                     report.released.extend(one.released);
                     report.usage = one.usage;
