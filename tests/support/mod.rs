@@ -417,17 +417,61 @@ impl RedisServer {
 
     /// Starts with extra `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
-        let mut s = Self {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().expect("tempdir"),
-            extra: extra.iter().map(|a| a.to_string()).collect(),
-        };
-        s.spawn();
-        s
+        // A free port can be taken by another process before redis-server
+        // binds it (and a cluster node also binds its bus port): try again
+        // on fresh ports.
+        let mut tries = 0;
+        loop {
+            let mut extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+            if extra.iter().any(|a| a == "--cluster-enabled") {
+                // The bus port is port + 10000 unless set: above 55535 that
+                // is no port at all, and it may be taken.
+                extra.extend(["--cluster-port".to_string(), free_port().to_string()]);
+            }
+            let mut s = Self {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().expect("tempdir"),
+                extra,
+            };
+            tries += 1;
+            if s.try_spawn() || tries == 5 {
+                if tries == 5 {
+                    s.wait_for_ping();
+                }
+                return s;
+            }
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 
     fn spawn(&mut self) {
+        self.launch();
+        self.wait_for_ping();
+    }
+
+    /// Launches and waits for PONG; `false` when the server exited (its
+    /// port was taken) or did not answer.
+    fn try_spawn(&mut self) -> bool {
+        self.launch();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis_cli(self.port, &["ping"]).trim() != "PONG" {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -447,6 +491,9 @@ impl RedisServer {
             .spawn()
             .expect("redis-server on PATH (scripts/test installs it)");
         self.child = Some(child);
+    }
+
+    fn wait_for_ping(&self) {
         let port = self.port;
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis_cli(port, &["ping"]).trim() != "PONG" {
