@@ -128,6 +128,28 @@ async fn all_or_nothing(store: Arc<dyn QuotaStore>) {
     );
 }
 
+/// One counter charged twice in one call: the second charge sees the first,
+/// and a refusal takes back both.
+async fn one_counter_twice_in_one_call(store: Arc<dyn QuotaStore>) {
+    let k = key("twice", "g");
+    let r = store
+        .charge(&[charge(&k, 3, 2), charge(&k, 3, 2)])
+        .await
+        .expect("charge");
+    assert!(!r.applied && u(&r, 0).fits && !u(&r, 1).fits);
+    assert_eq!(
+        used(&*store, &k).await,
+        0,
+        "a refused call consumes nothing"
+    );
+    let r = store
+        .charge(&[charge(&k, 3, 1), charge(&k, 3, 2)])
+        .await
+        .expect("charge");
+    assert!(r.applied && u(&r, 1).fits);
+    assert_eq!(used(&*store, &k).await, 3);
+}
+
 async fn shadow_counts_but_never_blocks(store: Arc<dyn QuotaStore>) {
     let k = key("shadow", "g");
     let mut c = charge(&k, 1, 1);
@@ -418,6 +440,7 @@ macro_rules! contract {
                     }
                     case!(counts_exactly_to_the_limit);
                     case!(all_or_nothing);
+                    case!(one_counter_twice_in_one_call);
                     case!(shadow_counts_but_never_blocks);
                     case!(zero_cost_only_checks_and_huge_cost_saturates);
                     case!(exact_under_concurrency);
