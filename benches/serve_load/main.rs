@@ -99,13 +99,17 @@ fn main() {
     let rls_floor = measure(empty.target(), rls_call);
     drop(empty);
 
-    let memory = procs::Tollgate::start("memory", redis.port);
+    let memory = procs::Tollgate::start("memory", redis.port, false);
     let check_memory = measure(memory.target(), check_call);
     let rls_memory = measure(memory.target(), rls_call);
     let memory_rss = memory.rss_kib();
     drop(memory);
 
-    let on_redis = procs::Tollgate::start("redis", redis.port);
+    let cached = procs::Tollgate::start("memory", redis.port, true);
+    let check_cached = measure(cached.target(), check_call);
+    drop(cached);
+
+    let on_redis = procs::Tollgate::start("redis", redis.port, false);
     let check_redis = measure(on_redis.target(), check_call);
     let rls_redis = measure(on_redis.target(), rls_call);
     drop(on_redis);
@@ -129,6 +133,12 @@ fn main() {
         "Tollgate Check, chat + body + API key, quota rule on memory",
         &check_memory.0,
         &check_memory.1,
+        Some((&check_floor.0, &check_floor.1)),
+    );
+    row(
+        "Tollgate Check, same, memory, decision cache on (repeated inputs)",
+        &check_cached.0,
+        &check_cached.1,
         Some((&check_floor.0, &check_floor.1)),
     );
     row(

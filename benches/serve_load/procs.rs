@@ -105,8 +105,9 @@ pub struct Tollgate {
 impl Tollgate {
     /// Serves the example policies and keys, one per-key quota rule that
     /// the load never exhausts, [`LIMITS`], on `store` ("memory" or
-    /// "redis", the latter on `redis_port`).
-    pub fn start(store: &str, redis_port: u16) -> Self {
+    /// "redis", the latter on `redis_port`); with `decision_cache`, the
+    /// policy decision cache on (`[policy] decision_cache`).
+    pub fn start(store: &str, redis_port: u16, decision_cache: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (grpc, admin) = (free_port(), free_port());
         let limits = dir.path().join("limits.yaml");
@@ -116,12 +117,17 @@ impl Tollgate {
             &config,
             format!(
                 "[server]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-                 [policy]\ndir = {:?}\nwatch = false\n\
+                 [policy]\ndir = {:?}\nwatch = false\n{}\
                  [identity]\napi_keys_file = {:?}\n\
                  [quota]\nstore = \"{store}\"\nredis_url = \"redis://127.0.0.1:{redis_port}/0\"\nlimits_file = {:?}\n\
                  [[quota.rules]]\nname = \"key-per-hour\"\nper = [\"key\"]\nunit = \"hour\"\nrequests_per_unit = 4000000000\n\
                  [log]\nlevel = \"{}\"\n",
                 repo().join("policies"),
+                if decision_cache {
+                    "decision_cache = { max_entries = 10000, ttl_secs = 60 }\n"
+                } else {
+                    ""
+                },
                 repo().join("examples/keys.toml"),
                 limits,
                 log_level(),
