@@ -13,130 +13,20 @@
 //! TG_SERVER_THREADS (1), TG_CLIENT_THREADS (1). Needs `redis-server` and
 //! `redis-benchmark` on PATH. Prints Markdown tables.
 
-use std::collections::HashMap;
-use std::future::Future;
+#[path = "load_common/mod.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
-    RateLimitService, RateLimitServiceServer,
-};
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::rpc::Status;
+use common::{Redis, Run, check_call, env, load, rls_call};
 use tollgate::config::{Config, StoreKind};
-use tonic::transport::Channel;
-use tonic::transport::server::TcpIncoming;
 
 // The same allocator as the `tollgate` binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The floor: the same services and messages, no work.
-struct Empty;
-
-#[tonic::async_trait]
-impl Authorization for Empty {
-    async fn check(
-        &self,
-        _: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(Status::default()),
-            ..Default::default()
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl RateLimitService for Empty {
-    async fn should_rate_limit(
-        &self,
-        _: tonic::Request<RateLimitRequest>,
-    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        Ok(tonic::Response::new(RateLimitResponse {
-            overall_code: 1,
-            ..Default::default()
-        }))
-    }
-}
-
-fn check_request() -> CheckRequest {
-    let headers: HashMap<String, String> = [
-        (":authority", "llm.example.com"),
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        ("content-type", "application/json"),
-        (
-            "x-api-key",
-            "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen",
-        ),
-        ("user-agent", "loadgen/1.0"),
-        ("x-request-id", "5b1c7a8e-4f1e-4a51-9d9a-0a0f3c5e7d11"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let body = br#"{"model":"llama-3-8b","max_tokens":256,"messages":[{"role":"user","content":"hello"}]}"#;
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "5b1c7a8e-4f1e-4a51-9d9a-0a0f3c5e7d11".into(),
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    host: "llm.example.com".into(),
-                    headers,
-                    raw_body: body.to_vec(),
-                    size: body.len() as i64,
-                    protocol: "HTTP/1.1".into(),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
-fn rls_request() -> RateLimitRequest {
-    RateLimitRequest {
-        domain: "bench".into(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![
-                Entry {
-                    key: "tenant".into(),
-                    value: "acme".into(),
-                },
-                Entry {
-                    key: "model".into(),
-                    value: "llama-3-8b".into(),
-                },
-            ],
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
-}
 
 enum Server {
     Empty,
@@ -185,138 +75,12 @@ fn start_server(threads: usize, server: Server) -> SocketAddr {
                         .expect("bind");
                     tx.send(listener.local_addr().expect("addr"))
                         .expect("send addr");
-                    let _ = tonic::transport::Server::builder()
-                        .add_service(AuthorizationServer::new(Empty))
-                        .add_service(RateLimitServiceServer::new(Empty))
-                        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
-                        .await;
+                    common::serve_empty(listener).await;
                 }
             }
         });
     });
     rx.recv().expect("server address")
-}
-
-struct Run {
-    rps: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-type Call = Arc<dyn Fn(Channel) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-fn authz_call() -> Call {
-    let req = Arc::new(check_request());
-    Arc::new(move |ch| {
-        let req = req.clone();
-        Box::pin(async move {
-            let resp = AuthorizationClient::new(ch)
-                .check((*req).clone())
-                .await
-                .expect("check");
-            assert_eq!(
-                resp.get_ref().status.as_ref().map(|s| s.code),
-                Some(0),
-                "load request must be allowed"
-            );
-        })
-    })
-}
-
-fn rls_call() -> Call {
-    let req = Arc::new(rls_request());
-    Arc::new(move |ch| {
-        let req = req.clone();
-        Box::pin(async move {
-            let resp = RateLimitServiceClient::new(ch)
-                .should_rate_limit((*req).clone())
-                .await
-                .expect("rls");
-            assert_eq!(
-                resp.get_ref().overall_code,
-                1,
-                "load request must be under the limit"
-            );
-        })
-    })
-}
-
-async fn load(addr: SocketAddr, call: Call, concurrency: usize, secs: u64) -> Run {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let run_for = |d: Duration| {
-        let deadline = Instant::now() + d;
-        (0..concurrency)
-            .map(|_| {
-                let (channel, call) = (channel.clone(), call.clone());
-                tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    while Instant::now() < deadline {
-                        let t = Instant::now();
-                        call(channel.clone()).await;
-                        lat.push(t.elapsed());
-                    }
-                    lat
-                })
-            })
-            .collect::<Vec<_>>()
-    };
-    for t in run_for(Duration::from_secs(1)) {
-        let _ = t.await;
-    }
-    let started = Instant::now();
-    let mut all = Vec::new();
-    for t in run_for(Duration::from_secs(secs)) {
-        all.extend(t.await.expect("task"));
-    }
-    let elapsed = started.elapsed();
-    all.sort();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Run {
-        rps: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: pct(0.50),
-        p99: pct(0.99),
-    }
-}
-
-struct Redis(Child, u16);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> Redis {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    for _ in 0..200 {
-        if redis_cli(port, &["ping"]).trim() == "PONG" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis(child, port)
 }
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
@@ -336,6 +100,29 @@ fn redis_benchmark_evalsha(port: u16, concurrency: usize) -> f64 {
     )
     .trim()
     .to_string();
+    // One fixed-window charge of 1 under a limit it never reaches, in the
+    // current hour (the script's argument layout, see CHARGE_LUA).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let hour = 3_600_000;
+    let w = now_ms / hour;
+    let (current, previous) = (
+        format!("tg:{{bench}}:k:{w}"),
+        format!("tg:{{bench}}:k:{}", w - 1),
+    );
+    let charge = [
+        w,
+        1_000_000_000_000,
+        w * hour,
+        (w + 1) * hour,
+        (w + 1) * hour + 1000,
+        0,
+        1,
+        0,
+        0,
+    ]
+    .map(|v| v.to_string());
     let out = Command::new("redis-benchmark")
         .args([
             "-p",
@@ -347,17 +134,8 @@ fn redis_benchmark_evalsha(port: u16, concurrency: usize) -> f64 {
             "-q",
             "--csv",
         ])
-        .args([
-            "evalsha",
-            &sha,
-            "1",
-            "tg:{bench}:k",
-            "1000000000000",
-            "3600000",
-            "0",
-            "1",
-            "0",
-        ])
+        .args(["evalsha", &sha, "2", &current, &previous, "nonce"])
+        .args(charge.iter().map(String::as_str))
         .output()
         .expect("redis-benchmark");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -409,7 +187,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("client runtime");
-    let redis = start_redis();
+    let redis = Redis::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let limits = dir.path().join("limits.yaml");
     std::fs::write(
@@ -419,28 +197,28 @@ fn main() {
     .expect("limits");
 
     let empty = start_server(server_threads, Server::Empty);
-    let authz_floor = client.block_on(load(empty, authz_call(), concurrency, secs));
-    let rls_floor = client.block_on(load(empty, rls_call(), concurrency, secs));
+    let authz_floor = client.block_on(load(empty, None, check_call(), concurrency, secs));
+    let rls_floor = client.block_on(load(empty, None, rls_call(), concurrency, secs));
     let memory = start_server(
         server_threads,
         Server::Tollgate(Box::new(tollgate_config(
             &limits,
             StoreKind::Memory,
-            redis.1,
+            redis.port,
         ))),
     );
-    let authz = client.block_on(load(memory, authz_call(), concurrency, secs));
-    let rls_memory = client.block_on(load(memory, rls_call(), concurrency, secs));
+    let authz = client.block_on(load(memory, None, check_call(), concurrency, secs));
+    let rls_memory = client.block_on(load(memory, None, rls_call(), concurrency, secs));
     let on_redis = start_server(
         server_threads,
         Server::Tollgate(Box::new(tollgate_config(
             &limits,
             StoreKind::Redis,
-            redis.1,
+            redis.port,
         ))),
     );
-    let rls_redis = client.block_on(load(on_redis, rls_call(), concurrency, secs));
-    let evalsha = redis_benchmark_evalsha(redis.1, concurrency);
+    let rls_redis = client.block_on(load(on_redis, None, rls_call(), concurrency, secs));
+    let evalsha = redis_benchmark_evalsha(redis.port, concurrency);
 
     println!(
         "\nconcurrency {concurrency}, {secs} s per run, server threads {server_threads}, client threads {client_threads}\n"

@@ -150,6 +150,20 @@ pub struct PolicyConfig {
     /// `tollgate policy rollback` swaps back); default: `DIR.previous`
     /// beside `policy.dir`.
     pub previous_dir: Option<PathBuf>,
+    /// Reuse policy verdicts for repeated inputs (see
+    /// [`crate::engine::decision_cache`]). Off when unset.
+    pub decision_cache: Option<DecisionCacheConfig>,
+}
+
+/// `[policy] decision_cache = { max_entries = 10000, ttl_secs = 60 }`: how
+/// many verdicts are kept per policy version, and for how long at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionCacheConfig {
+    /// Most verdicts kept (least recently used go first); at least 1.
+    pub max_entries: u64,
+    /// Longest a verdict is reused, in seconds; at least 1.
+    pub ttl_secs: u64,
 }
 
 /// Identity sources.
@@ -453,6 +467,7 @@ impl Default for PolicyConfig {
             on_evaluation_error: OnEvaluationError::Deny,
             shadow_dir: None,
             previous_dir: None,
+            decision_cache: None,
         }
     }
 }
@@ -558,6 +573,13 @@ impl Config {
         self.tracing.check().map_err(|e| invalid(e.to_string()))?;
         self.mcp.check().map_err(invalid)?;
         self.agents.check().map_err(invalid)?;
+        if let Some(cache) = self.policy.decision_cache
+            && (cache.max_entries == 0 || cache.ttl_secs == 0)
+        {
+            return Err(invalid(
+                "policy.decision_cache: max_entries and ttl_secs must be at least 1 (remove the key to turn the cache off)".into(),
+            ));
+        }
         for (key, name) in [
             ("response.principal_header", &self.response.principal_header),
             ("response.tenant_header", &self.response.tenant_header),

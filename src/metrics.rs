@@ -111,6 +111,8 @@ pub struct Metrics {
     lockout_refusals: Family<KindLabel, Counter>,
     listener: std::sync::Arc<crate::listener::ListenerMetrics>,
     shadow_disagreements: Family<DirectionLabel, Counter>,
+    decision_cache_hits: Counter,
+    decision_cache_misses: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -407,9 +409,23 @@ impl Metrics {
             "Decisions where the shadow policy set (policy.shadow_dir) would have answered otherwise, by direction: allow_to_deny, deny_to_allow",
             shadow_disagreements.clone(),
         );
+        let decision_cache_hits = Counter::default();
+        registry.register(
+            "decision_cache_hits",
+            "Policy verdicts served from the decision cache (policy.decision_cache)",
+            decision_cache_hits.clone(),
+        );
+        let decision_cache_misses = Counter::default();
+        registry.register(
+            "decision_cache_misses",
+            "Policy verdicts the decision cache did not hold (evaluated, then cached)",
+            decision_cache_misses.clone(),
+        );
         Self {
             listener,
             shadow_disagreements,
+            decision_cache_hits,
+            decision_cache_misses,
             introspections,
             lockouts,
             lockout_refusals,
@@ -597,6 +613,15 @@ impl Metrics {
         self.shadow_disagreements
             .get_or_create(&DirectionLabel { direction })
             .inc();
+    }
+
+    /// Counts one decision cache lookup: a hit or a miss.
+    pub fn decision_cache(&self, hit: bool) {
+        if hit {
+            self.decision_cache_hits.inc();
+        } else {
+            self.decision_cache_misses.inc();
+        }
     }
 
     /// The quota store's own metrics.

@@ -53,6 +53,28 @@ async fn all_or_nothing(store: Arc<dyn QuotaStore>) {
     );
 }
 
+/// One counter charged twice in one call: the second charge sees the first,
+/// and a refusal takes back both.
+async fn one_counter_twice_in_one_call(store: Arc<dyn QuotaStore>) {
+    let k = key("twice", "g");
+    let r = store
+        .charge(&[charge(&k, 3, 2), charge(&k, 3, 2)])
+        .await
+        .expect("charge");
+    assert!(!r.applied && u(&r, 0).fits && !u(&r, 1).fits);
+    assert_eq!(
+        used(&*store, &k).await,
+        0,
+        "a refused call consumes nothing"
+    );
+    let r = store
+        .charge(&[charge(&k, 3, 1), charge(&k, 3, 2)])
+        .await
+        .expect("charge");
+    assert!(r.applied && u(&r, 1).fits);
+    assert_eq!(used(&*store, &k).await, 3);
+}
+
 async fn shadow_counts_but_never_blocks(store: Arc<dyn QuotaStore>) {
     let k = key("shadow", "g");
     let mut c = charge(&k, 1, 1);
@@ -289,6 +311,7 @@ contract!(
     long_units_count,
     calendar_months_reset_on_the_first,
     keeps_the_first_record,
+    one_counter_twice_in_one_call,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,9 +212,36 @@ pub fn compare() {
     let empty = EmptyServer::start();
     let floor = through_envoy(dir.path(), empty.addr.port(), backend_port, secs);
     drop(empty);
-    let tollgate = Tollgate::start("memory", 6379);
-    let ours = through_envoy(dir.path(), tollgate.grpc.port(), backend_port, secs);
-    // Both calls must have reached Tollgate and been allowed.
+    let ours = through_tollgate(dir.path(), backend_port, secs, false);
+    let cached = through_tollgate(dir.path(), backend_port, secs, true);
+    println!(
+        "\nEnvoy concurrency 1, wrk -t1 -c16 {secs} s, chat request; backend nginx (1 worker) alone: {:.0} req/s\n",
+        direct.rps
+    );
+    println!("| decider | req/s through Envoy | non-2xx | **ratio** |");
+    println!("|---|---|---|---|");
+    println!(
+        "| empty ext_authz + rate limit server | {:.0} | {} | 1 |",
+        floor.rps, floor.non_2xx
+    );
+    for (name, run) in [
+        ("Tollgate (memory store)", &ours),
+        ("Tollgate (memory store), decision cache on", &cached),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | **{:.2}** |",
+            run.rps,
+            run.non_2xx,
+            run.rps / floor.rps.max(1.0)
+        );
+    }
+}
+
+/// Tollgate (memory store, the decision cache on or off) behind Envoy; checks
+/// that Tollgate counted both calls and allowed them.
+fn through_tollgate(dir: &std::path::Path, backend_port: u16, secs: u64, cache: bool) -> WrkRun {
+    let tollgate = Tollgate::start("memory", 6379, cache);
+    let run = through_envoy(dir, tollgate.grpc.port(), backend_port, secs);
     let metrics = http_get(tollgate.admin, "/metrics").unwrap_or_default();
     let counted = |prefix: &str, outcome: &str| {
         metrics
@@ -227,23 +254,9 @@ pub fn compare() {
         counted("tollgate_decisions_total", "outcome=\"allow\""),
         counted("tollgate_rate_limit_decisions_total", "outcome=\"ok\""),
     );
-    drop(tollgate);
     println!(
-        "\nEnvoy concurrency 1, wrk -t1 -c16 {secs} s, chat request; backend nginx (1 worker) alone: {:.0} req/s\n",
-        direct.rps
+        "Tollgate (decision cache {cache}) counted {authz} allowed Check and {rls} OK ShouldRateLimit answers."
     );
-    println!("| decider | req/s through Envoy | non-2xx | **ratio** |");
-    println!("|---|---|---|---|");
-    println!(
-        "| empty ext_authz + rate limit server | {:.0} | {} | 1 |",
-        floor.rps, floor.non_2xx
-    );
-    println!(
-        "| Tollgate (memory store) | {:.0} | {} | **{:.2}** |",
-        ours.rps,
-        ours.non_2xx,
-        ours.rps / floor.rps.max(1.0)
-    );
-    println!("\nTollgate counted {authz} allowed Check and {rls} OK ShouldRateLimit answers.");
     assert!(authz > 0.0 && rls > 0.0, "Tollgate did not see both calls");
+    run
 }

@@ -22,190 +22,20 @@
 //! TG_LOG_LEVEL (Tollgate's `log.level`, default "info": one decision log
 //! line per request, written to a file). Needs `redis-server` on PATH.
 
+#[path = "../load_common/mod.rs"]
+mod common;
 mod envoy;
 mod procs;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
-use tonic::transport::Channel;
+pub(crate) use common::{API_KEY, CHAT_BODY};
+use common::{Call, Run, check_call, env, load, rls_call};
 
 // The same allocator as the `tollgate` binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-pub(crate) fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The paid demo key of `examples/keys.toml` (README quick start).
-pub(crate) const API_KEY: &str = "tg_demo-paid_goBTFjOQ7rLLE9TbnvHfRBAX1j35S8cb3A0fen";
-/// The chat request body every target receives.
-pub(crate) const CHAT_BODY: &str =
-    r#"{"model":"llama-3-8b","max_tokens":256,"messages":[{"role":"user","content":"hello"}]}"#;
-
-fn check_request() -> CheckRequest {
-    let headers = [
-        (":authority", "llm.example.com"),
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        (":scheme", "http"),
-        ("content-type", "application/json"),
-        ("x-api-key", API_KEY),
-        ("user-agent", "loadgen/1.0"),
-        ("accept", "*/*"),
-        ("content-length", "88"),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "5b1c7a8e-4f1e-4a51-9d9a-0a0f3c5e7d11"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                time: None,
-                http: Some(HttpRequest {
-                    id: "13954813375417445730".into(),
-                    method: "POST".into(),
-                    path: "/v1/chat/completions".into(),
-                    host: "llm.example.com".into(),
-                    scheme: "http".into(),
-                    headers,
-                    raw_body: CHAT_BODY.as_bytes().to_vec(),
-                    size: CHAT_BODY.len() as i64,
-                    protocol: "HTTP/1.1".into(),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
-    }
-}
-
-fn rls_request() -> RateLimitRequest {
-    RateLimitRequest {
-        domain: "bench".into(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![
-                Entry {
-                    key: "tenant".into(),
-                    value: "acme".into(),
-                },
-                Entry {
-                    key: "model".into(),
-                    value: "llama-3-8b".into(),
-                },
-            ],
-            ..Default::default()
-        }],
-        hits_addend: 0,
-    }
-}
-
-/// One measured run.
-struct Run {
-    rps: f64,
-    /// CPU time the server process spent per request in the measured
-    /// period (user + system): unlike the rate, it does not depend on what
-    /// else the machine runs.
-    cpu_us: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-type Call = Arc<dyn Fn(Channel) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-fn check_call() -> Call {
-    let req = Arc::new(check_request());
-    Arc::new(move |ch| {
-        let req = req.clone();
-        Box::pin(async move {
-            let resp = AuthorizationClient::new(ch)
-                .check((*req).clone())
-                .await
-                .expect("check");
-            assert_eq!(
-                resp.get_ref().status.as_ref().map(|s| s.code),
-                Some(0),
-                "the load request must be allowed"
-            );
-        })
-    })
-}
-
-fn rls_call() -> Call {
-    let req = Arc::new(rls_request());
-    Arc::new(move |ch| {
-        let req = req.clone();
-        Box::pin(async move {
-            let resp = RateLimitServiceClient::new(ch)
-                .should_rate_limit((*req).clone())
-                .await
-                .expect("rls");
-            assert_eq!(resp.get_ref().overall_code, 1, "must be under the limit");
-        })
-    })
-}
-
-/// Drives `addr` with `concurrency` callers on one connection: 1 s warm-up,
-/// then `secs` measured.
-async fn load(addr: SocketAddr, pid: u32, call: Call, concurrency: usize, secs: u64) -> Run {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let run_for = |d: Duration| {
-        let deadline = Instant::now() + d;
-        (0..concurrency)
-            .map(|_| {
-                let (channel, call) = (channel.clone(), call.clone());
-                tokio::spawn(async move {
-                    let mut lat = Vec::with_capacity(1 << 16);
-                    while Instant::now() < deadline {
-                        let t = Instant::now();
-                        call(channel.clone()).await;
-                        lat.push(t.elapsed());
-                    }
-                    lat
-                })
-            })
-            .collect::<Vec<_>>()
-    };
-    for t in run_for(Duration::from_secs(1)) {
-        let _ = t.await;
-    }
-    let started = Instant::now();
-    let cpu_before = procs::cpu_time(pid);
-    let mut all = Vec::new();
-    for t in run_for(Duration::from_secs(secs)) {
-        all.extend(t.await.expect("task"));
-    }
-    let elapsed = started.elapsed();
-    let cpu = procs::cpu_time(pid).saturating_sub(cpu_before);
-    all.sort();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
-    Run {
-        rps: all.len() as f64 / elapsed.as_secs_f64(),
-        cpu_us: cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64,
-        p50: pct(0.50),
-        p99: pct(0.99),
-    }
-}
 
 fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
@@ -259,8 +89,8 @@ fn main() {
         .expect("client runtime");
     let redis = procs::Redis::start();
     let measure = |(addr, pid): (SocketAddr, u32), call: fn() -> Call| {
-        let many = client.block_on(load(addr, pid, call(), concurrency, secs));
-        let seq = client.block_on(load(addr, pid, call(), 1, secs));
+        let many = client.block_on(load(addr, Some(pid), call(), concurrency, secs));
+        let seq = client.block_on(load(addr, Some(pid), call(), 1, secs));
         (many, seq)
     };
 
@@ -269,13 +99,17 @@ fn main() {
     let rls_floor = measure(empty.target(), rls_call);
     drop(empty);
 
-    let memory = procs::Tollgate::start("memory", redis.port);
+    let memory = procs::Tollgate::start("memory", redis.port, false);
     let check_memory = measure(memory.target(), check_call);
     let rls_memory = measure(memory.target(), rls_call);
     let memory_rss = memory.rss_kib();
     drop(memory);
 
-    let on_redis = procs::Tollgate::start("redis", redis.port);
+    let cached = procs::Tollgate::start("memory", redis.port, true);
+    let check_cached = measure(cached.target(), check_call);
+    drop(cached);
+
+    let on_redis = procs::Tollgate::start("redis", redis.port, false);
     let check_redis = measure(on_redis.target(), check_call);
     let rls_redis = measure(on_redis.target(), rls_call);
     drop(on_redis);
@@ -299,6 +133,12 @@ fn main() {
         "Tollgate Check, chat + body + API key, quota rule on memory",
         &check_memory.0,
         &check_memory.1,
+        Some((&check_floor.0, &check_floor.1)),
+    );
+    row(
+        "Tollgate Check, same, memory, decision cache on (repeated inputs)",
+        &check_cached.0,
+        &check_cached.1,
         Some((&check_floor.0, &check_floor.1)),
     );
     row(

@@ -6,50 +6,12 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::{
-    Authorization, AuthorizationServer,
-};
-use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
-    RateLimitService, RateLimitServiceServer,
-};
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::rpc::Status;
-use tonic::transport::server::TcpIncoming;
+pub use crate::common::{Redis, free_port, wait_until};
 
 /// Argument that turns this bench binary into the empty server.
 pub const EMPTY_SERVER_FLAG: &str = "--empty-server";
-
-/// The floor: the same services and messages, no work.
-struct Empty;
-
-#[tonic::async_trait]
-impl Authorization for Empty {
-    async fn check(
-        &self,
-        _: tonic::Request<CheckRequest>,
-    ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
-        Ok(tonic::Response::new(CheckResponse {
-            status: Some(Status::default()),
-            ..Default::default()
-        }))
-    }
-}
-
-#[tonic::async_trait]
-impl RateLimitService for Empty {
-    async fn should_rate_limit(
-        &self,
-        _: tonic::Request<RateLimitRequest>,
-    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        Ok(tonic::Response::new(RateLimitResponse {
-            overall_code: 1,
-            ..Default::default()
-        }))
-    }
-}
 
 /// Serves the empty services on 127.0.0.1 with one Tokio worker; prints the
 /// address as the first stdout line, then serves until killed.
@@ -64,11 +26,7 @@ pub fn run_empty_server() {
             .await
             .expect("bind");
         println!("{}", listener.local_addr().expect("addr"));
-        let _ = tonic::transport::Server::builder()
-            .add_service(AuthorizationServer::new(Empty))
-            .add_service(RateLimitServiceServer::new(Empty))
-            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
-            .await;
+        crate::common::serve_empty(listener).await;
     });
 }
 
@@ -101,21 +59,6 @@ impl EmptyServer {
     }
 }
 
-/// User + system CPU time `pid` has used so far.
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line, in clock ticks (100 per second).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    Duration::from_millis(f.iter().sum::<u64>() * 10)
-}
-
 impl Drop for EmptyServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -125,21 +68,6 @@ impl Drop for EmptyServer {
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what} did not become ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Status line of a plain HTTP/1.1 GET on `addr`.
@@ -155,33 +83,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
-}
-
-/// `redis-server` on a free port, no persistence.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-}
-
-impl Redis {
-    pub fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        wait_until("redis", || TcpStream::connect(("127.0.0.1", port)).is_ok());
-        Self { child, port }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Tollgate's `log.level` in the benchmark.
@@ -204,8 +105,9 @@ pub struct Tollgate {
 impl Tollgate {
     /// Serves the example policies and keys, one per-key quota rule that
     /// the load never exhausts, [`LIMITS`], on `store` ("memory" or
-    /// "redis", the latter on `redis_port`).
-    pub fn start(store: &str, redis_port: u16) -> Self {
+    /// "redis", the latter on `redis_port`); with `decision_cache`, the
+    /// policy decision cache on (`[policy] decision_cache`).
+    pub fn start(store: &str, redis_port: u16, decision_cache: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (grpc, admin) = (free_port(), free_port());
         let limits = dir.path().join("limits.yaml");
@@ -215,12 +117,17 @@ impl Tollgate {
             &config,
             format!(
                 "[server]\ngrpc_listen = \"127.0.0.1:{grpc}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-                 [policy]\ndir = {:?}\nwatch = false\n\
+                 [policy]\ndir = {:?}\nwatch = false\n{}\
                  [identity]\napi_keys_file = {:?}\n\
                  [quota]\nstore = \"{store}\"\nredis_url = \"redis://127.0.0.1:{redis_port}/0\"\nlimits_file = {:?}\n\
                  [[quota.rules]]\nname = \"key-per-hour\"\nper = [\"key\"]\nunit = \"hour\"\nrequests_per_unit = 4000000000\n\
                  [log]\nlevel = \"{}\"\n",
                 repo().join("policies"),
+                if decision_cache {
+                    "decision_cache = { max_entries = 10000, ttl_secs = 60 }\n"
+                } else {
+                    ""
+                },
                 repo().join("examples/keys.toml"),
                 limits,
                 log_level(),

@@ -50,7 +50,7 @@ pub struct UsageFacts<'a> {
 impl UsageFacts<'_> {
     /// `(name, value)` pairs of `usage` and of `usage.model`.
     #[allow(clippy::type_complexity)]
-    fn fields(
+    pub(crate) fn fields(
         &self,
     ) -> (
         Vec<(&'static str, i64)>,
@@ -323,6 +323,25 @@ pub fn merge(base: &mut Value, overlay: &Value) {
     }
 }
 
+/// An empty body's facts and a full chat body's, for tests of what is
+/// built from them.
+#[cfg(test)]
+pub(crate) fn bodies() -> [super::body::BodyFacts; 2] {
+    use super::body::BodyFacts;
+    [
+        BodyFacts::default(),
+        BodyFacts {
+            present: true,
+            complete: true,
+            size: 90,
+            model: Some("m".into()),
+            max_tokens: Some(256),
+            stream: Some(true),
+            has_tools: Some(false),
+        },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,7 +361,6 @@ mod tests {
 
     #[test]
     fn the_direct_builder_matches_the_json_form() {
-        use crate::engine::body::BodyFacts;
         let config = ContextConfig::default();
         let mut request = HttpRequest {
             method: "POST".into(),
@@ -357,18 +375,7 @@ mod tests {
             .insert("content-type".into(), "application/json".into());
         let path =
             crate::path::canonicalize("/v1/chat/completions?api-version=1&other=2").expect("path");
-        let bodies = [
-            BodyFacts::default(),
-            BodyFacts {
-                present: true,
-                complete: true,
-                size: 90,
-                model: Some("m".into()),
-                max_tokens: Some(256),
-                stream: Some(true),
-                has_tools: Some(false),
-            },
-        ];
+        let bodies = bodies();
         let info = crate::usage::catalog::ModelInfo {
             family: Some("f".into()),
             context_window: Some(100),

@@ -7,6 +7,7 @@
 mod agents;
 pub mod body;
 pub mod context;
+pub mod decision_cache;
 mod guard;
 mod mcp;
 pub mod model;
@@ -88,6 +89,8 @@ pub struct Engine {
     lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
     mcp: mcp::McpState,
     agents: agents::AgentState,
+    /// `[policy] decision_cache`; `None` when off.
+    decision_cache: Option<decision_cache::DecisionCache>,
 }
 
 /// What reservations that are not settled from usage cost.
@@ -142,6 +145,10 @@ impl Engine {
             lockout: std::sync::OnceLock::new(),
             mcp: mcp::McpState::new(&config.mcp, &config.identity.jwt_issuers),
             agents: agents::AgentState::new(&config.agents),
+            decision_cache: config
+                .policy
+                .decision_cache
+                .map(|c| decision_cache::DecisionCache::new(c, &config.context)),
         }
     }
 
@@ -425,18 +432,42 @@ impl Engine {
 
         let _policy =
             tracing::info_span!(target: crate::telemetry::TARGET, "tollgate.policy").entered();
-        let cedar_context = context::build_cedar(
-            &self.context,
-            &context::ContextInputs {
-                request,
-                path,
-                body: &body,
-                route_name: matched.as_ref().map(|m| m.route.name.as_str()),
-                route_tenant: hints.tenant.as_deref(),
-                authn: principal.kind.authn(),
-                usage: usage_facts.as_ref(),
-            },
-        );
+        let inputs = context::ContextInputs {
+            request,
+            path,
+            body: &body,
+            route_name: matched.as_ref().map(|m| m.route.name.as_str()),
+            route_tenant: hints.tenant.as_deref(),
+            authn: principal.kind.authn(),
+            usage: usage_facts.as_ref(),
+        };
+        // The shadow comparison needs the evaluated request: no cache then.
+        let cached = match &self.decision_cache {
+            Some(cache) if self.shadow.get().is_none() => {
+                cache.generation(snapshot, &self.context).map(|generation| {
+                    let key = decision_cache::Key {
+                        principal: principal.clone(),
+                        action: action_uid.to_string(),
+                        resource: resource_uid.to_string(),
+                        context: decision_cache::project(
+                            &self.context,
+                            &inputs,
+                            generation.wanted(),
+                        ),
+                    };
+                    (generation, key)
+                })
+            }
+            _ => None,
+        };
+        if let Some((generation, key)) = &cached {
+            if let Some(verdict) = generation.get(key) {
+                self.metrics.decision_cache(true);
+                return self.apply_verdict(decision, &verdict, &principal);
+            }
+            self.metrics.decision_cache(false);
+        }
+        let cedar_context = context::build_cedar(&self.context, &inputs);
         let cedar = cedar_context
             .and_then(|ctx| Self::with_agent_facts(ctx, agent))
             .and_then(|ctx| {
@@ -466,9 +497,22 @@ impl Engine {
             self.on_error,
         );
         decision.shadow = self.shadow_http(&cedar_request, &principal, verdict.allow);
-        decision.policies = verdict.policies;
-        decision.errors = verdict.errors;
-        decision.outcome = self.outcome_of(verdict.allow, !decision.errors.is_empty(), &principal);
+        if let Some((generation, key)) = cached {
+            generation.insert(key, Arc::new(verdict.clone()));
+        }
+        self.apply_verdict(decision, &verdict, &principal)
+    }
+
+    /// `decision` with the policy verdict's outcome, reasons and errors.
+    fn apply_verdict(
+        &self,
+        mut decision: Decision,
+        verdict: &crate::policy::evaluate::Verdict,
+        principal: &Principal,
+    ) -> Decision {
+        decision.policies.clone_from(&verdict.policies);
+        decision.errors.clone_from(&verdict.errors);
+        decision.outcome = self.outcome_of(verdict.allow, !verdict.errors.is_empty(), principal);
         decision
     }
 

@@ -6,6 +6,7 @@ pub mod entities;
 pub mod evaluate;
 pub mod guard;
 pub mod manifest;
+pub mod reads;
 pub mod reload;
 pub mod rollout;
 pub mod shadow;

@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub sources: BTreeMap<String, String>,
     /// The policies per (principal type, action) whose scope can match.
     pub slices: super::slice::Slices,
+    /// The context paths the policies read (the decision cache's key).
+    pub context_reads: super::reads::ContextReads,
     /// The schema file's text, for readers that need the declared attribute
     /// names and types (the AuthZEN adapter), which `Schema` does not expose.
     pub schema_text: String,
@@ -114,6 +116,8 @@ pub struct ParsedFile {
     /// The file's policies in order, with the tenant the index files each
     /// under.
     policies: Vec<(PolicyId, Option<EntityUid>)>,
+    /// What the file's policies read of the context.
+    reads: super::reads::ContextReads,
 }
 
 /// The files of a policy directory as read, and the version they hash to.
@@ -313,6 +317,13 @@ impl Snapshot {
                         }),
                     &schema,
                 ),
+                context_reads: parsed.values().fold(
+                    super::reads::ContextReads::default(),
+                    |mut all, file| {
+                        all.extend(&file.reads);
+                        all
+                    },
+                ),
                 validated_policies: fresh.policies().count(),
                 parsed,
                 schema_digest,
@@ -447,13 +458,14 @@ fn parse_policies(
                 .parsed
                 .get(&file.name)
                 .filter(|e| e.digest == file.digest)?;
-            parsed
+            let policies = parsed
                 .policies
                 .iter()
                 .map(|(id, tenant)| Some((p.policies.policy(id)?.clone(), tenant.clone(), false)))
-                .collect::<Option<Vec<_>>>()
+                .collect::<Option<Vec<_>>>()?;
+            Some((policies, parsed.reads.clone()))
         });
-        let policies = match reused {
+        let (policies, reads) = match reused {
             Some(policies) => policies,
             None => match parse_file(file, diags) {
                 Some(policies) => policies,
@@ -505,6 +517,7 @@ fn parse_policies(
             ParsedFile {
                 digest: file.digest,
                 policies: kept,
+                reads,
             },
         );
     }
@@ -513,11 +526,16 @@ fn parse_policies(
 
 /// Parses one policy file: each policy under its final id (`@id`, else
 /// `<file stem>.<n>`), its depth checked, and the tenant the index files it
-/// under; `true` marks it as new. `None` when the file does not parse.
+/// under; `true` marks it as new; and what the file's policies read of the
+/// context. `None` when the file does not parse.
+#[allow(clippy::type_complexity)]
 fn parse_file(
     file: &SourceFile,
     diags: &mut Vec<Diagnostic>,
-) -> Option<Vec<(cedar_policy::Policy, Option<EntityUid>, bool)>> {
+) -> Option<(
+    Vec<(cedar_policy::Policy, Option<EntityUid>, bool)>,
+    super::reads::ContextReads,
+)> {
     let parsed = match PolicySet::from_str(&file.text) {
         Ok(p) => p,
         Err(errs) => {
@@ -550,6 +568,7 @@ fn parse_file(
             .unwrap_or(0)
     });
     let mut out = Vec::with_capacity(policies.len());
+    let mut reads = super::reads::ContextReads::default();
     let mut starts = None;
     for (n, policy) in policies.into_iter().enumerate() {
         let id = policy
@@ -560,6 +579,7 @@ fn parse_file(
             .map_err(|e| format!("cannot inspect the policy: {e}"));
         let checked = json.and_then(|json| {
             super::guard::check_json_depth(&json)?;
+            reads.extend(&super::reads::ContextReads::of_policy(&json));
             Ok(super::slice::tenant_of(&json))
         });
         match checked {
@@ -580,7 +600,7 @@ fn parse_file(
             }
         }
     }
-    Some(out)
+    Some((out, reads))
 }
 
 /// Turns a Cedar diagnostic into `file:line:col: message` using its first

@@ -91,42 +91,54 @@ for i = 1, n do
     return {ARGV[1], -1, now}
   end
 end
-local used, fits, pending = {}, {}, {}
+-- Counts are incremented first and taken back if the charge is refused:
+-- the script runs atomically, so no one sees the intermediate counts, and
+-- the common case (it fits) is one INCRBY per counter instead of a GET and
+-- an INCRBY. A counter charged twice in one call sees its first charge,
+-- as it would one after the other.
+local out = {ARGV[1], 1, now}
 local ok = true
 for i = 1, n do
   local a = 1 + (i - 1) * 9
-  local limit, start, stop = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local algo, cost = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
-  local shadow, always = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+  local limit, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 7])
+  local sliding = ARGV[a + 6] == '1'
   local cur_key = KEYS[2 * i - 1]
-  local u = tonumber(redis.call('GET', cur_key) or '0') + (pending[cur_key] or 0)
-  if algo == 1 then
+  local u
+  if cost > 0 then
+    local after = redis.call('INCRBY', cur_key, cost)
+    -- A window key is only ever created here, with its expiry, so a fixed
+    -- window that already held a count has it: skip the second write.
+    -- Sliding windows always set it (they keep their key a window longer).
+    if sliding or after == cost then
+      redis.call('PEXPIREAT', cur_key, ARGV[a + 5])
+    end
+    u = after - cost
+  else
+    -- Never INCRBY 0: it would create a key without an expiry.
+    u = tonumber(redis.call('GET', cur_key) or '0')
+  end
+  if sliding then
+    local start, stop = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
     local prev = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
     local len = stop - start
     u = math.ceil(prev * (len - (now - start)) / len) + u
   end
   local f
   if cost == 0 then f = u < limit else f = (u + cost) <= limit end
-  if (not f) and shadow == 0 and always == 0 then ok = false end
-  pending[cur_key] = (pending[cur_key] or 0) + cost
-  used[i] = u
-  fits[i] = f and 1 or 0
+  if (not f) and ARGV[a + 8] == '0' and ARGV[a + 9] == '0' then ok = false end
+  out[#out + 1] = u
+  out[#out + 1] = f and 1 or 0
 end
-local out = {ARGV[1], ok and 1 or 0, now}
-for i = 1, n do
-  local a = 1 + (i - 1) * 9
-  local algo, cost, always = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 9])
-  if cost > 0 and (ok or always == 1) then
-    -- A window key is only ever created here, with its expiry, so a fixed
-    -- window that already held a count has it: skip the second write.
-    -- Sliding windows always set it (they keep their key a window longer).
-    local after = redis.call('INCRBY', KEYS[2 * i - 1], cost)
-    if algo == 1 or after == cost then
-      redis.call('PEXPIREAT', KEYS[2 * i - 1], tonumber(ARGV[a + 5]))
+if not ok then
+  -- Refused: only always-charges (usage recorded in full) stay counted.
+  out[2] = 0
+  for i = 1, n do
+    local a = 1 + (i - 1) * 9
+    local cost = tonumber(ARGV[a + 7])
+    if cost > 0 and ARGV[a + 9] == '0' then
+      redis.call('DECRBY', KEYS[2 * i - 1], cost)
     end
   end
-  out[#out + 1] = used[i]
-  out[#out + 1] = fits[i]
 end
 return out
 ";
