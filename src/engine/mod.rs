@@ -16,7 +16,7 @@ mod quota;
 mod usage;
 
 pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
-pub use quota::UsageError;
+pub use quota::{StreamCutoff, UsageError};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,6 +88,8 @@ pub struct Engine {
     lockout: std::sync::OnceLock<Arc<crate::identity::lockout::Lockout>>,
     mcp: mcp::McpState,
     agents: agents::AgentState,
+    /// Per admitted request id: where its stream is cut (`on_exceed`).
+    stream_cutoffs: moka::sync::Cache<String, quota::StreamCutoff>,
 }
 
 /// What reservations that are not settled from usage cost.
@@ -141,6 +143,12 @@ impl Engine {
             shadow: std::sync::OnceLock::new(),
             lockout: std::sync::OnceLock::new(),
             mcp: mcp::McpState::new(&config.mcp, &config.identity.jwt_issuers),
+            stream_cutoffs: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(
+                    config.quota.reservation_ttl_secs.max(1),
+                ))
+                .build(),
             agents: agents::AgentState::new(&config.agents),
         }
     }
