@@ -76,7 +76,11 @@ async fn stream_under_budget(on_exceed: &str) -> (String, f64) {
             .sum::<f64>()
     };
     assert!(
-        eventually(Duration::from_secs(5), || async move { charged().await > 0.0 }).await,
+        eventually(
+            Duration::from_secs(5),
+            || async move { charged().await > 0.0 }
+        )
+        .await,
         "the stream was never settled: {}",
         metrics_text(admin).await
     );

@@ -552,4 +552,23 @@ mod tests {
             plans[0].charge.key
         );
     }
+
+    #[test]
+    fn end_stream_applies_to_enforced_token_budgets_only() {
+        let mut r = rule();
+        r.on_exceed = Some(OnExceed::EndStream);
+        assert!(
+            r.validate().is_err_and(|e| e.contains("end_stream")),
+            "requests"
+        );
+        r.cost = Cost::Tokens;
+        assert_eq!(r.validate(), Ok(()));
+        r.cost = Cost::OutputTokens;
+        assert_eq!(r.validate(), Ok(()));
+        r.cost = Cost::Usd;
+        assert!(r.validate().is_err(), "usd cutoffs are not built");
+        r.cost = Cost::Tokens;
+        r.shadow = true;
+        assert!(r.validate().is_err(), "a shadow budget never ends a stream");
+    }
 }
