@@ -24,11 +24,10 @@
 //! call: at its response headers Tollgate asks Envoy for the whole body
 //! (`mode_override` to `BUFFERED`, which needs `allow_mode_override: true`)
 //! and removes `content-length`, then replaces the body with the filtered
-//! JSON or event stream ([`crate::mcp::tools_list`]). This is the one place
-//! the adapter alters traffic, with one more: a stream under a budget with
-//! `on_exceed = "end_stream"` is passed on event by event and ended with an
-//! `over_budget` error event when it crosses its cutoff
-//! ([`super::stream_cut`]).
+//! JSON or event stream ([`crate::mcp::tools_list`]). The adapter also
+//! alters a stream under a budget with `on_exceed = "end_stream"`: it is
+//! passed on event by event and ended with an `over_budget` error event when
+//! it crosses its cutoff ([`super::stream_cut`]).
 //!
 //! With the audit trail on, every response the adapter sees leaves one
 //! `api = "response"` record ([`crate::audit::ResponseFacts`]): the
