@@ -24,8 +24,10 @@
 //! call: at its response headers Tollgate asks Envoy for the whole body
 //! (`mode_override` to `BUFFERED`, which needs `allow_mode_override: true`)
 //! and removes `content-length`, then replaces the body with the filtered
-//! JSON or event stream ([`crate::mcp::tools_list`]). This is the one place
-//! the adapter alters traffic.
+//! JSON or event stream ([`crate::mcp::tools_list`]). The adapter also
+//! alters a stream under a budget with `on_exceed = "end_stream"`: it is
+//! passed on event by event and ended with an `over_budget` error event when
+//! it crosses its cutoff ([`super::stream_cut`]).
 //!
 //! With the audit trail on, every response the adapter sees leaves one
 //! `api = "response"` record ([`crate::audit::ResponseFacts`]): the
@@ -98,6 +100,8 @@ struct Exchange {
     tools: Option<super::tool_calls::ToolCalls>,
     /// The response body's running hash, while the audit trail is on.
     response: Option<ResponseDigest>,
+    /// Where a watched stream is ended (`on_exceed = "end_stream"`).
+    cut: Option<super::stream_cut::StreamCut>,
 }
 
 /// What the audit record of a response needs, gathered chunk by chunk.
@@ -167,6 +171,42 @@ impl Exchange {
         };
         let version = engine.policies().snapshot().version.clone();
         trail.submit(crate::audit::AuditRecord::response(id, version, facts));
+    }
+
+    /// A body chunk of a stream that ends at its budget: the chunk is
+    /// replaced by the complete events that fit (and, at the cut, the error
+    /// event); the request is settled at the cut or at the body's end.
+    async fn cut_chunk(&mut self, engine: &Engine, chunk: &[u8], end_of_stream: bool) -> Out {
+        let passed = match (self.cut.as_mut(), self.reader.as_mut()) {
+            (Some(cut), Some(reader)) => cut.chunk(reader, chunk, end_of_stream),
+            // Already cut and settled: nothing more reaches the client.
+            _ => super::stream_cut::Passed {
+                body: Vec::new(),
+                crossed: false,
+            },
+        };
+        if (passed.crossed || end_of_stream)
+            && let Some(reader) = self.reader.take()
+        {
+            // Everything generated up to the cut, the withheld event too,
+            // even when a usage block reported less so far.
+            let generated = reader.output_so_far();
+            let mut seen = reader.finish();
+            seen.output = seen.output.max(generated);
+            if passed.crossed {
+                let rule = self.cut.as_ref().map(|c| c.rule()).unwrap_or_default();
+                tracing::info!(request_id = ?self.request_id, rule, output_tokens = seen.output, "stream ended at its token budget");
+            }
+            self.settle(engine, seen, "response").await;
+        }
+        Out::ResponseBody(BodyResponse {
+            response: Some(CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(Mutation::Body(passed.body)),
+                }),
+                ..Default::default()
+            }),
+        })
     }
 
     async fn settle(&mut self, engine: &Engine, observed: Observed, how: &'static str) {
@@ -344,6 +384,18 @@ impl ExternalProcessor for ExtProc {
                             )
                             .await;
                         }
+                        let sse = x.reader.as_ref().is_some_and(UsageReader::is_sse);
+                        if sse && !h.end_of_stream {
+                            let cutoff = x
+                                .request_id
+                                .as_deref()
+                                .and_then(|id| engine.stream_cutoff(id));
+                            // The tool-call check replaces bodies of its own;
+                            // the two are not combined yet, and the check wins.
+                            if x.tools.is_none() {
+                                x.cut = cutoff.map(super::stream_cut::StreamCut::new);
+                            }
+                        }
                         match super::tool_calls::ToolCalls::on_headers(
                             &mut x.tools,
                             status,
@@ -357,6 +409,10 @@ impl ExternalProcessor for ExtProc {
                             }
                             None => Out::ResponseHeaders(headers_ok()),
                         }
+                    }
+                    Some(In::ResponseBody(b)) if x.cut.is_some() => {
+                        x.response_chunk(&engine, &b.body, b.end_of_stream);
+                        x.cut_chunk(&engine, &b.body, b.end_of_stream).await
                     }
                     Some(In::ResponseBody(b)) => {
                         x.response_chunk(&engine, &b.body, b.end_of_stream);

@@ -8,4 +8,5 @@ pub mod ext_authz;
 pub mod ext_proc;
 pub mod forward_auth;
 pub mod rls;
+mod stream_cut;
 pub mod tool_calls;

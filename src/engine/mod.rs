@@ -17,7 +17,7 @@ mod quota;
 mod usage;
 
 pub use query::{CedarAnswer, CedarQuery, QueryError, decide_query, parse_uid};
-pub use quota::UsageError;
+pub use quota::{StreamCutoff, UsageError};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,6 +91,8 @@ pub struct Engine {
     agents: agents::AgentState,
     /// `[policy] decision_cache`; `None` when off.
     decision_cache: Option<decision_cache::DecisionCache>,
+    /// Per admitted request id: where its stream is cut (`on_exceed`).
+    stream_cutoffs: moka::sync::Cache<String, quota::StreamCutoff>,
 }
 
 /// What reservations that are not settled from usage cost.
@@ -144,6 +146,12 @@ impl Engine {
             shadow: std::sync::OnceLock::new(),
             lockout: std::sync::OnceLock::new(),
             mcp: mcp::McpState::new(&config.mcp, &config.identity.jwt_issuers),
+            stream_cutoffs: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(
+                    config.quota.reservation_ttl_secs.max(1),
+                ))
+                .build(),
             agents: agents::AgentState::new(&config.agents),
             decision_cache: config
                 .policy

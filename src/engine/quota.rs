@@ -28,7 +28,60 @@ pub enum UsageError {
     Store(#[from] StoreError),
 }
 
+/// Where a streamed response is cut (`on_exceed = "end_stream"`): decided
+/// at admission from what was reserved, so reading the stream needs no
+/// store round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCutoff {
+    /// The budget rule that ends the stream.
+    pub rule: String,
+    /// Output tokens the stream may generate: the output part of the
+    /// request's reservation plus the budget's headroom left after it.
+    pub output_tokens: u64,
+}
+
 impl Engine {
+    /// The stream cutoff of an admitted request (by request id, once).
+    pub fn stream_cutoff(&self, request_id: &str) -> Option<StreamCutoff> {
+        self.stream_cutoffs.remove(request_id)
+    }
+
+    /// Remembers the tightest `end_stream` budget of an admitted request.
+    fn remember_cutoff(
+        &self,
+        request_id: &str,
+        plans: &[Planned],
+        usage: &[Option<crate::quota::Usage>],
+        input_estimate: Option<u64>,
+    ) {
+        use crate::quota::rules::OnExceed;
+        let cutoff = plans
+            .iter()
+            .zip(usage)
+            .filter(|(p, _)| !p.charge.shadow)
+            .filter(|(p, _)| {
+                self.rules
+                    .iter()
+                    .any(|r| r.name == p.label && r.on_exceed == Some(OnExceed::EndStream))
+            })
+            .filter_map(|(p, u)| {
+                let reserved = match p.measure {
+                    Cost::OutputTokens => p.charge.cost,
+                    Cost::Tokens => p.charge.cost.saturating_sub(input_estimate.unwrap_or(0)),
+                    _ => return None,
+                };
+                let headroom = u.as_ref().map_or(0, |u| u.remaining(p.charge.limit));
+                Some(StreamCutoff {
+                    rule: p.label.clone(),
+                    output_tokens: reserved.saturating_add(headroom),
+                })
+            })
+            .min_by_key(|c| c.output_tokens);
+        if let Some(c) = cutoff {
+            self.stream_cutoffs.insert(request_id.to_string(), c);
+        }
+    }
+
     /// Charges the quota rules that apply to an allowed decision; budget
     /// rules reserve the request's estimated usage (see
     /// [`crate::quota::reserve`]).
@@ -91,6 +144,7 @@ impl Engine {
             QuotaDecision::Allowed { usage } => {
                 if let Some(r) = reservation.as_ref().filter(|r| r.kept()) {
                     self.log_reserved(&decision.request_id, &plans, r);
+                    self.remember_cutoff(&decision.request_id, &plans, &usage, r.input_estimate);
                 }
                 decision.quota = plans
                     .iter()

@@ -144,6 +144,25 @@ pub struct QuotaRule {
     /// (`charge` or `release`). Unset: `quota.on_expiry`.
     #[serde(default)]
     pub on_expiry: Option<super::reserve::Fate>,
+    /// Token budgets: what happens when a streamed response that ext_proc
+    /// watches outgrows what was reserved for it plus the budget's headroom
+    /// left at admission (`end_stream`: the stream is cut at an event
+    /// boundary with a final `event: error`). Unset: `continue`.
+    #[serde(default)]
+    pub on_exceed: Option<OnExceed>,
+}
+
+/// What a streamed response does when it crosses a hard token budget
+/// mid-stream (`on_exceed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceed {
+    /// The stream completes; settlement charges the excess (the default).
+    #[default]
+    Continue,
+    /// The stream ends after the last complete event that fits, with a final
+    /// SSE `event: error` (`{"error":{"code":"over_budget","rule":…}}`).
+    EndStream,
 }
 
 /// A charge with what the engine needs to report and fail it.
@@ -207,6 +226,15 @@ impl QuotaRule {
             return Err(format!(
                 "quota.rules {:?}: on_expiry applies to token and usd budgets (concurrency slots are always released)",
                 self.name
+            ));
+        }
+        if self.on_exceed == Some(OnExceed::EndStream)
+            && (self.shadow || !matches!(self.cost, Cost::Tokens | Cost::OutputTokens))
+        {
+            return Err(format!(
+                "quota.rules {:?}: on_exceed = \"end_stream\" applies to enforced tokens and output_tokens budgets (not shadow, not {})",
+                self.name,
+                self.cost.name()
             ));
         }
         if self.requests_per_unit.is_none() && self.tiers.is_empty() {
@@ -427,6 +455,7 @@ mod tests {
             default_output_tokens: None,
             unestimated_reserve: None,
             on_expiry: None,
+            on_exceed: None,
         }
     }
 
@@ -522,5 +551,24 @@ mod tests {
             plan(&r, &q).expect("applies").charge.key,
             plans[0].charge.key
         );
+    }
+
+    #[test]
+    fn end_stream_applies_to_enforced_token_budgets_only() {
+        let mut r = rule();
+        r.on_exceed = Some(OnExceed::EndStream);
+        assert!(
+            r.validate().is_err_and(|e| e.contains("end_stream")),
+            "requests"
+        );
+        r.cost = Cost::Tokens;
+        assert_eq!(r.validate(), Ok(()));
+        r.cost = Cost::OutputTokens;
+        assert_eq!(r.validate(), Ok(()));
+        r.cost = Cost::Usd;
+        assert!(r.validate().is_err(), "usd cutoffs are not built");
+        r.cost = Cost::Tokens;
+        r.shadow = true;
+        assert!(r.validate().is_err(), "a shadow budget never ends a stream");
     }
 }

@@ -131,6 +131,11 @@ impl UsageReader {
         }
     }
 
+    /// Whether the response is a server-sent-event stream.
+    pub fn is_sse(&self) -> bool {
+        self.sse
+    }
+
     /// Feeds the next chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
         if !self.sse {
@@ -213,6 +218,16 @@ impl UsageReader {
             text += s.len() as u64;
         }
         self.streamed_text_bytes = self.streamed_text_bytes.saturating_add(text);
+    }
+
+    /// Output tokens generated so far: the largest reported count, or the
+    /// streamed text counted (one token per 4 bytes), whichever is larger.
+    /// Cheap: no parsing beyond what [`Self::feed`] already did.
+    pub fn output_so_far(&self) -> u64 {
+        self.found
+            .output
+            .max(self.streamed_text_bytes.div_ceil(4))
+            .min(MAX_TOKENS)
     }
 
     fn merge(&mut self, u: Observed) {
@@ -329,5 +344,21 @@ mod tests {
         let seen = read("text/event-stream", &[bare]);
         assert_eq!((seen.input, seen.output, seen.reported), (None, 3, false));
         assert_eq!(seen.usage(40).input, 40);
+    }
+
+    #[test]
+    fn output_so_far_grows_with_the_deltas_and_the_reported_count() {
+        let mut r = UsageReader::new(Some("text/event-stream"));
+        assert_eq!(r.output_so_far(), 0);
+        r.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"abcdefgh\"}}]}\n\n");
+        assert_eq!(r.output_so_far(), 2);
+        // A partial line is not counted until it ends.
+        r.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"ijkl\"}}]}");
+        assert_eq!(r.output_so_far(), 2);
+        r.feed(b"\n\n");
+        assert_eq!(r.output_so_far(), 3);
+        // Anthropic's cumulative count wins when larger.
+        r.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n");
+        assert_eq!(r.output_so_far(), 40);
     }
 }
