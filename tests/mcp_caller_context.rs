@@ -244,22 +244,7 @@ async fn per_originating_request_scenario(tg: &Tollgate) {
         assert_eq!(a.status, 200, "transfer {i}: {}", a.body);
     }
     let over = runtime_call(tg, "/mcp", Some(&first), "transfer", transfer.clone()).await;
-    assert_eq!(over.status, 429, "{}", over.body);
-    assert_eq!(over.body["jsonrpc"], json!("2.0"));
-    assert_eq!(over.body["id"], json!(3));
-    assert_eq!(over.body["error"]["code"], json!(-32029));
-    assert_eq!(over.body["error"]["data"]["reason"], json!("over_quota"));
-    assert_eq!(over.body["error"]["data"]["tool"], json!("transfer"));
-    assert_eq!(
-        over.body["error"]["data"]["rule"],
-        json!("transfers-per-originating-request")
-    );
-    let retry: u64 = over
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.parse().ok())
-        .expect("Retry-After");
-    assert!((1..=86_400).contains(&retry), "{retry}");
+    over.assert_over_quota("transfers-per-originating-request", "transfer", 86_400);
     // Another originating request has its own two.
     let a = runtime_call(tg, "/mcp", Some(&second), "transfer", transfer.clone()).await;
     assert_eq!(a.status, 200, "{}", a.body);

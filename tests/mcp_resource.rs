@@ -238,22 +238,7 @@ async fn tool_quota_scenario(tg: &Tollgate) {
         assert_eq!(ask(tg, &key, &transfer).await.status, 200, "transfer {i}");
     }
     let over = ask(tg, &key, &transfer).await;
-    assert_eq!(over.status, 429, "{}", over.body);
-    assert_eq!(over.body["jsonrpc"], json!("2.0"));
-    assert_eq!(over.body["id"], json!(3));
-    assert_eq!(over.body["error"]["code"], json!(-32029));
-    assert_eq!(over.body["error"]["data"]["reason"], json!("over_quota"));
-    assert_eq!(over.body["error"]["data"]["tool"], json!("transfer"));
-    assert_eq!(
-        over.body["error"]["data"]["rule"],
-        json!("calls-per-caller-and-tool")
-    );
-    let retry: u64 = over
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.parse().ok())
-        .expect("Retry-After");
-    assert!((1..=60).contains(&retry), "{retry}");
+    over.assert_over_quota("calls-per-caller-and-tool", "transfer", 60);
     // All-or-nothing: the refused transfer did not count for the tenant.
     assert_eq!(ask(tg, &key, &balance).await.status, 200);
     let tenant_over = ask(tg, &key, &balance).await;

@@ -126,6 +126,26 @@ pub struct McpAnswer {
     pub removed: Vec<String>,
 }
 
+impl McpAnswer {
+    /// A JSON-RPC 429 for request id 3: `-32029`, `over_quota`, naming
+    /// `rule` and `tool`, with a `Retry-After` of 1 to `max_retry` seconds.
+    pub fn assert_over_quota(&self, rule: &str, tool: &str, max_retry: u64) {
+        assert_eq!(self.status, 429, "{}", self.body);
+        assert_eq!(self.body["jsonrpc"], json!("2.0"));
+        assert_eq!(self.body["id"], json!(3));
+        assert_eq!(self.body["error"]["code"], json!(-32029));
+        let data = &self.body["error"]["data"];
+        assert_eq!(data["reason"], json!("over_quota"), "{}", self.body);
+        assert_eq!((&data["tool"], &data["rule"]), (&json!(tool), &json!(rule)));
+        let retry: u64 = self
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After");
+        assert!((1..=max_retry).contains(&retry), "{retry}");
+    }
+}
+
 /// Sends one CheckRequest for an MCP endpoint to Tollgate's ext_authz.
 pub async fn ask_mcp(
     tg: &Tollgate,
