@@ -9,42 +9,11 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
+use support::agents::{
+    CC, RUNTIME, SEED_NEW, SEED_OLD, SEED_RETIRED, SEED_STRANGER, one_key, paid_claims,
+};
 use support::{DEMO_PAID_KEY, Tollgate, check_request, ext_authz, set_source, test_config};
-use tollgate::agents::caller_context::{Claims, KeyRing};
-use tollgate::identity::{Principal, PrincipalKind};
 use tollgate::routes::RouteSpec;
-
-const CC: &str = "x-tollgate-caller-context";
-const RUNTIME: &str = "spiffe://acme.example/ns/agents/sa/runtime";
-const SEED_NEW: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
-const SEED_OLD: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
-const SEED_RETIRED: &str = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=";
-const SEED_STRANGER: &str = "BAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=";
-
-fn one_key(kid: &str, seed: &str) -> KeyRing {
-    KeyRing::parse(&format!("[[keys]]\nkid = \"{kid}\"\nseed = \"{seed}\"\n")).expect("key")
-}
-
-fn paid_claims(rid: &str, tools: &[&str], iat: SystemTime) -> Claims {
-    let p = Principal {
-        kind: PrincipalKind::ApiKey,
-        id: "demo-paid".into(),
-        tenant: Some("acme".into()),
-        tier: Some("paid".into()),
-        scopes: vec!["llm:generate".into()],
-        groups: vec![],
-        models: vec![],
-    };
-    let tools = tools.iter().map(|t| t.to_string()).collect();
-    Claims::for_request(
-        &p,
-        rid,
-        Some("llama-3-8b"),
-        tools,
-        iat,
-        Duration::from_secs(300),
-    )
-}
 
 async fn start(dir: &std::path::Path, max_uses: u64) -> Tollgate {
     let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();

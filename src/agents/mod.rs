@@ -125,6 +125,9 @@ pub struct AgentFacts {
     pub agent: Option<String>,
     /// The service carrying a user's token.
     pub via: Option<String>,
+    /// The originating request id (`rid`) of a verified caller context:
+    /// what `per = ["caller_context"]` quota rules count by.
+    pub origin_request: Option<String>,
 }
 
 #[cfg(test)]

@@ -193,6 +193,7 @@ pub(super) fn rule_counters(
             resource_id: model,
             estimate: &estimate,
             prices: &prices,
+            caller_context: None,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for p in &mut plans {

@@ -83,6 +83,8 @@ pub async fn run(config: Config, command: UsageCommand) -> anyhow::Result<ExitCo
                     Per::Action => {
                         format!("action={}", rule.actions.first().map_or("", String::as_str))
                     }
+                    // Per originating request: never planned without one.
+                    Per::CallerContext => "caller_context=-".to_string(),
                 })
                 .collect();
             let per = if per.is_empty() {

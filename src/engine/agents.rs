@@ -132,6 +132,7 @@ impl Engine {
             principal: original,
             facts: AgentFacts {
                 agent: Some(caller.id),
+                origin_request: Some(claims.rid.clone()),
                 ..AgentFacts::default()
             },
             claims: Some(claims),
@@ -206,8 +207,14 @@ impl Engine {
         hop: Option<&Claims>,
         decision: &mut Decision,
     ) {
+        let tool = decision
+            .resource
+            .as_deref()
+            .and_then(|r| r.strip_prefix("Tool::\""))
+            .and_then(|r| r.strip_suffix('"'))
+            .map(str::to_string);
         if let Some(claims) = hop
-            && let Err(outcome) = bound_by(claims, decision)
+            && let Err(outcome) = bound_by(claims, tool.as_deref(), decision)
         {
             decision.outcome = outcome;
             return;
@@ -329,14 +336,15 @@ impl Engine {
     }
 }
 
-/// What a hop's caller context binds: a `Tool` resource must be one of its
-/// tools, and a model the hop names must be its model.
-fn bound_by(claims: &Claims, decision: &mut Decision) -> Result<(), Outcome> {
-    if let Some(tool) = decision
-        .resource
-        .as_deref()
-        .and_then(|r| r.strip_prefix("Tool::\""))
-        .and_then(|r| r.strip_suffix('"'))
+/// What a hop's caller context binds: the tool called (a `Tool` resource
+/// on an HTTP route, the `params.name` of an MCP `tools/call`) must be one
+/// of its tools, and a model the hop names must be its model.
+pub(super) fn bound_by(
+    claims: &Claims,
+    tool: Option<&str>,
+    decision: &mut Decision,
+) -> Result<(), Outcome> {
+    if let Some(tool) = tool
         && !claims.tools.iter().any(|t| t == tool)
     {
         decision.agent.tool = Some(tool.to_string());

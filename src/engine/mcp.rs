@@ -11,6 +11,7 @@ use cedar_policy::{Context, EntityId, EntityTypeName, EntityUid, Request, Reques
 use serde_json::{Value, json};
 
 use super::Engine;
+use crate::agents::caller_context::Claims;
 use crate::decision::{Decision, Outcome, Reason};
 use crate::identity::{Principal, PrincipalKind};
 use crate::mcp::envoy_metadata;
@@ -159,15 +160,23 @@ impl Engine {
             Err(Reason::Unavailable) => Err(Outcome::Unavailable(Reason::Unavailable)),
             Err(r) => Err(Outcome::Unauthenticated(r)),
         };
-        let outcome = match principal {
-            Ok(principal) => {
-                decision.principal = Some(principal.clone());
+        // The runtime (mTLS) presenting a caller context is decided as the
+        // original caller, with `context.agent`: the same hop as on an HTTP
+        // route (verification, use count, then the tool binding below).
+        let hop = match principal {
+            Ok(caller) => self.agent_hop(request, caller).await,
+            Err(outcome) => Err(outcome),
+        };
+        let outcome = match hop {
+            Ok(hop) => {
+                decision.principal = Some(hop.principal.clone());
+                decision.agent = hop.facts;
                 self.mcp_verdict(
                     snapshot,
                     request,
                     server,
                     index,
-                    &principal,
+                    (&hop.principal, hop.claims.as_ref()),
                     &mut decision,
                     &mut facts,
                 )
@@ -186,7 +195,7 @@ impl Engine {
         request: &HttpRequest,
         server: &McpServerConfig,
         index: usize,
-        principal: &Principal,
+        (principal, hop): (&Principal, Option<&Claims>),
         decision: &mut Decision,
         facts: &mut McpFacts,
     ) -> Outcome {
@@ -282,6 +291,34 @@ impl Engine {
             }
             if !declared.actions.contains(&action) {
                 return Outcome::Forbidden(Reason::UnknownTool);
+            }
+        }
+        if let Some(claims) = hop {
+            let tool = facts.tool.clone();
+            if let Err(outcome) = super::agents::bound_by(claims, tool.as_deref(), decision) {
+                return outcome;
+            }
+        }
+        let acting = [
+            ("agent", &decision.agent.agent),
+            ("via", &decision.agent.via),
+        ];
+        if acting.iter().any(|(_, v)| v.is_some()) {
+            // A schema whose action context has no `agent` / `via` could not
+            // let a policy see who acts for the principal: refuse the hop
+            // rather than decide it as a direct call.
+            let types = self.mcp.types(snapshot);
+            if !types
+                .get(&server.namespace)
+                .is_some_and(|t| t.hop_actions.contains(&action))
+            {
+                tracing::warn!(request_id = %request.request_id, %action, "the schema's MCP action context declares no agent/via; regenerate it with `tollgate mcp schema`");
+                return Outcome::Forbidden(Reason::PolicyError);
+            }
+            for (k, v) in acting {
+                if let Some(v) = v {
+                    context[k] = json!(v);
+                }
             }
         }
         let uids = (

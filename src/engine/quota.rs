@@ -104,6 +104,7 @@ impl Engine {
             resource_id: &resource_id,
             estimate: &estimate,
             prices: &self.prices,
+            caller_context: decision.agent.origin_request.as_deref(),
         };
         let mut plans: Vec<Planned> = Vec::new();
         for rule in &self.rules {

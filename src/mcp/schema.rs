@@ -6,7 +6,10 @@
 //! is `{ input: <tool>Input }` typed from the tool's `inputSchema`; the
 //! resource is the MCP server entity; principals are Tollgate's caller types.
 //! Tools are grouped under the action `"tools/call"`, so `action in
-//! Mcp::Action::"tools/call"` means "any tool".
+//! Mcp::Action::"tools/call"` means "any tool". Every action's context also
+//! declares `agent?` (the agent runtime presenting a signed caller context)
+//! and `via?` (a service carrying a user's token): without them such a hop
+//! is refused (`policy_error`), since a policy could not see who acts.
 //!
 //! JSON Schema → Cedar: `string` → `String` (also with `enum`), `integer` →
 //! `Long`, `number` → `decimal`, `boolean` → `Bool`, `array` with `items` →
@@ -102,6 +105,7 @@ pub fn generate(list: &Value, options: &SchemaOptions) -> Result<String, SchemaG
     let tools = tools_of(list)?;
     let principals = options.principals.join(", ");
     let applies = |context: &str| {
+        let context = with_hop_attributes(context);
         format!(
             "appliesTo {{\n    principal: [{principals}],\n    resource: [McpServer],\n    context: {context}\n  }}"
         )
@@ -176,6 +180,15 @@ pub fn generate(list: &Value, options: &SchemaOptions) -> Result<String, SchemaG
     }
     out.push_str("}\n");
     Ok(out)
+}
+
+/// A context record with the optional `agent` and `via` of a hop added.
+fn with_hop_attributes(record: &str) -> String {
+    const HOP: &str = "\"agent\"?: String, \"via\"?: String";
+    match record.strip_suffix(" }") {
+        Some(fields) if fields != "{" => format!("{fields}, {HOP} }}"),
+        _ => format!("{{ {HOP} }}"),
+    }
 }
 
 fn quoted(s: &str) -> String {

@@ -45,6 +45,9 @@ pub struct ToolTypes {
     pub tools: HashMap<String, Ty>,
     /// Action ids the namespace declares (tools and method actions).
     pub actions: std::collections::HashSet<String>,
+    /// Action ids whose context declares `agent` and `via`: the only ones a
+    /// hop (signed caller context, token carrier) can be decided on.
+    pub hop_actions: std::collections::HashSet<String>,
 }
 
 impl ToolTypes {
@@ -73,13 +76,18 @@ impl ToolTypes {
             .flatten()
         {
             out.actions.insert(name.clone());
-            let input = action
+            let attrs = match action
                 .pointer("/appliesTo/context")
                 .map(|c| resolve(c, &common, namespace, 0))
-                .and_then(|c| match c {
-                    Ty::Record(attrs) => attrs.into_iter().find(|a| a.name == "input"),
-                    _ => None,
-                });
+            {
+                Some(Ty::Record(attrs)) => attrs,
+                _ => Vec::new(),
+            };
+            let declares = |n: &str| attrs.iter().any(|a| a.name == n && a.ty == Ty::Str);
+            if declares("agent") && declares("via") {
+                out.hop_actions.insert(name.clone());
+            }
+            let input = attrs.into_iter().find(|a| a.name == "input");
             if let Some(attr) = input {
                 out.tools.insert(name.clone(), attr.ty);
             }

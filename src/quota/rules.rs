@@ -3,7 +3,7 @@
 //! ```toml
 //! [[quota.rules]]
 //! name = "key-per-minute"
-//! per = ["key"]                 # key, tenant, group, model, tier, action (tool); empty = one global counter
+//! per = ["key"]                 # key, tenant, group, model, tier, action (tool), caller_context; empty = one global counter
 //! unit = "minute"
 //! tiers = { free = 20, paid = 600, enterprise = 6000 }
 //! requests_per_unit = 100       # for tiers not listed (optional)
@@ -44,6 +44,11 @@ pub enum Per {
     /// (`tool` is an alias), so one rule keeps a counter per tool.
     #[serde(alias = "tool")]
     Action,
+    /// The originating request of a verified signed caller context (its
+    /// `rid`): with `tool`, "at most N calls of this tool per originating
+    /// request", whichever hop makes them. A request without a caller
+    /// context is not limited by the rule.
+    CallerContext,
 }
 
 /// What a request costs against a rule.
@@ -192,6 +197,8 @@ pub struct PlanInput<'a> {
     pub resource_id: &'a str,
     pub estimate: &'a Estimate,
     pub prices: &'a Prices,
+    /// The originating request id of the request's verified caller context.
+    pub caller_context: Option<&'a str>,
 }
 
 impl QuotaRule {
@@ -365,6 +372,11 @@ impl QuotaRule {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
+        let origin = match (self.per.contains(&Per::CallerContext), input.caller_context) {
+            (false, _) => "-",
+            (true, Some(rid)) => rid,
+            (true, None) => return Ok(Vec::new()),
+        };
         let cost = self.reservation(limit, input)?;
         let tenant = principal.tenant.as_deref().unwrap_or("-");
         let mut planned = Vec::with_capacity(groups.len());
@@ -378,6 +390,7 @@ impl QuotaRule {
                     Per::Model => ("model", input.resource_id.to_string()),
                     Per::Tier => ("tier", principal.tier.clone().unwrap_or_else(|| "-".into())),
                     Per::Action => ("action", input.action.to_string()),
+                    Per::CallerContext => ("caller_context", origin.to_string()),
                 };
                 entries.push((k.to_string(), v));
             }
@@ -468,6 +481,7 @@ mod tests {
             resource_id: "m",
             estimate: &estimate,
             prices: &prices,
+            caller_context: None,
         })
         .expect("plans")
         .pop()
@@ -540,6 +554,7 @@ mod tests {
                 resource_id: "m",
                 estimate: &estimate,
                 prices: &prices,
+                caller_context: None,
             })
             .expect("plans");
         assert_eq!(plans.len(), 2);
@@ -570,5 +585,43 @@ mod tests {
         r.cost = Cost::Tokens;
         r.shadow = true;
         assert!(r.validate().is_err(), "a shadow budget never ends a stream");
+    }
+
+    #[test]
+    fn a_caller_context_rule_counts_per_originating_request_and_skips_requests_without_one() {
+        let mut r = rule();
+        r.per = vec![Per::CallerContext, Per::Action];
+        r.requests_per_unit = Some(2.0);
+        let p = key("a", "acme", "paid");
+        let (estimate, prices) = (Estimate::default(), Prices::default());
+        let plan_for = |rid: Option<&str>, action: &str| {
+            r.plan(&PlanInput {
+                principal: &p,
+                action,
+                resource_id: "bank",
+                estimate: &estimate,
+                prices: &prices,
+                caller_context: rid,
+            })
+            .expect("plans")
+        };
+        assert!(
+            plan_for(None, "transfer").is_empty(),
+            "no context, no counter"
+        );
+        let one = plan_for(Some("rid-1"), "transfer");
+        let two = plan_for(Some("rid-2"), "transfer");
+        assert_eq!((one.len(), one[0].charge.limit), (1, 2));
+        assert_ne!(one[0].charge.key, two[0].charge.key);
+        assert_ne!(
+            one[0].charge.key,
+            plan_for(Some("rid-1"), "get_balance")[0].charge.key
+        );
+        assert_eq!(one, plan_for(Some("rid-1"), "transfer"));
+        let parsed: QuotaRule = toml::from_str(
+            "name = \"n\"\nper = [\"caller_context\", \"tool\"]\nunit = \"day\"\nlimit = 2\n",
+        )
+        .expect("parses");
+        assert_eq!(parsed.per, [Per::CallerContext, Per::Action]);
     }
 }

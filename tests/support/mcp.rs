@@ -115,3 +115,84 @@ impl McpStack {
         assert_eq!(free[0]["tools"], json!(["get_balance"]), "{free:?}");
     }
 }
+
+/// What ext_authz answered an MCP request: status, JSON-RPC error body
+/// (deny), headers set (allow: for the MCP server; deny: for the client)
+/// and removed (allow).
+pub struct McpAnswer {
+    pub status: u16,
+    pub body: Value,
+    pub headers: std::collections::HashMap<String, String>,
+    pub removed: Vec<String>,
+}
+
+impl McpAnswer {
+    /// A JSON-RPC 429 for request id 3: `-32029`, `over_quota`, naming
+    /// `rule` and `tool`, with a `Retry-After` of 1 to `max_retry` seconds.
+    pub fn assert_over_quota(&self, rule: &str, tool: &str, max_retry: u64) {
+        assert_eq!(self.status, 429, "{}", self.body);
+        assert_eq!(self.body["jsonrpc"], json!("2.0"));
+        assert_eq!(self.body["id"], json!(3));
+        assert_eq!(self.body["error"]["code"], json!(-32029));
+        let data = &self.body["error"]["data"];
+        assert_eq!(data["reason"], json!("over_quota"), "{}", self.body);
+        assert_eq!((&data["tool"], &data["rule"]), (&json!(tool), &json!(rule)));
+        let retry: u64 = self
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After");
+        assert!((1..=max_retry).contains(&retry), "{retry}");
+    }
+}
+
+/// Sends one CheckRequest for an MCP endpoint to Tollgate's ext_authz.
+pub async fn ask_mcp(
+    tg: &Tollgate,
+    request: envoy_types::pb::envoy::service::auth::v3::CheckRequest,
+) -> McpAnswer {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    let mut client = AuthorizationClient::new(tg.channel().await);
+    let resp = client.check(request).await.expect("check").into_inner();
+    let pairs = |headers: Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption>| {
+        headers
+            .into_iter()
+            .filter_map(|h| h.header)
+            .map(|h| (h.key, h.value))
+            .collect()
+    };
+    match resp.http_response.expect("http_response") {
+        HttpResponse::OkResponse(ok) => McpAnswer {
+            status: 200,
+            body: Value::Null,
+            headers: pairs(ok.headers),
+            removed: ok.headers_to_remove,
+        },
+        HttpResponse::DeniedResponse(d) => McpAnswer {
+            status: d.status.map_or(0, |s| s.code as u16),
+            body: serde_json::from_str(&d.body).expect("JSON-RPC error body"),
+            headers: pairs(d.headers),
+            removed: Vec::new(),
+        },
+        HttpResponse::ErrorResponse(e) => panic!("{e:?}"),
+    }
+}
+
+/// A JSON-RPC `tools/call` of `tool` with `args` (id 3).
+pub fn tools_call(tool: &str, args: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+           "params": {"name": tool, "arguments": args}})
+    .to_string()
+}
+
+/// `[mcp]` from the TOML of its section's body (`[[mcp.servers]]` …).
+pub fn mcp_section(toml: &str) -> tollgate::mcp::McpConfig {
+    #[derive(serde::Deserialize)]
+    struct Mcp {
+        mcp: tollgate::mcp::McpConfig,
+    }
+    toml::from_str::<Mcp>(&format!("[mcp]\n{toml}\n"))
+        .expect("toml")
+        .mcp
+}

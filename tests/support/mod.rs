@@ -835,6 +835,7 @@ impl Drop for Sentinel {
     }
 }
 
+pub mod agents;
 pub mod gateway;
 /// JWT keys, tokens and a changeable identity provider.
 pub mod jwt;
