@@ -186,6 +186,9 @@ pub struct Key {
     pub action: String,
     pub resource: String,
     pub context: Vec<(u16, Node)>,
+    /// `context.agent` and `context.via` of an agents hop (merged into the
+    /// Cedar context after [`project`]'s parts): `(agent, via)`.
+    pub hop: (Option<String>, Option<String>),
 }
 
 /// The verdicts of one policy snapshot version.

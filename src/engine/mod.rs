@@ -462,6 +462,7 @@ impl Engine {
                             &inputs,
                             generation.wanted(),
                         ),
+                        hop: (agent.agent.clone(), agent.via.clone()),
                     };
                     (generation, key)
                 })
