@@ -661,8 +661,10 @@ pub fn check_request(
 }
 
 /// A TCP proxy between a client and a server on loopback that forwards both
-/// ways and, on demand, drops exactly one chunk the server sends (one reply,
-/// for a request-reply protocol used one call at a time).
+/// ways and, on demand, drops the reply to the next Redis script call
+/// (`EVAL`/`EVALSHA`): the next chunk the server sends on the connection that
+/// carried that call. Other traffic (health pings, pub/sub, clock reads on
+/// other connections) is never the one dropped.
 pub struct FaultProxy {
     pub port: u16,
     drop_next_reply: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -681,7 +683,7 @@ impl FaultProxy {
         let port = listener.local_addr().expect("addr").port();
         let drop_next_reply = std::sync::Arc::new(AtomicBool::new(false));
         let dropped = std::sync::Arc::new(AtomicU64::new(0));
-        let (flag, count) = (drop_next_reply.clone(), dropped.clone());
+        let (armed, count) = (drop_next_reply.clone(), dropped.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
@@ -690,10 +692,28 @@ impl FaultProxy {
                 };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
+                // Set when this connection carried the armed script call:
+                // its next server chunk is that call's reply.
+                let drop_here = std::sync::Arc::new(AtomicBool::new(false));
+                let (armed_up, drop_up) = (armed.clone(), drop_here.clone());
                 tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        let is_script = chunk.windows(4).any(|w| w.eq_ignore_ascii_case(b"eval"));
+                        if is_script && armed_up.swap(false, Ordering::SeqCst) {
+                            drop_up.store(true, Ordering::SeqCst);
+                        }
+                        if sw.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
                 });
-                let (flag, count) = (flag.clone(), count.clone());
+                let count = count.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
@@ -701,7 +721,7 @@ impl FaultProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if flag.swap(false, Ordering::SeqCst) {
+                        if drop_here.swap(false, Ordering::SeqCst) {
                             count.fetch_add(1, Ordering::SeqCst);
                             continue;
                         }
@@ -720,7 +740,8 @@ impl FaultProxy {
         }
     }
 
-    /// The next chunk any server connection sends is dropped.
+    /// The reply to the next script call (on whichever connection carries
+    /// it) is dropped.
     pub fn drop_next_reply(&self) {
         self.drop_next_reply
             .store(true, std::sync::atomic::Ordering::SeqCst);
