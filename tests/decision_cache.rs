@@ -455,3 +455,77 @@ proptest! {
         }
     }
 }
+
+/// A grant the example policies leave out: users may fine-tune shared
+/// models, so the example `no-finetune-via-service` forbid is what tells a
+/// user's direct request from the same user's token carried by a service.
+const USERS_FINETUNE: &str = r#"
+@id("cache-users-finetune")
+permit (principal is User, action == Action::"finetune", resource is Model)
+when { !resource.private && context.body.complete };
+"#;
+
+/// A user's fine-tuning request with bearer `token`, from loopback (the
+/// example `admin-networks` policy), carried by service `via` (its mTLS
+/// identity) or sent directly: (status, reason code).
+async fn finetune(tg: &Tollgate, token: &str, via: Option<&str>) -> (u16, String) {
+    let auth = format!("Bearer {token}");
+    let mut request = check_request(
+        "POST",
+        "/v1/fine_tuning/jobs",
+        &[
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model":"llama-3-8b","training_file":"file-1"}"#,
+    );
+    support::set_source(&mut request, Some("127.0.0.1"), via.unwrap_or(""), "");
+    let v: Verdict = ext_authz(tg, request).await;
+    (v.status, v.code)
+}
+
+/// A token carrier's request (`context.via`) and the same user's direct
+/// request are decided apart with the cache on, whichever is asked first:
+/// a verdict cached for one is never the other's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_carried_token_and_the_direct_request_are_cached_apart() {
+    use support::agents::RUNTIME;
+    use support::jwt::{Idp, claims_with, issuer, keypair, mint};
+    let dir = support::copy_policies();
+    std::fs::write(dir.path().join("users-finetune.cedar"), USERS_FINETUNE).expect("policy");
+    let (signer, jwk) = keypair(dir.path(), "ec", 256, "k1");
+    let idp = Idp::start().await;
+    idp.jwks(&[&jwk]);
+    let mut config = test_config();
+    config.policy.dir = dir.path().to_path_buf();
+    config.policy.decision_cache = Some(ON);
+    config.identity.jwt_issuers = vec![issuer(&idp.url("/jwks"), "")];
+    config.identity.mtls_trust_domains = vec!["acme.example".into()];
+    config.agents.token_carriers = Some(vec![RUNTIME.into()]);
+    let mut tg = Tollgate::start(config).await;
+    let direct = (200, "allowed".to_string());
+    let carried = (403, "policy_denied".to_string());
+
+    // Alice directly first, then carried; Bob carried first, then directly.
+    // Each request is asked twice, so the second answer is the cache's.
+    let alice = mint(&signer, &claims_with(serde_json::json!({"sub": "alice"})));
+    let bob = mint(&signer, &claims_with(serde_json::json!({"sub": "bob"})));
+    for (who, token, order) in [
+        ("alice", &alice, [None, Some(RUNTIME)]),
+        ("bob", &bob, [Some(RUNTIME), None]),
+    ] {
+        for via in order {
+            let want = if via.is_some() { &carried } else { &direct };
+            for round in 0..2 {
+                let got = finetune(&tg, token, via).await;
+                assert_eq!(&got, want, "{who} via {via:?}, round {round}");
+            }
+        }
+    }
+    let text = support::metrics_text(tg.admin).await;
+    assert!(
+        support::metric_prefix(&text, "tollgate_decision_cache_hits_total") >= 4.0,
+        "repeated requests were served cached"
+    );
+    tg.stop().await;
+}
