@@ -142,6 +142,46 @@ fn check_explains_a_decision() {
     assert!(text(&out).contains("decision: allow"));
 }
 
+/// `check` decides an API key principal as `serve` does: its entity comes
+/// from the configured keys file (here the demo keys), no `--entities`.
+#[test]
+fn check_reads_key_principals_from_the_keys_file() {
+    let check = |principal: &str, resource: &str| {
+        tollgate(&[
+            "check",
+            "--principal",
+            principal,
+            "--action",
+            "Action::\"chat\"",
+            "--resource",
+            resource,
+        ])
+    };
+    let out = check("ApiKey::\"demo-paid\"", "Model::\"llama-3-8b\"");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("decision: allow") && t.contains("keys-use-shared-models"),
+        "{t}"
+    );
+    // The key's tier comes from the file: free keys reach small models only.
+    let out = check("ApiKey::\"demo-free\"", "Model::\"llama-3-70b\"");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("free-tier-small-models-only"), "{t}");
+    // Its tenant too: acme's private model, not globex's.
+    let out = check("ApiKey::\"demo-globex\"", "Model::\"acme-support-ft\"");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // A key id the file lacks: say what to pass instead.
+    let out = check("ApiKey::\"nope\"", "Model::\"llama-3-8b\"");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("no key with id \"nope\"") && t.contains("--entities"),
+        "{t}"
+    );
+}
+
 #[test]
 fn broken_config_stops_start_up_with_what_to_fix() {
     let dir = tempfile::tempdir().expect("tempdir");

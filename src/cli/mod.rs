@@ -442,18 +442,26 @@ fn check(
             .map_err(|e| anyhow::anyhow!("--context is not JSON: {e}"))?;
         context::merge(&mut context_json, &overlay);
     }
-    let entities = entities
+    let mut entities: Option<serde_json::Value> = entities
         .map(|t| serde_json::from_str(&t))
         .transpose()
         .map_err(|e| anyhow::anyhow!("--entities is not JSON: {e}"))?;
+    let principal = parse_uid(&principal).map_err(|e| anyhow::anyhow!("--principal: {e}"))?;
+    let snapshot = store.snapshot();
+    if let Some(entity) = key_entity(&config, &snapshot, &principal, entities.as_ref())? {
+        match &mut entities {
+            Some(serde_json::Value::Array(list)) => list.push(entity),
+            Some(_) => anyhow::bail!("--entities must be a JSON array of entities"),
+            None => entities = Some(serde_json::Value::Array(vec![entity])),
+        }
+    }
     let query = CedarQuery {
-        principal: parse_uid(&principal).map_err(|e| anyhow::anyhow!("--principal: {e}"))?,
+        principal,
         action: parse_uid(&action).map_err(|e| anyhow::anyhow!("--action: {e}"))?,
         resource: parse_uid(&resource).map_err(|e| anyhow::anyhow!("--resource: {e}"))?,
         context: Some(context_json),
         entities,
     };
-    let snapshot = store.snapshot();
     let verdict = engine::decide_query(
         &Authorizer::new(),
         &snapshot,
@@ -471,6 +479,49 @@ fn check(
     } else {
         ExitCode::from(2)
     })
+}
+
+/// The entity of an `ApiKey` principal from the configured keys file, as
+/// `serve` builds it for a request made with that key (tenant, tier,
+/// scopes, groups, models): `None` when the principal is not an API key,
+/// when the policy entities or `--entities` already define it, or when no
+/// keys file is configured. A key id the keys file lacks is an error.
+fn key_entity(
+    config: &Config,
+    snapshot: &crate::policy::Snapshot,
+    (kind, id): &(String, String),
+    extra: Option<&serde_json::Value>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(file) = config
+        .identity
+        .api_keys_file
+        .as_ref()
+        .filter(|_| kind == "ApiKey")
+    else {
+        return Ok(None);
+    };
+    let uid = crate::engine::principal::entity_uid(kind, id).map_err(anyhow::Error::msg)?;
+    let named =
+        |e: &serde_json::Value| e["uid"]["type"] == kind.as_str() && e["uid"]["id"] == id.as_str();
+    let in_extra = extra
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|list| list.iter().any(named));
+    if in_extra || snapshot.entities.get(&uid).is_some() {
+        return Ok(None);
+    }
+    let path = config.resolve(file);
+    let index = KeyIndex::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(record) = index.lookup(id) else {
+        anyhow::bail!(
+            "--principal: no key with id {id:?} in {}; give its entity with --entities",
+            path.display()
+        );
+    };
+    let entity =
+        crate::engine::principal::entity(&record.principal()).map_err(anyhow::Error::msg)?;
+    Ok(Some(
+        entity.to_json_value().map_err(|e| anyhow::anyhow!("{e}"))?,
+    ))
 }
 
 fn list(items: &[String]) -> String {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 use super::keys::{Effective, KeySource, effective, now_secs, sha256};
-use super::{Authentication, Authenticator, Principal, PrincipalKind, SourceKind};
+use super::{Authentication, Authenticator, SourceKind};
 use crate::decision::Reason;
 use crate::request::HttpRequest;
 
@@ -149,15 +149,7 @@ impl Authenticator for ApiKeyAuthenticator {
         {
             return Authentication::Rejected(Reason::SourceNotAllowed);
         }
-        Authentication::Authenticated(Principal {
-            kind: PrincipalKind::ApiKey,
-            id: record.id.clone(),
-            tenant: Some(record.tenant.clone()),
-            tier: Some(record.tier.clone()),
-            scopes: record.scopes.clone(),
-            groups: record.groups.clone(),
-            models: record.models.clone(),
-        })
+        Authentication::Authenticated(record.principal())
     }
 }
 

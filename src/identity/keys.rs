@@ -39,6 +39,21 @@ pub struct KeyRecord {
     pub allowed_cidrs: Vec<ipnet::IpNet>,
 }
 
+impl KeyRecord {
+    /// The principal a request made with this key is decided as.
+    pub fn principal(&self) -> super::Principal {
+        super::Principal {
+            kind: super::PrincipalKind::ApiKey,
+            id: self.id.clone(),
+            tenant: Some(self.tenant.clone()),
+            tier: Some(self.tier.clone()),
+            scopes: self.scopes.clone(),
+            groups: self.groups.clone(),
+            models: self.models.clone(),
+        }
+    }
+}
+
 /// A key source that could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
