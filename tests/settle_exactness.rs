@@ -1,7 +1,8 @@
 //! Reserve at ext_authz, settle through ext_proc and `ReportUsage`, on real
 //! Tollgate servers over loopback gRPC sharing a real Redis (and a real
 //! Redis Cluster): exactness under concurrency across two replicas,
-//! concurrency limits, and the fates of requests that do not finish.
+//! concurrency limits, the fates of requests that do not finish, and the
+//! tenant and tier labels of the usage metric on the settling replica.
 
 mod support;
 
@@ -464,4 +465,71 @@ async fn a_settle_lost_in_flight_is_never_charged_twice() {
     assert_eq!(d.status, 200, "{} {retried:?} {:?}", d.code, d.deny_headers);
     let e = ext_authz(&tg, chat("e", 1)).await;
     assert_eq!((e.status, e.code.as_str()), (429, "over_budget"));
+}
+
+/// The `tollgate_usage_charged_total` samples of rule `key-tokens`.
+async fn charged_samples(tg: &Tollgate) -> Vec<String> {
+    metrics_text(tg.admin)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("tollgate_usage_charged_total{rule=\"key-tokens\""))
+        .map(str::to_string)
+        .collect()
+}
+
+/// One replica reserves, the other settles (through ext_proc, and through
+/// `ReportUsage`): the settling replica counts the usage under the caller's
+/// tenant and tier, which it only learns from the reservation in the store.
+async fn settling_replica_counts_tenant_and_tier(store: Store) {
+    let config = config(&rules(100_000, 4, ""), &store);
+    let a = Tollgate::start(config.clone()).await;
+    let b = Tollgate::start(config).await;
+    a.wait_for_store().await;
+    b.wait_for_store().await;
+
+    // The paid key (acme, paid), settled from the stream on the other replica.
+    assert_eq!(ext_authz(&a, chat("l-paid", 100)).await.status, 200);
+    stream(&b, "l-paid", Ending::Usage(120, 30), || {}).await;
+    // The admin key (acme, enterprise), settled by a report to the other one.
+    let mut admin = chat("l-admin", 100);
+    support::http_of(&mut admin)
+        .headers
+        .insert("x-api-key".into(), support::DEMO_ADMIN_KEY.into());
+    assert_eq!(ext_authz(&a, admin).await.status, 200);
+    assert_eq!(
+        report(&b, "l-admin", 200, 50).await.expect("report"),
+        Settle::Settled as i32
+    );
+
+    let sample = |tier: &str| {
+        format!(
+            "tollgate_usage_charged_total{{rule=\"key-tokens\",unit=\"tokens\",model=\"other\",tenant=\"acme\",tier=\"{tier}\"}}"
+        )
+    };
+    let want = [(sample("paid"), 150.0), (sample("enterprise"), 250.0)];
+    let counted = eventually(Duration::from_secs(10), || async {
+        let text = metrics_text(b.admin).await;
+        want.iter()
+            .all(|(s, v)| support::metric(&text, s) == Some(*v))
+    })
+    .await;
+    assert!(counted, "{want:?} in {:?}", charged_samples(&b).await);
+    // The reserving replica settled nothing, so counted nothing.
+    assert!(
+        charged_samples(&a).await.is_empty(),
+        "{:?}",
+        charged_samples(&a).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settling_replica_counts_tenant_and_tier_on_redis() {
+    let redis = RedisServer::start();
+    settling_replica_counts_tenant_and_tier(Store::Redis(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_settling_replica_counts_tenant_and_tier_on_the_cluster() {
+    let cluster = RedisCluster::start();
+    settling_replica_counts_tenant_and_tier(Store::Cluster(cluster.urls())).await;
 }
