@@ -328,6 +328,45 @@ async fn streams_settle_exactly_across_two_replicas_on_the_cluster() {
     exact_across_replicas(Store::Cluster(cluster.urls()), keys).await;
 }
 
+/// A request id refused once (no slot free) and reserved on a retry is
+/// settled by the other replica until its own TTL: the record of where it
+/// reserved lives as long as the reservation, not as long as the refused
+/// attempt's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_reservation_is_settled_by_any_replica_on_the_cluster() {
+    let cluster = RedisCluster::start();
+    let config = config(&rules(1000, 1, ""), &Store::Cluster(cluster.urls()));
+    let a = Tollgate::start(config.clone()).await;
+    let b = Tollgate::start(config).await;
+    a.wait_for_store().await;
+    b.wait_for_store().await;
+    assert_eq!(ext_authz(&a, chat("hold", 1)).await.status, 200);
+    let refused = ext_authz(&a, chat("late", 1)).await;
+    assert_eq!(
+        (refused.status, refused.code.as_str()),
+        (429, "too_many_concurrent")
+    );
+    assert_eq!(
+        report(&a, "hold", 10, 1).await.expect("report"),
+        Settle::Settled as i32
+    );
+    // The refused attempt was 1.5 s ago; the reservation TTL is 2 s: the
+    // retry's reservation is settled 1 s after it, past the refused
+    // attempt's TTL and within its own.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(ext_authz(&a, chat("late", 1)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        report(&b, "late", 10, 1).await.expect("report"),
+        Settle::Settled as i32,
+        "the other replica found the reservation"
+    );
+    assert_eq!(
+        report(&a, "late", 10, 1).await.expect("report"),
+        Settle::AlreadySettled as i32
+    );
+}
+
 async fn charged(tg: &Tollgate) -> f64 {
     metric_prefix(
         &metrics_text(tg.admin).await,

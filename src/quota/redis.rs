@@ -159,9 +159,30 @@ return {ARGV[1]}
 ";
 
 const RECORD_LUA: &str = r"
--- KEYS[1]: a reservation record. ARGV[1]: nonce; ARGV[2]: put | get;
--- ARGV[3]: record text, ARGV[4]: ttl ms (put). Returns {nonce, record or ''}
--- for get, {nonce, 'kept' or ''} for put (an existing record is kept).
+-- KEYS[1]: a reservation record. ARGV[1]: nonce; ARGV[2]: put | merge | get;
+-- ARGV[3]: record text, ARGV[4]: ttl ms (put, merge). Returns {nonce, record
+-- or ''} for get, {nonce, 'kept' or ''} for put (an existing record is kept).
+-- merge: the record's lines become the union of its lines and ARGV[3]'s, and
+-- it lives at least ARGV[4] ms more (never less than it had left).
+if ARGV[2] == 'merge' then
+  local text = ARGV[3]
+  local old = redis.call('GET', KEYS[1])
+  if old then
+    local seen = {}
+    for line in string.gmatch(text, '[^\n]+') do seen[line] = true end
+    for line in string.gmatch(old, '[^\n]+') do
+      if not seen[line] then
+        text = text .. '\n' .. line
+        seen[line] = true
+      end
+    end
+  end
+  local ttl = tonumber(ARGV[4])
+  local left = redis.call('PTTL', KEYS[1])
+  if left > ttl then ttl = left end
+  redis.call('SET', KEYS[1], text, 'PX', ttl)
+  return {ARGV[1], 'kept'}
+end
 if ARGV[2] == 'put' then
   if redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4], 'NX') then
     return {ARGV[1], 'kept'}

@@ -563,10 +563,15 @@ impl RedisStore {
             }
             let bases: Vec<&str> = groups.iter().map(|g| g.base.as_str()).collect();
             let text = bases.join("\n");
-            // No longer than the reservation: past its TTL it is swept,
-            // and a late report is answered by the marker or not at all.
-            let ttl = r.ttl;
-            self.record_op(&self.groups_key(&r.request_id), "put", &text, ttl)
+            // Merged, never kept as it was: an earlier attempt of the same
+            // request id (refused, then retried) may have written it with a
+            // TTL that ends before this reservation's. It outlives the
+            // reservation by the marker grace, so that a late settlement on
+            // any replica reaches the base whose sweep settles it by its
+            // fate and answers "already settled", as the reserving replica
+            // would.
+            let ttl = r.ttl + Duration::from_millis(MARKER_GRACE_MS);
+            self.record_op(&self.groups_key(&r.request_id), "merge", &text, ttl)
                 .await
                 .map(|v| v.is_some())
         };
