@@ -7,6 +7,8 @@
 //!
 //!     cargo bench --bench serve_load              # gRPC ratios
 //!     cargo bench --bench serve_load -- --envoy   # through Envoy (scripts/bench-envoy)
+//!     cargo bench --bench serve_load -- --drive check|rls HOST:PORT
+//!                                       # only drive a running server (to profile it)
 //!
 //! Tollgate's worker count is set with `TOKIO_WORKER_THREADS=1` (Tokio reads
 //! it when the binary builds its runtime); the empty server builds its
@@ -87,6 +89,25 @@ fn main() {
         .enable_all()
         .build()
         .expect("client runtime");
+    if let Some(at) = args.iter().position(|a| a == "--drive") {
+        // Only the load, against a server started by hand (for `perf`).
+        let call = match args.get(at + 1).map(String::as_str) {
+            Some("rls") => rls_call,
+            _ => check_call,
+        };
+        let addr: SocketAddr = args
+            .get(at + 2)
+            .and_then(|a| a.parse().ok())
+            .expect("--drive check|rls HOST:PORT");
+        let run = client.block_on(load(addr, None, call(), concurrency, secs));
+        println!(
+            "{:.0} req/s, p50 {}, p99 {}",
+            run.rps,
+            us(run.p50),
+            us(run.p99)
+        );
+        return;
+    }
     let redis = procs::Redis::start();
     let measure = |(addr, pid): (SocketAddr, u32), call: fn() -> Call| {
         let many = client.block_on(load(addr, Some(pid), call(), concurrency, secs));
