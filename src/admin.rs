@@ -33,9 +33,10 @@ pub struct AdminState {
     pub store_required: bool,
     /// MCP endpoints, for their metadata documents.
     pub mcp: Arc<crate::mcp::McpConfig>,
-    /// Caller-context signing keys, whose public halves are served as a
-    /// JWK Set at [`CALLER_CONTEXT_JWKS`].
-    pub caller_context: Option<Arc<crate::agents::caller_context::KeyRing>>,
+    /// Caller-context signing keys (live: swapped when their file is
+    /// reloaded), whose public halves are served as a JWK Set at
+    /// [`CALLER_CONTEXT_JWKS`]; empty when none are configured.
+    pub caller_context: Arc<arc_swap::ArcSwapOption<crate::agents::caller_context::KeyRing>>,
     /// The audit trail, when on: its write failures are reported on
     /// `/readyz` (they never make Tollgate unready: the trail is a side
     /// channel that never refuses a decision).
@@ -81,7 +82,7 @@ pub const CALLER_CONTEXT_JWKS: &str = "/.well-known/tollgate-caller-context-jwks
 
 /// The caller-context public keys that verify now (RFC 7517 JWK Set).
 async fn caller_context_jwks(State(state): State<AdminState>) -> axum::response::Response {
-    match &state.caller_context {
+    match state.caller_context.load_full() {
         Some(keys) => (
             [(header::CACHE_CONTROL, "max-age=60")],
             Json(keys.jwks(std::time::SystemTime::now())),

@@ -158,9 +158,9 @@ impl App {
             engine.attach_lockout(Arc::new(lockout));
         }
         if let Some(path) = &config.agents.caller_context.keys_file {
-            let keys = crate::agents::caller_context::KeyRing::load(&config.resolve(path))
+            engine
+                .attach_caller_context_file(&config.resolve(path))
                 .map_err(|e| StartError::Identity(e.to_string()))?;
-            engine.attach_caller_context(Arc::new(keys));
         }
         if config.audit.enabled {
             let mut audit = config.audit.clone();
@@ -252,6 +252,28 @@ impl App {
                 metrics.reload("limits", "rejected");
             }
             Err(_) => metrics.reload("limits", "unchanged"),
+        }
+        let result = engine
+            .caller_context_keys_file()
+            .map(|_| engine.reload_caller_context());
+        let new_failure = seen.record(
+            "caller_context_keys",
+            result
+                .as_ref()
+                .and_then(|r| r.as_ref().err())
+                .map(ToString::to_string),
+        );
+        match result.unwrap_or(Ok(false)) {
+            Ok(false) => metrics.reload("caller_context_keys", "unchanged"),
+            Ok(true) => {
+                tracing::info!("caller-context keys reloaded");
+                metrics.reload("caller_context_keys", "swapped");
+            }
+            Err(e) if new_failure => {
+                tracing::error!(error = %e, "caller-context keys reload rejected; still signing and verifying with the last good keys");
+                metrics.reload("caller_context_keys", "rejected");
+            }
+            Err(_) => metrics.reload("caller_context_keys", "unchanged"),
         }
         if let Some(keys) = keys {
             let result = keys.file.reload();
@@ -395,7 +417,14 @@ impl App {
                     p.parent().map(Path::to_path_buf).unwrap_or_default()
                 }
             });
-            for dir in [keys_dir, limits_dir].into_iter().flatten() {
+            let caller_context_dir = self
+                .engine
+                .caller_context_keys_file()
+                .and_then(|p| p.parent().map(Path::to_path_buf));
+            for dir in [keys_dir, limits_dir, caller_context_dir]
+                .into_iter()
+                .flatten()
+            {
                 let dir = if dir.as_os_str().is_empty() {
                     ".".into()
                 } else {
@@ -540,7 +569,7 @@ impl App {
             ready: ready.clone(),
             store_required: self.config.quota.ready_requires_store,
             mcp: Arc::new(self.config.mcp.clone()),
-            caller_context: self.engine.caller_context_keys(),
+            caller_context: self.engine.caller_context_keys_handle(),
             audit: self.engine.audit().cloned(),
         };
         let health_follower = tokio::spawn(crate::admin::follow_readiness(

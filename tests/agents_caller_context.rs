@@ -16,6 +16,14 @@ use support::{DEMO_PAID_KEY, Tollgate, check_request, ext_authz, set_source, tes
 use tollgate::routes::RouteSpec;
 
 async fn start(dir: &std::path::Path, max_uses: u64) -> Tollgate {
+    start_with(dir, max_uses, |_| {}).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    max_uses: u64,
+    adjust: impl FnOnce(&mut tollgate::config::Config),
+) -> Tollgate {
     let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let now = SystemTime::now();
     // Rotation: "old" is in its overlap (verifies, no longer signs),
@@ -43,7 +51,85 @@ async fn start(dir: &std::path::Path, max_uses: u64) -> Tollgate {
         .expect("route"),
     );
     config.routes = routes;
+    adjust(&mut config);
     Tollgate::start(config).await
+}
+
+/// The kids the admin JWK Set publishes.
+async fn published_kids(tg: &Tollgate) -> Vec<String> {
+    let jwks = support::raw_http(
+        tg.admin,
+        "GET",
+        "/.well-known/tollgate-caller-context-jwks.json",
+        &[],
+        "",
+    )
+    .await
+    .json();
+    jwks["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["kid"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Rotating the keys file needs no restart: a changed file is swapped in
+/// (its new key verifies and is published); a broken one is refused and
+/// the last good keys keep verifying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_context_keys_are_reloaded_when_their_file_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tg = start_with(dir.path(), 100, |c| {
+        c.policy.watch = true;
+        c.policy.reload_debounce_ms = 50;
+        c.policy.reload_poll_secs = 1;
+    })
+    .await;
+    let now = SystemTime::now();
+    let token = one_key("rotated-in", SEED_STRANGER)
+        .sign(&paid_claims("rid-k", &["get_weather"], now))
+        .expect("sign");
+    let (status, code, _) = hop(&tg, "get_weather", &[&token]).await;
+    assert_eq!((status, code.as_str()), (401, "invalid_caller_context"));
+
+    // "new" keeps verifying for an overlap; "rotated-in" signs from now on.
+    let later = humantime::format_rfc3339_seconds(now + Duration::from_secs(3600));
+    std::fs::write(
+        dir.path().join("cc.toml"),
+        format!(
+            "[[keys]]\nkid = \"new\"\nseed = \"{SEED_NEW}\"\nretire_at = \"{later}\"\n\
+             [[keys]]\nkid = \"rotated-in\"\nseed = \"{SEED_STRANGER}\"\n"
+        ),
+    )
+    .expect("rotate");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while published_kids(&tg).await != ["new", "rotated-in"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated keys file was never loaded: {:?}",
+            published_kids(&tg).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(hop(&tg, "get_weather", &[&token]).await.0, 200);
+
+    // A broken file: refused, counted, the last good keys stay.
+    std::fs::write(dir.path().join("cc.toml"), "[[keys]]\nkid = 1\n").expect("break");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let rejected = "tollgate_reloads_total{source=\"caller_context_keys\",result=\"rejected\"}";
+    while support::metric_prefix(&support::metrics_text(tg.admin).await, rejected) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken keys file was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(published_kids(&tg).await, ["new", "rotated-in"]);
+    let again = one_key("rotated-in", SEED_STRANGER)
+        .sign(&paid_claims("rid-k2", &["get_weather"], now))
+        .expect("sign");
+    assert_eq!(hop(&tg, "get_weather", &[&again]).await.0, 200);
 }
 
 /// A hop from the runtime (mTLS) to tool `tool` with caller-context header

@@ -184,15 +184,21 @@ impl std::fmt::Debug for KeyRing {
 impl KeyRing {
     /// Loads a keys file (TOML `[[keys]] kid, seed, retire_at?`).
     pub fn load(path: &Path) -> Result<Self, KeysError> {
+        Self::load_with_text(path).map(|(keys, _)| keys)
+    }
+
+    /// [`KeyRing::load`], with the text it was parsed from.
+    pub fn load_with_text(path: &Path) -> Result<(Self, String), KeysError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
             path: shown.clone(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| KeysError::Invalid {
+        let keys = Self::parse(&text).map_err(|message| KeysError::Invalid {
             path: shown,
             message,
-        })
+        })?;
+        Ok((keys, text))
     }
 
     /// Parses the keys file text.

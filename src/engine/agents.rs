@@ -6,7 +6,7 @@
 //! decided as the original caller with `context.agent` = the runtime.
 
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use cedar_policy::{Context, Request, RestrictedExpression};
@@ -26,7 +26,11 @@ use crate::request::HttpRequest;
 /// The agents side of the engine.
 pub struct AgentState {
     config: AgentsConfig,
-    keys: OnceLock<Arc<KeyRing>>,
+    /// The caller-context keys; swapped whole when their file changes.
+    keys: Arc<arc_swap::ArcSwapOption<KeyRing>>,
+    /// The keys file and the text last loaded from it, when keys came
+    /// from a file (see [`Engine::reload_caller_context`]).
+    keys_file: std::sync::Mutex<Option<(std::path::PathBuf, String)>>,
     /// Tools each allowed request may call, by request id, until its
     /// response is checked.
     checks: moka::sync::Cache<String, Arc<HashSet<String>>>,
@@ -37,7 +41,8 @@ impl AgentState {
     pub fn new(config: &AgentsConfig) -> Self {
         Self {
             config: config.clone(),
-            keys: OnceLock::new(),
+            keys: Arc::new(arc_swap::ArcSwapOption::empty()),
+            keys_file: std::sync::Mutex::new(None),
             checks: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(config.tools.check_ttl_secs.max(1)))
@@ -58,12 +63,83 @@ impl Engine {
     /// Signs and verifies caller contexts with `keys`; false if keys are
     /// attached already.
     pub fn attach_caller_context(&self, keys: Arc<KeyRing>) -> bool {
-        self.agents.keys.set(keys).is_ok()
+        let previous = self
+            .agents
+            .keys
+            .compare_and_swap(&None::<Arc<KeyRing>>, Some(keys));
+        previous.is_none()
     }
 
-    /// The caller-context keys, when attached.
+    /// Loads the caller-context keys file (TOML `[[keys]] kid, seed,
+    /// retire_at?`) and attaches its keys; [`Engine::reload_caller_context`]
+    /// re-reads it. Errors name the file and what is wrong with it.
+    pub fn attach_caller_context_file(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<(), crate::agents::caller_context::KeysError> {
+        let (keys, text) = KeyRing::load_with_text(path)?;
+        self.agents.keys.store(Some(Arc::new(keys)));
+        *self
+            .agents
+            .keys_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((path.to_path_buf(), text));
+        Ok(())
+    }
+
+    /// Re-reads the caller-context keys file: `Ok(true)` when its keys were
+    /// swapped in (the next token is signed, and the JWK Set served, from
+    /// them), `Ok(false)` when the text is unchanged or no file is
+    /// configured, `Err` when it cannot be read or parsed — the last good
+    /// keys keep signing and verifying.
+    pub fn reload_caller_context(&self) -> Result<bool, crate::agents::caller_context::KeysError> {
+        let mut file = self
+            .agents
+            .keys_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some((path, last)) = file.as_mut() else {
+            return Ok(false);
+        };
+        let text = std::fs::read_to_string(&*path).map_err(|source| {
+            crate::agents::caller_context::KeysError::Read {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+        if text == *last {
+            return Ok(false);
+        }
+        let keys = KeyRing::parse(&text).map_err(|message| {
+            crate::agents::caller_context::KeysError::Invalid {
+                path: path.display().to_string(),
+                message,
+            }
+        })?;
+        self.agents.keys.store(Some(Arc::new(keys)));
+        *last = text;
+        Ok(true)
+    }
+
+    /// The caller-context keys file, when keys came from one.
+    pub fn caller_context_keys_file(&self) -> Option<std::path::PathBuf> {
+        self.agents
+            .keys_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(path, _)| path.clone())
+    }
+
+    /// The caller-context keys now, when attached.
     pub fn caller_context_keys(&self) -> Option<Arc<KeyRing>> {
-        self.agents.keys.get().cloned()
+        self.agents.keys.load_full()
+    }
+
+    /// The live caller-context keys, for readers that outlive a reload
+    /// (the admin JWK Set).
+    pub fn caller_context_keys_handle(&self) -> Arc<arc_swap::ArcSwapOption<KeyRing>> {
+        self.agents.keys.clone()
     }
 
     /// The tools the allowed request `request_id` may call (once), with the
@@ -86,7 +162,7 @@ impl Engine {
         let config = &self.agents.config;
         // Without keys the header means nothing (it is removed on allow, as
         // every `x-tollgate-` header a client sends).
-        let keys = self.agents.keys.get();
+        let keys = self.agents.keys.load_full();
         let Some((token, keys)) = keys.and_then(|k| {
             request
                 .header(&config.caller_context.header)
@@ -220,7 +296,7 @@ impl Engine {
             return;
         }
         let config = &self.agents.config;
-        if !config.tools.enabled && self.agents.keys.get().is_none() {
+        if !config.tools.enabled && self.agents.keys.load().is_none() {
             return;
         }
         let json = super::body::is_json(request.header("content-type"));
@@ -273,7 +349,7 @@ impl Engine {
             .issue_for
             .iter()
             .any(|a| action == format!("Action::\"{a}\""));
-        if let (Some(keys), true) = (self.agents.keys.get(), issue) {
+        if let (Some(keys), true) = (self.agents.keys.load_full(), issue) {
             let mut tools: Vec<String> = callable.into_iter().collect();
             tools.sort();
             let claims = Claims::for_request(
