@@ -273,22 +273,7 @@ async fn a_caller_context_keeps_the_original_caller_across_the_hop() {
     assert_eq!((v.status, v.code.as_str()), (403, "caller_context_refused"));
 
     // The JWKS publishes the signing key and the one in its overlap only.
-    let jwks = support::raw_http(
-        tg.admin,
-        "GET",
-        "/.well-known/tollgate-caller-context-jwks.json",
-        &[],
-        "",
-    )
-    .await
-    .json();
-    let kids: Vec<&str> = jwks["keys"]
-        .as_array()
-        .expect("keys")
-        .iter()
-        .filter_map(|k| k["kid"].as_str())
-        .collect();
-    assert_eq!(kids, ["old", "new"]);
+    assert_eq!(published_kids(&tg).await, ["old", "new"]);
 
     // The audit record of a hop names who acted: the original caller, then
     // the runtime (shutdown flushes the queue).
