@@ -165,6 +165,7 @@ impl App {
         if config.audit.enabled {
             let mut audit = config.audit.clone();
             audit.signing_key = audit.signing_key.map(|k| config.resolve(&k));
+            audit.hash_key = audit.hash_key.map(|k| config.resolve(&k));
             let trail = crate::audit::AuditTrail::start(
                 &audit,
                 &config.resolve(&config.audit.path),

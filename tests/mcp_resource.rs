@@ -336,6 +336,67 @@ async fn each_tool_decision_is_audited_with_argument_hashes_never_values() {
     assert_eq!(records[1]["quota"]["outcome"], json!("none"));
 }
 
+/// With `audit.hash_key`, argument hashes are HMAC-SHA256 under that key
+/// (RFC 2104): a low-entropy value cannot be found by hashing guesses
+/// without it. A key shorter than 32 bytes stops start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_argument_hashes_need_the_key() {
+    use hmac::{Hmac, Mac};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let key_path = dir.path().join("audit-hash.key");
+    let secret_key = b"0123456789abcdef0123456789abcdef-audit-hash-key";
+    std::fs::write(&key_path, secret_key).expect("key");
+    let mut config = quota_config(None);
+    config.audit.enabled = true;
+    config.audit.path = path.clone();
+    config.audit.hash_key = Some(key_path.clone());
+    let mut tg = Tollgate::start(config.clone()).await;
+    let key = [("x-api-key", DEMO_PAID_KEY)];
+    let allowed = ask(
+        &tg,
+        &key,
+        &call("transfer", json!({"amount": 5, "to": "bob"})),
+    )
+    .await;
+    assert_eq!(allowed.status, 200);
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            read().lines().count() >= 1
+        })
+        .await,
+        "{}",
+        read()
+    );
+    let record: Value =
+        serde_json::from_str(read().lines().next().expect("a record")).expect("json");
+    let mcp = &record["mcp"];
+    let hmac = |v: &Value| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret_key).expect("key");
+        mac.update(v.to_string().as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    };
+    assert_eq!(
+        mcp["argument_hmac_sha256"],
+        json!({"amount": hmac(&json!(5)), "to": hmac(&json!("bob"))}),
+        "{record}"
+    );
+    // The plain hash of the guess "5" is nowhere in the record.
+    let plain = hex::encode(Sha256::digest(b"5"));
+    assert!(!record.to_string().contains(&plain), "{record}");
+    assert_eq!(mcp["argument_sha256"], json!({}), "{record}");
+    tg.stop().await;
+
+    std::fs::write(&key_path, b"too short").expect("short key");
+    let refused = tollgate::server::App::build(config);
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("audit.hash_key") && message.contains("fewer than 32"),
+        "{message}"
+    );
+}
+
 /// The real binary's log at debug level, JSON lines, over allowed and
 /// refused tool calls (policy, typing, header mismatch, metadata): no
 /// argument value appears in it, while the decisions are logged.

@@ -68,7 +68,12 @@ pub struct McpAudit {
     pub caller_chain: Vec<ChainLink>,
     /// Lowercase hex SHA-256 of each top-level argument's value as compact
     /// JSON (object members sorted), by argument name. Never the values.
+    /// Empty when `audit.hash_key` keys the hashes.
     pub argument_sha256: std::collections::BTreeMap<String, String>,
+    /// The same as HMAC-SHA256 (RFC 2104) under `audit.hash_key`; only
+    /// present when that key is set.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub argument_hmac_sha256: std::collections::BTreeMap<String, String>,
 }
 
 /// What a usage report settled (`api = usage`).
@@ -227,6 +232,7 @@ impl AuditRecord {
                 server: facts.server.clone(),
                 caller_chain: chain.clone(),
                 argument_sha256: facts.argument_sha256.clone(),
+                argument_hmac_sha256: facts.argument_hmac_sha256.clone(),
             }),
             caller_chain: (chain.len() > 1).then_some(chain),
             response: None,

@@ -67,6 +67,14 @@ pub struct AuditConfig {
     /// seals are hashed, not signed. Relative to the config file's
     /// directory. Keep it readable by Tollgate only.
     pub signing_key: Option<PathBuf>,
+    /// A file holding a secret of at least 32 bytes (`openssl rand -base64
+    /// 48 > audit-hash.key`; its bytes as they are) that keys the tool
+    /// argument hashes of MCP records: HMAC-SHA256 (RFC 2104) instead of
+    /// plain SHA-256, so that whoever reads the trail cannot find a
+    /// low-entropy value (an amount, a name) by hashing guesses. Unset:
+    /// plain SHA-256. Relative to the config file's directory. Keep it
+    /// readable by Tollgate only.
+    pub hash_key: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -79,6 +87,7 @@ impl Default for AuditConfig {
             queue: 10_000,
             rotate_secs: 0,
             signing_key: None,
+            hash_key: None,
         }
     }
 }
@@ -99,6 +108,10 @@ pub enum AuditError {
     Thread(std::io::Error),
     #[error("audit.signing_key {0}")]
     Key(#[from] super::seal::KeyError),
+    #[error(
+        "audit.hash_key {path}: {reason}; write at least 32 random bytes to it (openssl rand -base64 48)"
+    )]
+    HashKey { path: PathBuf, reason: String },
 }
 
 /// Counters the trail keeps (also exported as metrics).
@@ -117,9 +130,21 @@ pub struct AuditTrail {
     writer: Mutex<Option<JoinHandle<()>>>,
     counts: std::sync::Arc<Counts>,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// The secret of keyed argument hashes (`audit.hash_key`).
+    hash_key: Option<Vec<u8>>,
 }
 
+/// Secrets shorter than this are refused (RFC 2104 §3: no shorter than the
+/// hash's output).
+const MIN_HASH_KEY_BYTES: usize = 32;
+
 impl AuditTrail {
+    /// The secret that keys tool argument hashes, when `audit.hash_key` is
+    /// set ([`crate::mcp::argument_hashes`]).
+    pub fn hash_key(&self) -> Option<&[u8]> {
+        self.hash_key.as_deref()
+    }
+
     /// Opens the sink (so an unwritable path refuses start-up), reads the
     /// signing key (`config.signing_key`, already resolved) and starts the
     /// writer thread.
@@ -135,6 +160,26 @@ impl AuditTrail {
             .signing_key
             .as_deref()
             .map(SealKey::load)
+            .transpose()?;
+        let hash_key = config
+            .hash_key
+            .as_deref()
+            .map(|path| {
+                let bytes = std::fs::read(path).map_err(|e| AuditError::HashKey {
+                    path: path.to_path_buf(),
+                    reason: format!("cannot read: {e}"),
+                })?;
+                if bytes.len() < MIN_HASH_KEY_BYTES {
+                    return Err(AuditError::HashKey {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "holds {} bytes, fewer than {MIN_HASH_KEY_BYTES}",
+                            bytes.len()
+                        ),
+                    });
+                }
+                Ok(bytes)
+            })
             .transpose()?;
         let sink = match config.sink {
             AuditSink::Stdout => Sink::Stdout,
@@ -155,6 +200,7 @@ impl AuditTrail {
             writer: Mutex::new(Some(writer)),
             counts,
             metrics,
+            hash_key,
         })
     }
 

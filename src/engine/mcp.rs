@@ -256,7 +256,15 @@ impl Engine {
                 "tools/call" => {
                     let name = r.name.clone().unwrap_or_default();
                     facts.tool = Some(name.clone());
-                    facts.argument_sha256 = crate::mcp::argument_hashes(&r.arguments);
+                    match self.audit().and_then(|t| t.hash_key()) {
+                        Some(key) => {
+                            facts.argument_hmac_sha256 =
+                                crate::mcp::argument_hashes(&r.arguments, Some(key));
+                        }
+                        None => {
+                            facts.argument_sha256 = crate::mcp::argument_hashes(&r.arguments, None);
+                        }
+                    }
                     let Some(ty) = declared.tools.get(&name) else {
                         return Outcome::Forbidden(Reason::UnknownTool);
                     };

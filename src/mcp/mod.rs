@@ -248,24 +248,40 @@ pub struct McpFacts {
     /// The MCP server entity (`Mcp::McpServer::"bank"`).
     pub server: Option<String>,
     /// Lowercase hex SHA-256 of each top-level argument's value, by
-    /// argument name ([`argument_hashes`]); never the values.
+    /// argument name ([`argument_hashes`]); never the values. Empty when
+    /// the hashes are keyed.
     pub argument_sha256: std::collections::BTreeMap<String, String>,
+    /// The same, HMAC-SHA256 under `audit.hash_key`, when it is set.
+    pub argument_hmac_sha256: std::collections::BTreeMap<String, String>,
 }
 
-/// SHA-256 of each argument's value as compact JSON with object members in
+/// A hash of each argument's value as compact JSON with object members in
 /// sorted order (serde_json's map is ordered), so the same value hashes the
-/// same whatever order the client sent. These hash low-entropy values too
-/// (an amount of `5` can be found by trying): the audit record keeps them
-/// to compare calls, not to keep values secret from whoever reads it.
+/// same whatever order the client sent: lowercase hex, by argument name.
+///
+/// Without `key`, plain SHA-256 (FIPS 180-4): these hash low-entropy values
+/// too (an amount of `5` can be found by trying), so they let whoever reads
+/// the trail compare calls, not keep values secret. With `key`
+/// (`audit.hash_key`), HMAC-SHA256 (RFC 2104) under it: a guess can only be
+/// checked by whoever holds the key.
 pub fn argument_hashes(
     arguments: &serde_json::Map<String, Value>,
+    key: Option<&[u8]>,
 ) -> std::collections::BTreeMap<String, String> {
+    use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
     arguments
         .iter()
         .map(|(k, v)| {
             let text = serde_json::to_vec(v).unwrap_or_default();
-            (k.clone(), hex::encode(Sha256::digest(&text)))
+            let digest = match key.and_then(|key| Hmac::<Sha256>::new_from_slice(key).ok()) {
+                Some(mut mac) => {
+                    mac.update(&text);
+                    hex::encode(mac.finalize().into_bytes())
+                }
+                None => hex::encode(Sha256::digest(&text)),
+            };
+            (k.clone(), digest)
         })
         .collect()
 }
