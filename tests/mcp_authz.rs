@@ -204,23 +204,13 @@ async fn allowed_tools_list_is_marked_for_the_external_processor() {
 /// (another replica, expired) lists no tools rather than all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_marked_answer_without_its_decision_lists_no_tools() {
-    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
     use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
     use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
     use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Out;
     use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
     let tg = Tollgate::start(config("")).await;
-    let headers = |pairs: &[(&str, &str)]| HeaderMap {
-        headers: pairs
-            .iter()
-            .map(|(k, v)| HeaderValue {
-                key: k.to_string(),
-                value: v.to_string(),
-                raw_value: Vec::new(),
-            })
-            .collect(),
-    };
+    let headers = support::header_map;
     let answer = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "get_balance"}, {"name": "transfer"}]}});
     let messages = vec![
         ProcessingRequest {

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
 use envoy_types::pb::envoy::service::auth::v3::CheckRequest;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as In;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
 use support::{
@@ -96,16 +95,7 @@ limit = {concurrent}
 }
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-    HeaderMap {
-        headers: pairs
-            .iter()
-            .map(|(k, v)| HeaderValue {
-                key: k.to_string(),
-                value: v.to_string(),
-                raw_value: Vec::new(),
-            })
-            .collect(),
-    }
+    support::header_map(pairs)
 }
 
 fn message(request: In) -> ProcessingRequest {
@@ -135,13 +125,7 @@ async fn stream(tg: &Tollgate, id: &str, ending: Ending, before_end: impl FnOnce
             f();
         }
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<ProcessingRequest>(8);
-    let mut client = ExternalProcessorClient::new(tg.channel().await);
-    let mut replies = client
-        .process(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("process")
-        .into_inner();
+    let (tx, mut replies) = support::ext_proc_stream(tg).await;
     let mut send = async |m: In| {
         tx.send(message(m)).await.expect("send");
         replies.message().await.expect("reply").expect("a reply");

@@ -299,7 +299,8 @@ impl ExternalProcessor for ExtProc {
                             x.tools = super::tool_calls::ToolCalls::start(
                                 &engine,
                                 x.request_id.as_deref(),
-                            );
+                            )
+                            .await;
                         }
                         Out::RequestHeaders(headers_ok())
                     }

@@ -47,8 +47,8 @@ pub enum ToolCalls {
 
 impl ToolCalls {
     /// The check for allowed request `request_id`, if it needs one.
-    pub fn start(engine: &Engine, request_id: Option<&str>) -> Option<Self> {
-        let (callable, max) = engine.tool_call_check(request_id?)?;
+    pub async fn start(engine: &Engine, request_id: Option<&str>) -> Option<Self> {
+        let (callable, max) = engine.tool_call_check(request_id?).await?;
         Some(Self::Pending { callable, max })
     }
 

@@ -51,6 +51,16 @@ impl AgentState {
     }
 }
 
+/// The quota store record name of a request's tool-call check: the request
+/// id hashed (SHA-256, hex), as request ids come from callers.
+fn tool_check_record(request_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!(
+        "tool-check:{}",
+        hex::encode(Sha256::digest(request_id.as_bytes()))
+    )
+}
+
 /// A verified caller context on a hop: who the original caller is and what
 /// the context binds.
 pub(super) struct Hop {
@@ -144,9 +154,62 @@ impl Engine {
 
     /// The tools the allowed request `request_id` may call (once), with the
     /// largest response to check: the ext_proc side of the tool-call check.
-    pub fn tool_call_check(&self, request_id: &str) -> Option<(Arc<HashSet<String>>, usize)> {
-        let callable = self.agents.checks.remove(request_id)?;
-        Some((callable, self.agents.config.tools.max_response_bytes))
+    /// Looked up in this replica first, then, with a shared quota store
+    /// (Redis, Cluster), in the record the deciding replica kept there
+    /// ([`Engine::share_tool_call_check`]): Envoy's ext_authz and ext_proc
+    /// calls of one request may reach different replicas.
+    pub async fn tool_call_check(&self, request_id: &str) -> Option<(Arc<HashSet<String>>, usize)> {
+        let max = self.agents.config.tools.max_response_bytes;
+        if let Some(callable) = self.agents.checks.remove(request_id) {
+            return Some((callable, max));
+        }
+        let store = self.quota().store();
+        if !self.agents.config.tools.enabled || store.kind() == "memory" {
+            return None;
+        }
+        match store.get_record(&tool_check_record(request_id)).await {
+            Ok(Some(text)) => match serde_json::from_str::<Vec<String>>(&text) {
+                Ok(tools) => Some((Arc::new(tools.into_iter().collect()), max)),
+                Err(e) => {
+                    tracing::warn!(request_id, error = %e, "unreadable shared tool-call check; the model's tool calls are all refused");
+                    Some((Arc::new(HashSet::new()), max))
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                // Unsure which tools were callable: none are.
+                tracing::warn!(request_id, error = %e, "shared tool-call check unavailable; the model's tool calls are all refused");
+                Some((Arc::new(HashSet::new()), max))
+            }
+        }
+    }
+
+    /// Keeps the tool-call check of the allowed request `request_id` (kept
+    /// in this replica by the decision) in a shared quota store as well,
+    /// for `agents.tools.check_ttl_secs`, so that any replica's ext_proc
+    /// finds it. One store round trip, only for requests decided with
+    /// `agents.tools.enabled` on a shared store. A store error is logged:
+    /// the check then lives only in this replica.
+    pub(super) async fn share_tool_call_check(&self, request_id: &str) {
+        let store = self.quota().store();
+        if !self.agents.config.tools.enabled || store.kind() == "memory" {
+            return;
+        }
+        let Some(callable) = self.agents.checks.get(request_id) else {
+            return;
+        };
+        let mut tools: Vec<&str> = callable.iter().map(String::as_str).collect();
+        tools.sort_unstable();
+        let Ok(text) = serde_json::to_string(&tools) else {
+            return;
+        };
+        let ttl = Duration::from_secs(self.agents.config.tools.check_ttl_secs.max(1));
+        if let Err(e) = store
+            .put_record(&tool_check_record(request_id), &text, ttl)
+            .await
+        {
+            tracing::warn!(request_id, error = %e, "tool-call check not shared; only this replica's ext_proc can apply it");
+        }
     }
 
     /// Who the request is decided as. Without a caller-context header: the

@@ -326,6 +326,9 @@ impl Engine {
                                     claims,
                                     &mut d,
                                 );
+                                if d.outcome.is_allow() {
+                                    self.share_tool_call_check(&request.request_id).await;
+                                }
                             }
                             d
                         }

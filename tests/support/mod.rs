@@ -1347,3 +1347,39 @@ pub async fn forward_auth_tollgate(
         .expect("forward-auth listener");
     (tg, fa)
 }
+
+/// Envoy's `HeaderMap` of `(name, value)` pairs (string values), as Envoy
+/// sends request and response headers to ext_proc.
+pub fn header_map(pairs: &[(&str, &str)]) -> envoy_types::pb::envoy::config::core::v3::HeaderMap {
+    envoy_types::pb::envoy::config::core::v3::HeaderMap {
+        headers: pairs
+            .iter()
+            .map(
+                |(k, v)| envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                    raw_value: Vec::new(),
+                },
+            )
+            .collect(),
+    }
+}
+
+/// An ext_proc stream to Tollgate, as Envoy opens one per request: the
+/// sender of Envoy's messages and the stream of Tollgate's replies.
+pub async fn ext_proc_stream(
+    tollgate: &Tollgate,
+) -> (
+    tokio::sync::mpsc::Sender<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest>,
+    tonic::Streaming<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse>,
+) {
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut client = ExternalProcessorClient::new(tollgate.channel().await);
+    let replies = client
+        .process(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("process")
+        .into_inner();
+    (tx, replies)
+}
