@@ -665,7 +665,9 @@ async fn readonly_node_drops_the_connection_and_readiness() {
 /// Issue 15.7: Redis Sentinel; a failover is followed without a proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_is_followed() {
-    let master = RedisServer::start();
+    // Redis 7 waits 5 s (repl-diskless-sync-delay) before a replica's first
+    // full sync: without this, the replica may not hold the count in time.
+    let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
     let sentinel = support::Sentinel::start("tg-master", master.port);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -679,7 +681,7 @@ async fn sentinel_failover_is_followed() {
     assert_eq!(overall(&mut c, "small", "s").await, OK);
     // Wait until the replica has the count, then fail over.
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(15), || async {
             redis_cli(replica.port, &["dbsize"]).trim() != "0"
         })
         .await
