@@ -189,16 +189,24 @@ impl KeyRing {
 
     /// [`KeyRing::load`], with the text it was parsed from.
     pub fn load_with_text(path: &Path) -> Result<(Self, String), KeysError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
-            path: shown.clone(),
+        let text = Self::read(path)?;
+        Ok((Self::parse_file(path, &text)?, text))
+    }
+
+    /// The keys file's text.
+    pub fn read(path: &Path) -> Result<String, KeysError> {
+        std::fs::read_to_string(path).map_err(|source| KeysError::Read {
+            path: path.display().to_string(),
             source,
-        })?;
-        let keys = Self::parse(&text).map_err(|message| KeysError::Invalid {
-            path: shown,
+        })
+    }
+
+    /// [`KeyRing::parse`], with errors naming the file `text` came from.
+    pub fn parse_file(path: &Path, text: &str) -> Result<Self, KeysError> {
+        Self::parse(text).map_err(|message| KeysError::Invalid {
+            path: path.display().to_string(),
             message,
-        })?;
-        Ok((keys, text))
+        })
     }
 
     /// Parses the keys file text.

@@ -70,16 +70,6 @@ pub(super) struct Hop {
 }
 
 impl Engine {
-    /// Signs and verifies caller contexts with `keys`; false if keys are
-    /// attached already.
-    pub fn attach_caller_context(&self, keys: Arc<KeyRing>) -> bool {
-        let previous = self
-            .agents
-            .keys
-            .compare_and_swap(&None::<Arc<KeyRing>>, Some(keys));
-        previous.is_none()
-    }
-
     /// Loads the caller-context keys file (TOML `[[keys]] kid, seed,
     /// retire_at?`) and attaches its keys; [`Engine::reload_caller_context`]
     /// re-reads it. Errors name the file and what is wrong with it.
@@ -111,21 +101,11 @@ impl Engine {
         let Some((path, last)) = file.as_mut() else {
             return Ok(false);
         };
-        let text = std::fs::read_to_string(&*path).map_err(|source| {
-            crate::agents::caller_context::KeysError::Read {
-                path: path.display().to_string(),
-                source,
-            }
-        })?;
+        let text = KeyRing::read(path)?;
         if text == *last {
             return Ok(false);
         }
-        let keys = KeyRing::parse(&text).map_err(|message| {
-            crate::agents::caller_context::KeysError::Invalid {
-                path: path.display().to_string(),
-                message,
-            }
-        })?;
+        let keys = KeyRing::parse_file(path, &text)?;
         self.agents.keys.store(Some(Arc::new(keys)));
         *last = text;
         Ok(true)
@@ -163,11 +143,15 @@ impl Engine {
         if let Some(callable) = self.agents.checks.remove(request_id) {
             return Some((callable, max));
         }
-        let store = self.quota().store();
-        if !self.agents.config.tools.enabled || store.kind() == "memory" {
+        if !self.tool_checks_shared() {
             return None;
         }
-        match store.get_record(&tool_check_record(request_id)).await {
+        match self
+            .quota()
+            .store()
+            .get_record(&tool_check_record(request_id))
+            .await
+        {
             Ok(Some(text)) => match serde_json::from_str::<Vec<String>>(&text) {
                 Ok(tools) => Some((Arc::new(tools.into_iter().collect()), max)),
                 Err(e) => {
@@ -184,6 +168,12 @@ impl Engine {
         }
     }
 
+    /// Whether tool-call checks go through the quota store: tools are
+    /// checked and the store is shared between replicas (not memory).
+    fn tool_checks_shared(&self) -> bool {
+        self.agents.config.tools.enabled && self.quota().store().kind() != "memory"
+    }
+
     /// Keeps the tool-call check of the allowed request `request_id` (kept
     /// in this replica by the decision) in a shared quota store as well,
     /// for `agents.tools.check_ttl_secs`, so that any replica's ext_proc
@@ -191,8 +181,7 @@ impl Engine {
     /// `agents.tools.enabled` on a shared store. A store error is logged:
     /// the check then lives only in this replica.
     pub(super) async fn share_tool_call_check(&self, request_id: &str) {
-        let store = self.quota().store();
-        if !self.agents.config.tools.enabled || store.kind() == "memory" {
+        if !self.tool_checks_shared() {
             return;
         }
         let Some(callable) = self.agents.checks.get(request_id) else {
@@ -204,7 +193,9 @@ impl Engine {
             return;
         };
         let ttl = Duration::from_secs(self.agents.config.tools.check_ttl_secs.max(1));
-        if let Err(e) = store
+        if let Err(e) = self
+            .quota()
+            .store()
             .put_record(&tool_check_record(request_id), &text, ttl)
             .await
         {

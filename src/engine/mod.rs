@@ -326,9 +326,6 @@ impl Engine {
                                     claims,
                                     &mut d,
                                 );
-                                if d.outcome.is_allow() {
-                                    self.share_tool_call_check(&request.request_id).await;
-                                }
                             }
                             d
                         }
@@ -347,6 +344,12 @@ impl Engine {
             self.charge_rules(&mut decision, request)
                 .instrument(quota)
                 .await;
+        }
+        // Shared only once the request is finally allowed: an attempt the
+        // quota refused must not leave a record that its retry (same
+        // request id, kept first) would find with an earlier expiry.
+        if decision.outcome.is_allow() {
+            self.share_tool_call_check(&request.request_id).await;
         }
         decision
     }
